@@ -1,0 +1,1 @@
+"""Benchmarks run by `bench.py`: one module per subcommand."""
