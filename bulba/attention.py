@@ -1,0 +1,58 @@
+"""Causal attention backends, all with grouped-query attention and document masking.
+
+`attend(q, k, v, ...)` takes q [B, H, T, hd], k/v [B, KV, T, hd] and returns [B, H, T, hd].
+
+- `sdpa`: PyTorch scaled_dot_product_attention; torch picks flash / cuDNN / efficient / math.
+  Packed batches (several documents per row) get a boolean block-diagonal causal mask built
+  from `seq_ids`, so a token never sees another document. Works on CPU too.
+- `flash`: the flash-attn package (CUDA only). Packed batches use the varlen kernel with
+  `cu_seqlens`, which skips the masked blocks instead of computing and discarding them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+try:  # optional CUDA extra
+    from flash_attn import flash_attn_func, flash_attn_varlen_func
+
+    HAVE_FLASH_ATTN = True
+except ImportError:  # pragma: no cover - depends on the machine
+    HAVE_FLASH_ATTN = False
+
+
+def document_mask(seq_ids: torch.Tensor) -> torch.Tensor:
+    """[B, T] document ids -> [B, 1, T, T] bool mask: causal and within one document."""
+    T = seq_ids.shape[1]
+    same_doc = seq_ids[:, :, None] == seq_ids[:, None, :]
+    causal = torch.ones(T, T, dtype=torch.bool, device=seq_ids.device).tril()
+    return (same_doc & causal)[:, None]
+
+
+def sdpa_attention(q, k, v, seq_ids=None):
+    if seq_ids is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=document_mask(seq_ids), enable_gqa=True)
+
+
+def flash_attention(q, k, v, cu_seqlens=None, max_seqlen=None):
+    B, H, T, hd = q.shape
+    # flash-attn wants [B, T, H, hd] and handles GQA (fewer KV heads) itself.
+    q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+    if cu_seqlens is None:
+        y = flash_attn_func(q, k, v, causal=True)
+    else:
+        y = flash_attn_varlen_func(
+            q.reshape(B * T, H, hd), k.reshape(B * T, k.shape[2], hd), v.reshape(B * T, v.shape[2], hd),
+            cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True,
+        ).view(B, T, H, hd)
+    return y.transpose(1, 2)
+
+
+def attend(q, k, v, backend: str = "sdpa", seq_ids=None, cu_seqlens=None, max_seqlen=None):
+    if backend == "flash":
+        if not (HAVE_FLASH_ATTN and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)):
+            raise RuntimeError("flash attention needs flash-attn, a CUDA device and fp16/bf16 tensors")
+        return flash_attention(q, k, v, cu_seqlens if seq_ids is not None else None, max_seqlen)
+    return sdpa_attention(q, k, v, seq_ids)
