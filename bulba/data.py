@@ -1,0 +1,299 @@
+"""Training data: a prepared dataset on disk and the batches the Rust engine assembles from it.
+
+`open_data(dir)` validates a directory written by prepare.py (docs/contracts.md, "Prepared
+data"); `Batches(...)` is the iterable the LightningModule uses instead of a torch DataLoader.
+Batches are dicts of numpy arrays that the Rust engine (`bulba._rust`) assembled on background
+threads and handed over without a copy:
+
+    input_ids, labels, position_ids, seq_ids   int32 [B, T]
+    cu_seqlens                                 int32 [segments + 1]
+    max_seqlen, n_tokens, n_pad                int
+
+Positions: batches are numbered globally, `position = epoch * batches_per_epoch + index`, and
+batch `p` depends only on (files, sampler settings, seed, rank, world_size, p). Resuming is
+therefore "seek to the number of batches the model consumed": Lightning fetches one batch
+ahead, so the module must count consumed batches itself and save
+`batches.state_dict(consumed=that_count)`; `load_state_dict` puts the iterable back there.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from .errors import UserError
+
+META_NAME = "meta.json"
+SPLITS = ("train", "val")
+SAMPLERS = ("stream", "packed", "bucketed")
+DTYPES = {"uint16": 2, "uint32": 4}
+STATE_VERSION = 1
+# Settings that change what batch N is: a state saved under other values cannot be resumed.
+_STATE_KEYS = ("sampler", "seed", "batch_size", "ctx", "rank", "world_size", "batches_per_epoch")
+
+
+@dataclass(frozen=True)
+class TokenData:
+    """A validated prepared-data directory (its meta.json and the paths of its files)."""
+
+    dir: Path
+    meta: dict
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.meta["vocab_size"])
+
+    @property
+    def dtype(self) -> str:
+        return self.meta["dtype"]
+
+    @property
+    def bos_id(self) -> int | None:
+        return self.meta.get("bos_id")
+
+    @property
+    def eos_id(self) -> int | None:
+        return self.meta.get("eos_id")
+
+    @property
+    def pad_id(self) -> int:
+        """Token that fills padding positions (their labels are -100 anyway)."""
+        for key in ("pad_id", "eos_id"):
+            if isinstance(self.meta.get(key), int):
+                return self.meta[key]
+        return 0
+
+    @property
+    def dataset_digest(self) -> str | None:
+        return self.meta.get("dataset_digest")
+
+    def bin_path(self, split: str) -> Path:
+        return self.dir / f"{split}.bin"
+
+    def idx_path(self, split: str) -> Path:
+        return self.dir / f"{split}.idx"
+
+    def split_info(self, split: str) -> dict:
+        return (self.meta.get("splits") or {}).get(split) or {}
+
+
+def open_data(data_dir: str | Path, vocab_size: int | None = None) -> TokenData:
+    """Validates `data_dir` (meta.json and the presence of the token files) → TokenData.
+
+    The byte-level checks (sizes, index, token ids) happen when the Rust engine opens a split.
+    `vocab_size`, when given, is what the model expects; a different data vocabulary is an error.
+    """
+    d = Path(data_dir)
+    if not d.is_dir():
+        raise UserError(f"data directory {d} does not exist: run prepare.py first (prepare.py INPUT... --out {d})")
+    meta_path = d / META_NAME
+    if not meta_path.is_file():
+        raise UserError(f"{d} has no {META_NAME} (missing or unfinished dataset): run prepare.py first")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{meta_path} is not readable JSON ({e}): re-run prepare.py") from None
+    if not isinstance(meta, dict) or meta.get("format") != "bulba-tokens":
+        raise UserError(f"{meta_path} is not a BulbaGPT dataset (format != 'bulba-tokens'): re-run prepare.py")
+    if meta.get("version") != 1:
+        raise UserError(f"{meta_path} has format version {meta.get('version')!r}; this version reads 1: re-run prepare.py")
+    vocab = meta.get("vocab_size")
+    if not isinstance(vocab, int) or vocab <= 0:
+        raise UserError(f"{meta_path}: vocab_size must be a positive integer, got {vocab!r}")
+    dtype = meta.get("dtype")
+    if dtype not in DTYPES:
+        raise UserError(f"{meta_path}: dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if dtype == "uint16" and vocab > 1 << 16:
+        raise UserError(f"{meta_path}: vocab_size {vocab} does not fit dtype uint16: re-run prepare.py")
+    if vocab_size is not None and vocab_size != vocab:
+        raise UserError(
+            f"vocab size mismatch: {d} was prepared with vocab_size {vocab} but the model expects {vocab_size}; "
+            f"set model.vocab_size={vocab} (or leave it unset) or re-run prepare.py with --vocab-size {vocab_size}"
+        )
+    data = TokenData(d, meta)
+    for split in SPLITS:
+        for path in (data.bin_path(split), data.idx_path(split)):
+            if not path.is_file():
+                raise UserError(f"{path} is missing although {META_NAME} exists: re-run prepare.py")
+    return data
+
+
+def _engine_module():
+    try:
+        from . import _rust
+    except ImportError as e:
+        raise UserError(f"the Rust data engine is not built ({e}): run `pip install -e .` in the project root") from None
+    return _rust
+
+
+class Batches:
+    """Batches of one split, assembled in Rust; the train/val iterable for the LightningModule.
+
+    `infinite=True` (training): iteration never ends; it continues from the current position
+    across epochs (a new shuffle each epoch). `infinite=False` (evaluation): each `iter()`
+    yields one epoch, from an explicitly set position (`seek`/`load_state_dict`) or from the
+    start of the next epoch; with `shuffle=False` every pass yields the same batches.
+
+    `drop_last=True` drops the incomplete tail of an epoch (under one global batch, a different
+    random part every epoch); `drop_last=False` pads it with all-padding rows (and, when the
+    batch count does not divide by world_size, all-padding batches with n_tokens == 0).
+    """
+
+    def __init__(
+        self,
+        data: str | Path | TokenData,
+        split: str = "train",
+        sampler: str = "stream",
+        batch_size: int = 8,
+        ctx: int = 256,
+        seed: int = 1337,
+        rank: int = 0,
+        world_size: int = 1,
+        buckets: Sequence[int] = (128, 256, 512, 1024),
+        token_budget: int | None = None,
+        prefetch: int = 4,
+        workers: int = 1,
+        shuffle: bool = True,
+        infinite: bool = True,
+        drop_last: bool = True,
+        vocab_size: int | None = None,
+    ):
+        self.data = data if isinstance(data, TokenData) else open_data(data, vocab_size)
+        if isinstance(data, TokenData) and vocab_size is not None and vocab_size != data.vocab_size:
+            open_data(data.dir, vocab_size)  # raises the mismatch error
+        if split not in SPLITS:
+            raise UserError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+        if sampler not in SAMPLERS:
+            raise UserError(f"data.sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+        for name, value in (("batch_size", batch_size), ("ctx", ctx), ("world_size", world_size),
+                            ("prefetch", prefetch), ("workers", workers)):
+            if value <= 0:
+                raise UserError(f"{name} must be positive, got {value}")
+        if not 0 <= rank < world_size:
+            raise UserError(f"rank {rank} is not in 0..world_size-1 ({world_size})")
+        self.split, self.sampler, self.batch_size, self.ctx = split, sampler, batch_size, ctx
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.buckets = [int(b) for b in buckets]
+        self.prefetch, self.workers = prefetch, workers
+        self.shuffle, self.infinite, self.drop_last = shuffle, infinite, drop_last
+        info = self.data.split_info(split)
+        try:
+            self._engine = _engine_module().Engine(
+                str(self.data.bin_path(split)), str(self.data.idx_path(split)),
+                dtype=self.data.dtype, vocab_size=self.data.vocab_size, sampler=sampler,
+                batch_size=batch_size, ctx=ctx, seed=seed % (1 << 64), rank=rank, world_size=world_size,
+                buckets=self.buckets, token_budget=token_budget, shuffle=shuffle, drop_last=drop_last,
+                pad_id=self.data.pad_id, expected_tokens=info.get("tokens"), expected_docs=info.get("documents"),
+            )
+        except ValueError as e:  # corrupt/truncated files, vocab mismatch, too little data
+            raise UserError(str(e)) from None
+        self._position = 0
+        self._explicit = False  # position set by seek/load_state_dict: the next iter() starts there
+        self._generation = 0
+
+    # ------------------------------------------------------------------ sizes and figures
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Batches per epoch on this rank (the same on every rank)."""
+        return self._engine.batches_per_epoch
+
+    @property
+    def padding_frac(self) -> float:
+        """Padding slots / all slots over one epoch (0 for stream)."""
+        return self._engine.padding_frac
+
+    @property
+    def n_tokens(self) -> int:
+        """Tokens in the split."""
+        return self._engine.n_tokens
+
+    @property
+    def position(self) -> int:
+        """Global index of the next batch this iterable yields (batches yielded so far)."""
+        return self._position
+
+    @property
+    def epoch(self) -> int:
+        return self._position // self.batches_per_epoch
+
+    def __len__(self) -> int:
+        if self.infinite:
+            raise TypeError("an infinite Batches has no length; see batches_per_epoch")
+        return self.batches_per_epoch
+
+    # ------------------------------------------------------------------ resuming
+
+    def state_dict(self, consumed: int | None = None) -> dict[str, Any]:
+        """Position to resume from: `consumed` batches (default: all yielded so far).
+
+        Pass the count of batches the model actually trained on; Lightning's one-batch prefetch
+        makes `position` one ahead of it.
+        """
+        n = self._position if consumed is None else int(consumed)
+        return {"version": STATE_VERSION, "consumed": n, "epoch": n // self.batches_per_epoch,
+                "batch": n % self.batches_per_epoch, "sampler": self.sampler, "seed": self.seed,
+                "batch_size": self.batch_size, "ctx": self.ctx, "rank": self.rank,
+                "world_size": self.world_size, "batches_per_epoch": self.batches_per_epoch}
+
+    def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
+        """Positions the iterable at `state["consumed"]` batches; the next iter() starts there.
+
+        With `strict`, settings that change the batch sequence must match the saved ones.
+        """
+        if state.get("version") != STATE_VERSION or "consumed" not in state:
+            raise UserError(f"sampler state has version {state.get('version')!r}, expected {STATE_VERSION}")
+        if strict:
+            mine = self.state_dict()
+            diff = [f"{k} {state[k]!r} -> {mine[k]!r}" for k in _STATE_KEYS if k in state and state[k] != mine[k]]
+            if diff:
+                raise UserError("cannot resume the data order exactly, the data settings changed: "
+                                + ", ".join(diff) + "; restore them or start a new run")
+        self.seek(int(state["consumed"]))
+
+    def seek(self, consumed: int) -> None:
+        """The next iter() yields batch number `consumed` first."""
+        if consumed < 0:
+            raise UserError(f"cannot seek to batch {consumed}")
+        self._position = consumed
+        self._explicit = True
+        self._generation += 1  # detach any running iterator from the position
+
+    # ------------------------------------------------------------------ iteration
+
+    def batch(self, position: int) -> dict[str, Any]:
+        """Batch number `position`, assembled synchronously (for tests and inspection)."""
+        try:
+            return self._engine.batch(position)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        start, per_epoch = self._position, self.batches_per_epoch
+        stop = None
+        if not self.infinite:
+            if not self._explicit and start % per_epoch:
+                start = (start // per_epoch + 1) * per_epoch  # an abandoned pass: next epoch
+            stop = (start // per_epoch + 1) * per_epoch
+        self._position, self._explicit = start, False
+        self._generation += 1
+        return self._run(self._engine.iter(start, stop, self.prefetch, self.workers), self._generation)
+
+    def _run(self, it, generation: int) -> Iterator[dict[str, Any]]:
+        while True:
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            except ValueError as e:  # e.g. a token id past the vocabulary deep in the file
+                raise UserError(str(e)) from None
+            if generation == self._generation:
+                self._position += 1
+            yield batch
+
+
+def batch_padding_frac(batch: dict[str, Any]) -> float:
+    """Share of padding positions in one batch."""
+    return batch["n_pad"] / max(1, batch["input_ids"].size)

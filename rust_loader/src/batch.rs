@@ -1,0 +1,114 @@
+//! Batch assembly: turns a [`BatchSpec`] into the arrays of docs/contracts.md ("Batches").
+use crate::error::Result;
+use crate::plan::BatchSpec;
+use crate::tokens::TokenFile;
+
+/// Label of positions without a loss (padding, the last token of a document).
+pub const IGNORE: i32 = -100;
+
+/// One assembled batch; row-major `[rows, cols]` arrays, handed to numpy without a copy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Batch {
+    pub rows: usize,
+    pub cols: usize,
+    pub input_ids: Vec<i32>,
+    pub labels: Vec<i32>,
+    pub position_ids: Vec<i32>,
+    pub seq_ids: Vec<i32>,
+    /// Cumulative segment lengths over the flattened batch; padding is its own segment.
+    pub cu_seqlens: Vec<i32>,
+    pub max_seqlen: usize,
+    /// Positions with a label.
+    pub n_tokens: usize,
+    pub n_pad: usize,
+}
+
+pub fn assemble(spec: &BatchSpec, tokens: &TokenFile, pad_id: i32) -> Result<Batch> {
+    let (rows, cols) = (spec.rows.len(), spec.cols);
+    let size = rows * cols;
+    let mut b = Batch {
+        rows,
+        cols,
+        input_ids: vec![pad_id; size],
+        labels: vec![IGNORE; size],
+        position_ids: vec![0; size],
+        seq_ids: vec![-1; size],
+        cu_seqlens: Vec::with_capacity(rows * 2 + 1),
+        max_seqlen: 0,
+        n_tokens: 0,
+        n_pad: 0,
+    };
+    b.cu_seqlens.push(0);
+    let mut flat = 0usize;
+    for (r, segments) in spec.rows.iter().enumerate() {
+        let base = r * cols;
+        let mut at = 0usize;
+        for (doc, seg) in segments.iter().enumerate() {
+            let len = seg.len as usize;
+            let span = base + at..base + at + len;
+            tokens.read_into(seg.start as usize, &mut b.input_ids[span.clone()])?;
+            // Labels are the inputs shifted by one within the segment...
+            b.labels[span.start..span.end - 1].copy_from_slice(&b.input_ids[span.start + 1..span.end]);
+            // ...and the token after it at the end, unless the document ends there.
+            if !seg.ends_doc {
+                let mut next = [0i32];
+                tokens.read_into(seg.start as usize + len, &mut next)?;
+                b.labels[span.end - 1] = next[0];
+            }
+            b.n_tokens += len - usize::from(seg.ends_doc);
+            for (p, pos) in b.position_ids[span.clone()].iter_mut().enumerate() {
+                *pos = p as i32;
+            }
+            b.seq_ids[span].fill(doc as i32);
+            at += len;
+            flat += len;
+            b.cu_seqlens.push(flat as i32);
+            b.max_seqlen = b.max_seqlen.max(len);
+        }
+        let pad = cols - at;
+        if pad > 0 {
+            flat += pad;
+            b.cu_seqlens.push(flat as i32);
+            b.max_seqlen = b.max_seqlen.max(pad);
+            b.n_pad += pad;
+        }
+    }
+    Ok(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::Segment;
+    use crate::tokens::Dtype;
+    use std::io::Write;
+
+    fn token_file(tokens: &[u16]) -> TokenFile {
+        let p = std::env::temp_dir().join(format!("bulba-batch-{}-{}.bin", std::process::id(), tokens.len()));
+        let bytes: Vec<u8> = tokens.iter().flat_map(|t| t.to_le_bytes()).collect();
+        std::fs::File::create(&p).unwrap().write_all(&bytes).unwrap();
+        TokenFile::open(&p, Dtype::U16, 100, None).unwrap()
+    }
+
+    #[test]
+    fn packs_documents_with_boundaries() {
+        // docs: [10 11 12] [20 21] ; a window piece [30 31] followed by 32
+        let tf = token_file(&[10, 11, 12, 20, 21, 30, 31, 32]);
+        let seg = |start, len, ends_doc| Segment { start, len, ends_doc };
+        let spec = BatchSpec { cols: 6, rows: vec![vec![seg(0, 3, true), seg(3, 2, true)], vec![seg(5, 2, false)]] };
+        let b = assemble(&spec, &tf, 99).unwrap();
+        assert_eq!(b.input_ids, [10, 11, 12, 20, 21, 99, 30, 31, 99, 99, 99, 99]);
+        assert_eq!(b.labels, [11, 12, -100, 21, -100, -100, 31, 32, -100, -100, -100, -100]);
+        assert_eq!(b.position_ids, [0, 1, 2, 0, 1, 0, 0, 1, 0, 0, 0, 0]);
+        assert_eq!(b.seq_ids, [0, 0, 0, 1, 1, -1, 0, 0, -1, -1, -1, -1]);
+        assert_eq!(b.cu_seqlens, [0, 3, 5, 6, 8, 12]);
+        assert_eq!((b.max_seqlen, b.n_tokens, b.n_pad), (4, 5, 5));
+    }
+
+    #[test]
+    fn out_of_range_segment_is_an_error() {
+        let tf = token_file(&[1, 2, 3]);
+        let spec = BatchSpec { cols: 4, rows: vec![vec![Segment { start: 1, len: 2, ends_doc: false }]] };
+        assert!(assemble(&spec, &tf, 0).is_err());
+    }
+}

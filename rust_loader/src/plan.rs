@@ -1,0 +1,507 @@
+//! Samplers: which tokens go into which row of which batch, for a given (epoch, batch, rank).
+//!
+//! A plan only describes batches as lists of [`Segment`]s; `batch.rs` turns them into arrays.
+//! Every plan has the same number of batches per epoch on every rank, and the batches of all
+//! ranks together cover each unit (window / packed row / document piece) at most once per epoch:
+//! exactly once, except that `drop_last` drops fewer than one global batch's worth, a different
+//! random subset every epoch.
+use std::collections::BTreeMap;
+
+use crate::error::{DataError, Result};
+use crate::perm::{mix, Permutation};
+
+/// A contiguous run of tokens `start..start + len` placed in a row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Segment {
+    pub start: u64,
+    pub len: u32,
+    /// The run ends its document, so its last position has no label. Otherwise the label of the
+    /// last position is the token right after the run (a stream window, or a long document
+    /// split into pieces), which callers guarantee exists.
+    pub ends_doc: bool,
+}
+
+/// One batch for one rank: `rows` of `cols` tokens; an empty row is all padding.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchSpec {
+    pub cols: usize,
+    pub rows: Vec<Vec<Segment>>,
+}
+
+/// How the units of an epoch are shuffled and split between ranks.
+#[derive(Debug, Clone, Copy)]
+pub struct Sharding {
+    pub seed: u64,
+    pub shuffle: bool,
+    pub rank: u64,
+    pub world: u64,
+    /// Drop the incomplete tail (training); otherwise pad it with empty rows (evaluation).
+    pub drop_last: bool,
+}
+
+impl Sharding {
+    pub fn validate(&self) -> Result<()> {
+        if self.world == 0 || self.rank >= self.world {
+            return Err(DataError::new(format!("rank {} is not in 0..world_size ({})", self.rank, self.world)));
+        }
+        Ok(())
+    }
+
+    /// Batches per rank when `units` are split into batches of `per_batch`.
+    fn batches_per_rank(&self, units: u64, per_batch: u64) -> u64 {
+        let global = self.split(units, per_batch);
+        self.split(global, self.world)
+    }
+
+    fn split(&self, n: u64, per: u64) -> u64 {
+        if self.drop_last {
+            n / per
+        } else {
+            n.div_ceil(per)
+        }
+    }
+
+    fn perm(&self, n: u64, epoch: u64, stream: u64) -> Permutation {
+        Permutation::new(n, mix(&[self.seed, epoch, stream]), self.shuffle)
+    }
+}
+
+pub trait Plan: Send + Sync {
+    fn batches_per_epoch(&self) -> u64;
+    /// Batch `index` (< batches_per_epoch) of `epoch` for this plan's rank.
+    fn batch(&self, epoch: u64, index: u64) -> BatchSpec;
+    /// Padding slots / all slots over one epoch's units (before drop_last / tail padding).
+    fn padding_frac(&self) -> f64;
+    /// Windows, packed rows or document pieces in one epoch.
+    fn units(&self) -> u64;
+}
+
+/// Batches of `batch_size` units drawn through one shuffled order; shared by stream and packed.
+#[derive(Debug, Clone)]
+struct UnitBatches {
+    units: u64,
+    batch_size: u64,
+    shard: Sharding,
+}
+
+impl UnitBatches {
+    fn batches_per_epoch(&self) -> u64 {
+        self.shard.batches_per_rank(self.units, self.batch_size)
+    }
+
+    /// The units of a batch (None: past the end, a padding row).
+    fn units_of(&self, epoch: u64, index: u64) -> impl Iterator<Item = Option<u64>> + '_ {
+        let perm = self.shard.perm(self.units, epoch, 1);
+        // Round-robin over ranks: global batch g goes to rank g % world.
+        let global = index * self.shard.world + self.shard.rank;
+        (0..self.batch_size).map(move |i| {
+            let j = global * self.batch_size + i;
+            (j < self.units).then(|| perm.apply(j))
+        })
+    }
+}
+
+fn too_small(what: &str, units: u64, need: u64) -> DataError {
+    DataError::new(format!(
+        "the data has {units} {what}, fewer than one batch on every rank needs ({need}): use a smaller batch_size/ctx or more data"
+    ))
+}
+
+// ------------------------------------------------------------------------------------- stream
+
+/// Windows of ctx + 1 tokens at stride ctx over the concatenated stream: the input windows
+/// `[u*ctx, (u+1)*ctx)` are disjoint and so are the label windows, so every token but the
+/// first is a target exactly once per epoch.
+#[derive(Debug, Clone)]
+pub struct StreamPlan {
+    ctx: u32,
+    inner: UnitBatches,
+}
+
+impl StreamPlan {
+    pub fn new(n_tokens: u64, ctx: u32, batch_size: u64, shard: Sharding) -> Result<Self> {
+        check_shape(ctx, batch_size)?;
+        shard.validate()?;
+        let units = n_tokens.saturating_sub(1) / u64::from(ctx);
+        let plan = Self { ctx, inner: UnitBatches { units, batch_size, shard } };
+        if plan.batches_per_epoch() == 0 {
+            return Err(too_small(&format!("windows of ctx+1 = {} tokens", ctx + 1), units, batch_size * shard.world));
+        }
+        Ok(plan)
+    }
+}
+
+impl Plan for StreamPlan {
+    fn batches_per_epoch(&self) -> u64 {
+        self.inner.batches_per_epoch()
+    }
+
+    fn batch(&self, epoch: u64, index: u64) -> BatchSpec {
+        let ctx = self.ctx;
+        let rows = self
+            .inner
+            .units_of(epoch, index)
+            .map(|u| u.map(|u| vec![Segment { start: u * u64::from(ctx), len: ctx, ends_doc: false }]).unwrap_or_default())
+            .collect();
+        BatchSpec { cols: ctx as usize, rows }
+    }
+
+    fn padding_frac(&self) -> f64 {
+        0.0
+    }
+
+    fn units(&self) -> u64 {
+        self.inner.units
+    }
+}
+
+fn check_shape(ctx: u32, batch_size: u64) -> Result<()> {
+    if ctx == 0 || batch_size == 0 {
+        return Err(DataError::new(format!("ctx ({ctx}) and batch_size ({batch_size}) must be positive")));
+    }
+    Ok(())
+}
+
+/// Documents as pieces of at most `max_len` tokens (long documents split; only the last piece
+/// ends the document).
+pub fn pieces(offsets: &[u64], max_len: u32) -> Vec<Segment> {
+    let max_len = u64::from(max_len);
+    let mut out = Vec::with_capacity(offsets.len());
+    for w in offsets.windows(2) {
+        let (mut start, end) = (w[0], w[1]);
+        while start < end {
+            let len = (end - start).min(max_len);
+            out.push(Segment { start, len: len as u32, ends_doc: start + len == end });
+            start += len;
+        }
+    }
+    out
+}
+
+// ------------------------------------------------------------------------------------- packed
+
+/// Whole documents packed into rows of exactly ctx tokens by best-fit decreasing; documents
+/// longer than ctx are split into ctx-sized pieces first. The packing is fixed; the row order
+/// is shuffled every epoch.
+#[derive(Debug, Clone)]
+pub struct PackedPlan {
+    ctx: u32,
+    segments: Vec<Segment>,
+    /// Row r holds `segments[row_starts[r]..row_starts[r + 1]]`.
+    row_starts: Vec<usize>,
+    inner: UnitBatches,
+}
+
+impl PackedPlan {
+    pub fn new(offsets: &[u64], ctx: u32, batch_size: u64, shard: Sharding) -> Result<Self> {
+        check_shape(ctx, batch_size)?;
+        shard.validate()?;
+        let bins = best_fit_decreasing(&pieces(offsets, ctx), ctx);
+        let mut segments = Vec::with_capacity(bins.iter().map(Vec::len).sum());
+        let mut row_starts = Vec::with_capacity(bins.len() + 1);
+        row_starts.push(0);
+        for bin in bins {
+            segments.extend(bin);
+            row_starts.push(segments.len());
+        }
+        let units = (row_starts.len() - 1) as u64;
+        let plan = Self { ctx, segments, row_starts, inner: UnitBatches { units, batch_size, shard } };
+        if plan.batches_per_epoch() == 0 {
+            return Err(too_small(&format!("packed rows of ctx = {ctx} tokens"), units, batch_size * shard.world));
+        }
+        Ok(plan)
+    }
+
+    fn row(&self, r: u64) -> &[Segment] {
+        let r = r as usize;
+        &self.segments[self.row_starts[r]..self.row_starts[r + 1]]
+    }
+}
+
+impl Plan for PackedPlan {
+    fn batches_per_epoch(&self) -> u64 {
+        self.inner.batches_per_epoch()
+    }
+
+    fn batch(&self, epoch: u64, index: u64) -> BatchSpec {
+        let rows = self.inner.units_of(epoch, index).map(|u| u.map(|u| self.row(u).to_vec()).unwrap_or_default()).collect();
+        BatchSpec { cols: self.ctx as usize, rows }
+    }
+
+    fn padding_frac(&self) -> f64 {
+        let used: u64 = self.segments.iter().map(|s| u64::from(s.len)).sum();
+        let slots = self.inner.units * u64::from(self.ctx);
+        if slots == 0 {
+            0.0
+        } else {
+            (slots - used) as f64 / slots as f64
+        }
+    }
+
+    fn units(&self) -> u64 {
+        self.inner.units
+    }
+}
+
+/// Best-fit decreasing bin packing of `items` (each `len <= cap`) into bins of `cap` tokens.
+/// Deterministic: ties broken by input order.
+pub fn best_fit_decreasing(items: &[Segment], cap: u32) -> Vec<Vec<Segment>> {
+    let mut order: Vec<usize> = (0..items.len()).collect();
+    order.sort_by_key(|&i| (std::cmp::Reverse(items[i].len), i));
+    let mut bins: Vec<Vec<Segment>> = Vec::new();
+    // Remaining capacity → bins with exactly that much room: the best fit for an item of
+    // length l is the first key >= l.
+    let mut free: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
+    for i in order {
+        let item = items[i];
+        debug_assert!(item.len <= cap);
+        let fit = free.range(item.len..).next().map(|(&room, _)| room);
+        let (bin, room) = match fit {
+            Some(room) => {
+                let list = free.get_mut(&room).expect("key just found");
+                let bin = list.pop().expect("lists in `free` are never empty");
+                if list.is_empty() {
+                    free.remove(&room);
+                }
+                (bin, room)
+            }
+            None => {
+                bins.push(Vec::new());
+                (bins.len() - 1, cap)
+            }
+        };
+        bins[bin].push(item);
+        let left = room - item.len;
+        if left > 0 {
+            free.entry(left).or_default().push(bin);
+        }
+    }
+    bins
+}
+
+// ----------------------------------------------------------------------------------- bucketed
+
+/// Documents (split at the longest bucket) grouped by the smallest bucket length that holds
+/// them, one document per row padded to the bucket length; each bucket's batches have
+/// `token_budget / bucket` rows, so every batch holds about the same number of slots and
+/// torch.compile sees only `buckets.len()` shapes.
+#[derive(Debug, Clone)]
+pub struct BucketedPlan {
+    buckets: Vec<Bucket>,
+    /// Cumulative batch counts per bucket: bucket b owns global batches `cum[b]..cum[b + 1]`.
+    cum: Vec<u64>,
+    shard: Sharding,
+}
+
+#[derive(Debug, Clone)]
+struct Bucket {
+    len: u32,
+    rows: u64,
+    docs: Vec<Segment>,
+}
+
+impl BucketedPlan {
+    pub fn new(offsets: &[u64], bucket_lens: &[u32], token_budget: u64, shard: Sharding) -> Result<Self> {
+        shard.validate()?;
+        let mut lens = bucket_lens.to_vec();
+        lens.sort_unstable();
+        lens.dedup();
+        let (Some(&shortest), Some(&longest)) = (lens.first(), lens.last()) else {
+            return Err(DataError::new("bucketed sampler needs at least one bucket length"));
+        };
+        if shortest == 0 {
+            return Err(DataError::new("bucket lengths must be positive"));
+        }
+        check_shape(longest, token_budget)?;
+        let mut buckets: Vec<Bucket> =
+            lens.iter().map(|&len| Bucket { len, rows: (token_budget / u64::from(len)).max(1), docs: Vec::new() }).collect();
+        for piece in pieces(offsets, longest) {
+            let b = lens.partition_point(|&l| l < piece.len);
+            buckets[b].docs.push(piece);
+        }
+        let mut cum = vec![0u64];
+        for b in &buckets {
+            cum.push(cum.last().copied().unwrap_or(0) + shard.split(b.docs.len() as u64, b.rows));
+        }
+        let plan = Self { buckets, cum, shard };
+        if plan.batches_per_epoch() == 0 {
+            let docs = plan.units();
+            return Err(too_small("document pieces (not enough for a full batch in any bucket on every rank)", docs, shard.world));
+        }
+        Ok(plan)
+    }
+
+    fn global_batches(&self) -> u64 {
+        self.cum.last().copied().unwrap_or(0)
+    }
+}
+
+impl Plan for BucketedPlan {
+    fn batches_per_epoch(&self) -> u64 {
+        self.shard.split(self.global_batches(), self.shard.world)
+    }
+
+    fn batch(&self, epoch: u64, index: u64) -> BatchSpec {
+        let global = index * self.shard.world + self.shard.rank;
+        if global >= self.global_batches() {
+            // Only without drop_last: an all-padding batch so every rank steps equally often.
+            let b = &self.buckets[0];
+            return BatchSpec { cols: b.len as usize, rows: vec![Vec::new(); b.rows as usize] };
+        }
+        let j = self.shard.perm(self.global_batches(), epoch, 2).apply(global);
+        let bi = self.cum.partition_point(|&c| c <= j) - 1;
+        let bucket = &self.buckets[bi];
+        let chunk = j - self.cum[bi];
+        let n = bucket.docs.len() as u64;
+        let perm = self.shard.perm(n, epoch, 3 + bi as u64);
+        let rows = (0..bucket.rows)
+            .map(|i| {
+                let u = chunk * bucket.rows + i;
+                if u < n {
+                    vec![bucket.docs[perm.apply(u) as usize]]
+                } else {
+                    Vec::new()
+                }
+            })
+            .collect();
+        BatchSpec { cols: bucket.len as usize, rows }
+    }
+
+    fn padding_frac(&self) -> f64 {
+        let (mut used, mut slots) = (0u64, 0u64);
+        for b in &self.buckets {
+            used += b.docs.iter().map(|d| u64::from(d.len)).sum::<u64>();
+            slots += b.docs.len() as u64 * u64::from(b.len);
+        }
+        if slots == 0 {
+            0.0
+        } else {
+            (slots - used) as f64 / slots as f64
+        }
+    }
+
+    fn units(&self) -> u64 {
+        self.buckets.iter().map(|b| b.docs.len() as u64).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    fn shard(rank: u64, world: u64, drop_last: bool) -> Sharding {
+        Sharding { seed: 7, shuffle: true, rank, world, drop_last }
+    }
+
+    /// Offsets of documents with lengths from a simple deterministic generator.
+    fn docs(n: usize, max: u64) -> Vec<u64> {
+        let mut offs = vec![0u64];
+        for i in 0..n {
+            let len = 2 + crate::perm::splitmix64(i as u64) % max;
+            offs.push(offs.last().unwrap() + len);
+        }
+        offs
+    }
+
+    /// All segments each rank sees in one epoch, and the batch counts per rank.
+    fn epoch_segments(make: impl Fn(Sharding) -> Box<dyn Plan>, world: u64, drop_last: bool) -> (Vec<Segment>, Vec<u64>) {
+        let mut segs = Vec::new();
+        let mut counts = Vec::new();
+        for rank in 0..world {
+            let plan = make(shard(rank, world, drop_last));
+            counts.push(plan.batches_per_epoch());
+            for i in 0..plan.batches_per_epoch() {
+                let spec = plan.batch(3, i);
+                for row in &spec.rows {
+                    assert!(row.iter().map(|s| s.len as usize).sum::<usize>() <= spec.cols);
+                    segs.extend(row.iter().copied());
+                }
+            }
+        }
+        (segs, counts)
+    }
+
+    fn assert_disjoint(segs: &[Segment]) {
+        let starts: HashSet<u64> = segs.iter().map(|s| s.start).collect();
+        assert_eq!(starts.len(), segs.len(), "a segment appears twice");
+    }
+
+    #[test]
+    fn stream_covers_each_window_once() {
+        for drop_last in [true, false] {
+            let (segs, counts) = epoch_segments(|s| Box::new(StreamPlan::new(1000, 16, 3, s).unwrap()), 2, drop_last);
+            assert!(counts.iter().all(|&c| c == counts[0]));
+            assert_disjoint(&segs);
+            let units = 999 / 16;
+            if drop_last {
+                assert!(units - (segs.len() as u64) < 6);
+            } else {
+                assert_eq!(segs.len() as u64, units);
+            }
+        }
+    }
+
+    #[test]
+    fn packed_rows_are_full_and_cover_all_tokens() {
+        let offs = docs(500, 40);
+        let (segs, counts) = epoch_segments(|s| Box::new(PackedPlan::new(&offs, 64, 4, s).unwrap()), 3, false);
+        assert!(counts.iter().all(|&c| c == counts[0]));
+        assert_disjoint(&segs);
+        let total: u64 = segs.iter().map(|s| u64::from(s.len)).sum();
+        assert_eq!(total, *offs.last().unwrap());
+        let plan = PackedPlan::new(&offs, 64, 4, shard(0, 1, true)).unwrap();
+        assert!(plan.padding_frac() < 0.02, "{}", plan.padding_frac());
+    }
+
+    #[test]
+    fn packed_splits_long_documents() {
+        let offs = vec![0, 150, 160];
+        let plan = PackedPlan::new(&offs, 64, 1, shard(0, 1, false)).unwrap();
+        let all: Vec<Segment> = plan.segments.clone();
+        assert_eq!(all.iter().filter(|s| s.ends_doc).count(), 2);
+        assert!(all.iter().all(|s| s.len <= 64));
+    }
+
+    #[test]
+    fn bucketed_shapes_and_coverage() {
+        let offs = docs(700, 300);
+        for drop_last in [true, false] {
+            let (segs, counts) =
+                epoch_segments(|s| Box::new(BucketedPlan::new(&offs, &[32, 64, 128, 256], 1024, s).unwrap()), 2, drop_last);
+            assert!(counts.iter().all(|&c| c == counts[0]));
+            assert_disjoint(&segs);
+            if !drop_last {
+                let total: u64 = segs.iter().map(|s| u64::from(s.len)).sum();
+                assert_eq!(total, *offs.last().unwrap());
+            }
+        }
+        let plan = BucketedPlan::new(&offs, &[32, 64, 128, 256], 1024, shard(0, 1, true)).unwrap();
+        for i in 0..plan.batches_per_epoch() {
+            let spec = plan.batch(0, i);
+            assert_eq!(spec.rows.len() * spec.cols, 1024);
+        }
+    }
+
+    #[test]
+    fn deterministic_per_seed_and_epoch() {
+        let a = StreamPlan::new(10_000, 8, 4, shard(0, 1, true)).unwrap();
+        assert_eq!(a.batch(2, 5), a.batch(2, 5));
+        assert_ne!(a.batch(2, 5), a.batch(3, 5));
+    }
+
+    #[test]
+    fn too_small_is_an_error() {
+        assert!(StreamPlan::new(10, 8, 4, shard(0, 1, true)).is_err());
+        assert!(StreamPlan::new(100, 8, 4, shard(2, 2, true)).is_err());
+    }
+
+    #[test]
+    fn bfd_fills_bins() {
+        let items: Vec<Segment> =
+            [5u32, 3, 2, 5, 4, 1].iter().enumerate().map(|(i, &len)| Segment { start: i as u64 * 10, len, ends_doc: true }).collect();
+        let bins = best_fit_decreasing(&items, 10);
+        assert_eq!(bins.len(), 2);
+        assert!(bins.iter().all(|b| b.iter().map(|s| s.len).sum::<u32>() == 10));
+    }
+}

@@ -1,0 +1,273 @@
+//! Token files: a memory-mapped `.bin` of little-endian ids and its `.idx` of document offsets.
+//!
+//! Everything is validated on open so that batch assembly can index without further checks
+//! (beyond the vocabulary check it does on every token it copies).
+use std::fs::File;
+use std::io::{BufReader, Read};
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+
+use crate::error::{DataError, Result};
+
+/// Width of one token id on disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dtype {
+    U16,
+    U32,
+}
+
+impl Dtype {
+    pub fn parse(name: &str) -> Result<Self> {
+        match name {
+            "uint16" => Ok(Self::U16),
+            "uint32" => Ok(Self::U32),
+            other => Err(DataError::new(format!("unsupported token dtype {other:?}; expected uint16 or uint32"))),
+        }
+    }
+
+    pub fn size(self) -> usize {
+        match self {
+            Self::U16 => 2,
+            Self::U32 => 4,
+        }
+    }
+}
+
+/// How many tokens at each end of the file are checked against the vocabulary on open; the
+/// rest is checked as batches copy it (a full scan of a multi-GB file on open is not cheap).
+const VOCAB_CHECK_TOKENS: usize = 1 << 16;
+
+/// A validated, memory-mapped token file.
+#[derive(Debug)]
+pub struct TokenFile {
+    path: PathBuf,
+    /// `None` for an empty file (mapping zero bytes fails on some platforms).
+    map: Option<Mmap>,
+    dtype: Dtype,
+    len: usize,
+    vocab_size: u32,
+}
+
+impl TokenFile {
+    /// Maps `path`, checking its size against the dtype and `expected_tokens` (from meta.json).
+    pub fn open(path: &Path, dtype: Dtype, vocab_size: u32, expected_tokens: Option<u64>) -> Result<Self> {
+        let file = File::open(path).map_err(|e| DataError::at(path, format!("cannot open: {e}")))?;
+        let bytes = file.metadata().map_err(|e| DataError::at(path, e))?.len();
+        if bytes % dtype.size() as u64 != 0 {
+            return Err(DataError::at(
+                path,
+                format!("size {bytes} bytes is not a multiple of {} ({dtype:?}): truncated or wrong dtype", dtype.size()),
+            ));
+        }
+        let len = bytes / dtype.size() as u64;
+        if let Some(expected) = expected_tokens {
+            if expected != len {
+                return Err(DataError::at(path, format!("holds {len} tokens but meta.json says {expected}: truncated or stale")));
+            }
+        }
+        let len = usize::try_from(len).map_err(|_| DataError::at(path, "too large for this platform"))?;
+        let map = if bytes == 0 {
+            None
+        } else {
+            // SAFETY: the mapping is read-only and the data files are written once by prepare
+            // (atomically, before meta.json) and never modified in place afterwards. If another
+            // process truncated the file while mapped, reads could fault (SIGBUS); that is the
+            // documented limit of mmap and why prepare writes new files instead of rewriting.
+            let map = unsafe { Mmap::map(&file) }.map_err(|e| DataError::at(path, format!("cannot mmap: {e}")))?;
+            // Batches are random windows: read-ahead would only inflate RSS.
+            #[cfg(unix)]
+            let _ = map.advise(memmap2::Advice::Random);
+            Some(map)
+        };
+        let tf = Self { path: path.to_path_buf(), map, dtype, len, vocab_size };
+        tf.check_vocab(0, len.min(VOCAB_CHECK_TOKENS))?;
+        tf.check_vocab(len.saturating_sub(VOCAB_CHECK_TOKENS), len)?;
+        Ok(tf)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn vocab_size(&self) -> u32 {
+        self.vocab_size
+    }
+
+    fn bytes(&self) -> &[u8] {
+        self.map.as_deref().unwrap_or(&[])
+    }
+
+    /// Token `i` (panics past the end: callers index within validated plans).
+    pub fn get(&self, i: usize) -> u32 {
+        let b = self.bytes();
+        match self.dtype {
+            Dtype::U16 => u16::from_le_bytes([b[2 * i], b[2 * i + 1]]) as u32,
+            Dtype::U32 => u32::from_le_bytes([b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]]),
+        }
+    }
+
+    /// Copies tokens `start..start + out.len()` into `out` as i32, checking each against the
+    /// vocabulary. Returns an error (never reads out of bounds) if the range is past the end.
+    pub fn read_into(&self, start: usize, out: &mut [i32]) -> Result<()> {
+        let end = start
+            .checked_add(out.len())
+            .filter(|&e| e <= self.len)
+            .ok_or_else(|| DataError::at(&self.path, format!("read of {} tokens at {start} is past the end ({})", out.len(), self.len)))?;
+        let bytes = &self.bytes()[start * self.dtype.size()..end * self.dtype.size()];
+        // Track the max instead of branching per token: keeps the copy loop vectorizable.
+        let mut max = 0u32;
+        match self.dtype {
+            Dtype::U16 => {
+                for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                    let t = u16::from_le_bytes([c[0], c[1]]) as u32;
+                    max = max.max(t);
+                    *o = t as i32;
+                }
+            }
+            Dtype::U32 => {
+                for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                    let t = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                    max = max.max(t);
+                    *o = t as i32;
+                }
+            }
+        }
+        if max >= self.vocab_size && !out.is_empty() {
+            return Err(self.vocab_error(start, end));
+        }
+        Ok(())
+    }
+
+    fn check_vocab(&self, start: usize, end: usize) -> Result<()> {
+        if (start..end).any(|i| self.get(i) >= self.vocab_size) {
+            return Err(self.vocab_error(start, end));
+        }
+        Ok(())
+    }
+
+    fn vocab_error(&self, start: usize, end: usize) -> DataError {
+        let (pos, tok) = (start..end).map(|i| (i, self.get(i))).find(|&(_, t)| t >= self.vocab_size).unwrap_or((start, 0));
+        DataError::at(
+            &self.path,
+            format!("token id {tok} at position {pos} is >= vocab_size {}: data and tokenizer disagree (re-run prepare.py)", self.vocab_size),
+        )
+    }
+}
+
+/// Reads and validates a `.idx` file (n_docs + 1 little-endian u64 offsets, first 0, strictly
+/// increasing, last = `n_tokens`). Returns the document offsets when `keep`, else just checks.
+///
+/// Read with buffered I/O rather than mmap: a full scan of a mapped index would leave it all
+/// resident in this process (RSS), while the stream sampler never needs it again.
+pub fn read_index(path: &Path, n_tokens: u64, expected_docs: Option<u64>, keep: bool) -> Result<(u64, Vec<u64>)> {
+    let file = File::open(path).map_err(|e| DataError::at(path, format!("cannot open: {e}")))?;
+    let bytes = file.metadata().map_err(|e| DataError::at(path, e))?.len();
+    if bytes % 8 != 0 || bytes < 16 {
+        return Err(DataError::at(path, format!("size {bytes} bytes is not (n_docs + 1) uint64 offsets: truncated or corrupt")));
+    }
+    let count = bytes / 8;
+    let n_docs = count - 1;
+    if let Some(expected) = expected_docs {
+        if expected != n_docs {
+            return Err(DataError::at(path, format!("holds {n_docs} documents but meta.json says {expected}: truncated or stale")));
+        }
+    }
+    let mut offsets = Vec::new();
+    let mut reader = BufReader::with_capacity(1 << 20, file);
+    let mut buf = [0u8; 8];
+    let mut prev: Option<u64> = None;
+    for i in 0..count {
+        reader.read_exact(&mut buf).map_err(|e| DataError::at(path, format!("read failed: {e}")))?;
+        let off = u64::from_le_bytes(buf);
+        match prev {
+            None if off != 0 => return Err(DataError::at(path, format!("first offset is {off}, expected 0: corrupt"))),
+            Some(p) if off <= p => {
+                return Err(DataError::at(path, format!("offset {i} ({off}) is not greater than the one before ({p}): corrupt")))
+            }
+            _ => {}
+        }
+        if off > n_tokens {
+            return Err(DataError::at(path, format!("offset {i} ({off}) is past the end of the token file ({n_tokens} tokens): corrupt")));
+        }
+        if keep {
+            offsets.push(off);
+        }
+        prev = Some(off);
+    }
+    if prev != Some(n_tokens) {
+        return Err(DataError::at(
+            path,
+            format!("last offset is {} but the token file holds {n_tokens} tokens: index and data disagree", prev.unwrap_or(0)),
+        ));
+    }
+    Ok((n_docs, offsets))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn write(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
+        let p = dir.join(name);
+        File::create(&p).unwrap().write_all(bytes).unwrap();
+        p
+    }
+
+    fn tmpdir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("bulba-tokens-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn reads_u16_and_u32() {
+        let d = tmpdir("rw");
+        let p = write(&d, "a.bin", &[1, 0, 2, 0, 0xff, 0x00]);
+        let tf = TokenFile::open(&p, Dtype::U16, 300, Some(3)).unwrap();
+        let mut out = [0i32; 2];
+        tf.read_into(1, &mut out).unwrap();
+        assert_eq!(out, [2, 255]);
+        assert!(tf.read_into(2, &mut out).is_err(), "past the end must be an error");
+        let p = write(&d, "b.bin", &70000u32.to_le_bytes());
+        let tf = TokenFile::open(&p, Dtype::U32, 70001, None).unwrap();
+        assert_eq!(tf.get(0), 70000);
+    }
+
+    #[test]
+    fn rejects_bad_sizes_and_vocab() {
+        let d = tmpdir("bad");
+        let p = write(&d, "odd.bin", &[1, 0, 2]);
+        let e = TokenFile::open(&p, Dtype::U16, 10, None).unwrap_err();
+        assert!(e.0.contains("odd.bin") && e.0.contains("multiple"), "{e}");
+        let p = write(&d, "v.bin", &[1, 0, 9, 0]);
+        let e = TokenFile::open(&p, Dtype::U16, 5, None).unwrap_err();
+        assert!(e.0.contains("vocab_size 5"), "{e}");
+        let p = write(&d, "n.bin", &[1, 0]);
+        assert!(TokenFile::open(&p, Dtype::U16, 5, Some(2)).is_err());
+    }
+
+    #[test]
+    fn validates_index() {
+        let d = tmpdir("idx");
+        let idx = |v: &[u64]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        let p = write(&d, "ok.idx", &idx(&[0, 3, 5]));
+        assert_eq!(read_index(&p, 5, Some(2), true).unwrap(), (2, vec![0, 3, 5]));
+        for (name, v, n) in [("nz", vec![1, 5], 5), ("dec", vec![0, 3, 3, 5], 5), ("end", vec![0, 3, 4], 5), ("oob", vec![0, 9, 5], 5)] {
+            let p = write(&d, &format!("{name}.idx"), &idx(&v));
+            let e = read_index(&p, n, None, false).unwrap_err();
+            assert!(e.0.contains(&format!("{name}.idx")), "{e}");
+        }
+        let p = write(&d, "short.idx", &[0; 12]);
+        assert!(read_index(&p, 0, None, false).is_err());
+    }
+}
