@@ -1,0 +1,318 @@
+"""What export.py reads: a run directory, a final.safetensors, or `runs:/<run_id>` in MLflow.
+
+Everything is checked before anything is written: the config parses, the tokenizer covers
+exactly `vocab_size` ids with unique tokens, and the safetensors header holds exactly the
+weight names and shapes of docs/contracts.md. Weights themselves are read one tensor at a
+time later (the writers check NaN/Inf as they stream), so a source is cheap to open.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .config import ModelConfig, model_config_from_dict
+from .errors import UserError
+
+WEIGHTS_NAME = "final.safetensors"
+CONFIG_NAME = "config.json"
+TOKENIZER_NAME = "tokenizer.json"
+
+# safetensors dtype -> bytes per element (the float types a checkpoint may hold)
+_ST_DTYPES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}
+
+
+@dataclass
+class TokenizerInfo:
+    """The tokenizer as GGUF and HF need it: tokens in id order, merges, special ids."""
+
+    tokens: list[str]
+    token_types: list[int]  # gguf.TokenType values
+    merges: list[str]  # "a b", byte-level symbols
+    special: dict[str, int]  # content -> id of every special (control) token
+    bos_id: int
+    eos_id: int
+    pad_id: int | None
+    add_bos: bool
+    eot_id: int | None  # <|eot_id|> when the tokenizer has it (chat models)
+
+    @property
+    def bos(self) -> str:
+        return self.tokens[self.bos_id]
+
+    @property
+    def eos(self) -> str:
+        return self.tokens[self.eos_id]
+
+    @property
+    def end_of_turn(self) -> str:
+        return self.tokens[self.eot_id if self.eot_id is not None else self.eos_id]
+
+
+@dataclass
+class Source:
+    run_dir: Path
+    weights: Path
+    tokenizer_path: Path
+    config: dict
+    model: ModelConfig
+    tokenizer: TokenizerInfo
+    shapes: dict[str, tuple[int, ...]]
+    name: str
+    mlflow_run_id: str | None
+    _tmp: str | None = field(default=None, repr=False)
+
+    def cleanup(self) -> None:
+        if self._tmp:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+
+    def num_params(self) -> int:
+        return int(sum(np.prod(s) for s in self.shapes.values()))
+
+    def read_tensor(self, name: str) -> np.ndarray:
+        """One weight as float32 numpy, checked finite (NaN/Inf weights make an unusable model)."""
+        from safetensors import safe_open
+
+        with safe_open(str(self.weights), framework="pt") as f:
+            t = f.get_tensor(name).float().numpy()
+        if not np.isfinite(t).all():
+            bad = int((~np.isfinite(t)).sum())
+            raise UserError(f"{self.weights}: weight '{name}' has {bad} NaN/Inf values; "
+                            "export a checkpoint from before the training diverged")
+        return t
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Weight names and shapes of `bulba.model.Llama.state_dict()` (docs/contracts.md)."""
+    V, D, F, hd = cfg.vocab_size, cfg.n_embd, cfg.ffn_hidden, cfg.head_dim
+    out: dict[str, tuple[int, ...]] = {"tok_embeddings.weight": (V, D)}
+    for i in range(cfg.n_layer):
+        p = f"layers.{i}."
+        out |= {
+            p + "attention_norm.weight": (D,),
+            p + "attention.wq.weight": (cfg.n_head * hd, D),
+            p + "attention.wk.weight": (cfg.n_kv_head * hd, D),
+            p + "attention.wv.weight": (cfg.n_kv_head * hd, D),
+            p + "attention.wo.weight": (D, cfg.n_head * hd),
+            p + "ffn_norm.weight": (D,),
+            p + "feed_forward.w1.weight": (F, D),
+            p + "feed_forward.w3.weight": (F, D),
+            p + "feed_forward.w2.weight": (D, F),
+        }
+    out["norm.weight"] = (D,)
+    if not cfg.tie_embeddings:
+        out["output.weight"] = (V, D)
+    return out
+
+
+def read_safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """name -> (dtype, shape) from the header, checking the file is complete."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n <= 0 or n > min(size - 8, 100 << 20):
+                raise ValueError("bad header length")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError, struct.error) as e:
+        raise UserError(f"{path} is not a readable safetensors file ({e}); re-run training or pick another checkpoint") from None
+    header.pop("__metadata__", None)
+    end = 0
+    out = {}
+    for name, info in header.items():
+        out[name] = (info["dtype"], tuple(info["shape"]))
+        end = max(end, info["data_offsets"][1])
+    if 8 + n + end > size:
+        raise UserError(f"{path} is truncated ({size} bytes, header promises {8 + n + end}); "
+                        "the training run probably did not finish writing it")
+    return out
+
+
+def _load_json(path: Path, what: str) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing: {what}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({e})") from None
+
+
+def read_tokenizer(path: Path, tok_cfg: dict, vocab_size: int) -> TokenizerInfo:
+    """Tokens by id from an HF byte-level BPE tokenizer.json, checked against the model."""
+    import gguf
+
+    tj = _load_json(path, "the run's tokenizer (written by train.py beside final.safetensors)")
+    model = tj.get("model") or {}
+    if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
+        raise UserError(f"{path}: expected a byte-level BPE tokenizer (model.type BPE), got {model.get('type')!r}")
+    by_id: dict[int, str] = {}
+    dup: list[str] = []
+
+    def put(tok_id: int, content: str):
+        if tok_id in by_id and by_id[tok_id] != content:
+            dup.append(f"id {tok_id} is both {by_id[tok_id]!r} and {content!r}")
+        by_id[tok_id] = content
+
+    for content, tok_id in model["vocab"].items():
+        put(int(tok_id), content)
+    special: dict[str, int] = {}
+    user: set[int] = set()
+    for at in tj.get("added_tokens") or []:
+        put(int(at["id"]), at["content"])
+        (special.__setitem__(at["content"], int(at["id"])) if at.get("special") else user.add(int(at["id"])))
+    if dup:
+        raise UserError(f"{path}: conflicting tokens: {dup[0]}")
+    n = len(by_id)
+    if sorted(by_id) != list(range(n)):
+        missing = sorted(set(range(max(by_id) + 1)) - set(by_id))[:5]
+        raise UserError(f"{path}: token ids are not contiguous (missing e.g. {missing})")
+    if n != vocab_size:
+        raise UserError(f"{path} has {n} tokens but the model's vocab_size is {vocab_size}: "
+                        "config/weights and tokenizer do not belong together (llama.cpp needs them equal)")
+    tokens = [by_id[i] for i in range(n)]
+    seen: dict[str, int] = {}
+    for i, t in enumerate(tokens):
+        if t in seen:  # a duplicate token aborts llama.cpp's loader
+            raise UserError(f"{path}: token {t!r} appears twice (ids {seen[t]} and {i}); llama.cpp refuses duplicate tokens")
+        seen[t] = i
+    types = [int(gguf.TokenType.NORMAL)] * n
+    for i in user:
+        types[i] = int(gguf.TokenType.USER_DEFINED)
+    for i in special.values():
+        types[i] = int(gguf.TokenType.CONTROL)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+
+    def ident(key: str, default_names: tuple[str, ...]) -> int | None:
+        v = tok_cfg.get(key)
+        if v is None:
+            v = next((special[s] for s in default_names if s in special), None)
+        if v is not None and not (0 <= int(v) < n):
+            raise UserError(f"config.json tokenizer.{key}={v} is outside the vocabulary (0..{n - 1})")
+        return None if v is None else int(v)
+
+    bos = ident("bos_id", ("<|begin_of_text|>", "<s>"))
+    eos = ident("eos_id", ("<|end_of_text|>", "</s>"))
+    if bos is None or eos is None:
+        raise UserError(f"config.json has no tokenizer.bos_id/eos_id and {path} has no <|begin_of_text|>/<|end_of_text|>")
+    pad = ident("pad_id", ())
+    return TokenizerInfo(tokens=tokens, token_types=types, merges=merges, special=special,
+                         bos_id=bos, eos_id=eos, pad_id=pad, add_bos=bool(tok_cfg.get("add_bos_token", True)),
+                         eot_id=special.get("<|eot_id|>"))
+
+
+def _download_run(uri: str) -> tuple[Path, str]:
+    """`runs:/<run_id>[/path]` -> a local folder holding final.safetensors, config and tokenizer."""
+    from .tracking import setup_mlflow
+
+    mlflow = setup_mlflow()
+    tmp = tempfile.mkdtemp(prefix="bulba-export-src-")
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
+    except Exception as e:  # MlflowException, connection errors: all one line for the user
+        shutil.rmtree(tmp, ignore_errors=True)
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"cannot download {uri} from MLflow ({msg}); check the run id and MLFLOW_TRACKING_URI") from None
+    if local.is_file():
+        local = local.parent
+    # The weights may sit in a sub-folder of the run's artifacts (e.g. model/).
+    hits = sorted(local.rglob(WEIGHTS_NAME), key=lambda p: len(p.parts))
+    if not hits:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"{uri} has no {WEIGHTS_NAME} among its artifacts; is it a finished training run?")
+    run_dir = hits[0].parent
+    for name in (CONFIG_NAME, TOKENIZER_NAME):
+        if not (run_dir / name).exists():
+            found = sorted(local.rglob(name), key=lambda p: len(p.parts))
+            if found:
+                shutil.copyfile(found[0], run_dir / name)
+    return run_dir, tmp
+
+
+def open_source(source: str) -> Source:
+    tmp = None
+    if source.startswith("runs:/"):
+        run_dir, tmp = _download_run(source)
+        weights = run_dir / WEIGHTS_NAME
+    else:
+        p = Path(source)
+        if not p.exists():
+            raise UserError(f"source {source} does not exist; give a run directory, a {WEIGHTS_NAME} or runs:/<run_id>")
+        if p.is_dir():
+            run_dir, weights = p, p / WEIGHTS_NAME
+            if not weights.exists():
+                raise UserError(f"run directory {p} has no {WEIGHTS_NAME}: training has not finished (or use a checkpoint's .safetensors)")
+        else:
+            if p.suffix != ".safetensors":
+                raise UserError(f"source {source} is not a .safetensors file or run directory")
+            run_dir, weights = p.parent, p
+    try:
+        return _open_local(run_dir, weights, source, tmp)
+    except BaseException:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _open_local(run_dir: Path, weights: Path, source: str, tmp: str | None) -> Source:
+    cfg_path = run_dir / CONFIG_NAME
+    if not cfg_path.exists() and weights.parent != run_dir:
+        cfg_path = weights.parent / CONFIG_NAME
+    config = _load_json(cfg_path, f"every run directory has config.json beside {WEIGHTS_NAME}")
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        raise UserError(f"{cfg_path} has no 'model' section (expected the bulba-run format of docs/contracts.md)")
+    cfg = model_config_from_dict(config["model"], source=str(cfg_path))
+    if cfg.vocab_size is None:
+        raise UserError(f"{cfg_path}: model.vocab_size is missing")
+    tok_path = cfg_path.parent / TOKENIZER_NAME
+    tok = read_tokenizer(tok_path, config.get("tokenizer") or {}, cfg.vocab_size)
+
+    header = read_safetensors_header(weights)
+    want = expected_shapes(cfg)
+    missing = [k for k in want if k not in header]
+    extra = [k for k in header if k not in want]
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing[:3])}" + (f" (+{len(missing) - 3} more)" if len(missing) > 3 else ""))
+        if extra:
+            parts.append(f"unexpected {', '.join(extra[:3])}" + (f" (+{len(extra) - 3} more)" if len(extra) > 3 else ""))
+        raise UserError(f"{weights} does not match {cfg_path}: {'; '.join(parts)}")
+    for k, shape in want.items():
+        dtype, got = header[k]
+        if dtype not in _ST_DTYPES:
+            raise UserError(f"{weights}: weight '{k}' has dtype {dtype}; expected a float type")
+        if got != shape:
+            raise UserError(f"{weights} does not match {cfg_path}: '{k}' has shape {list(got)}, the config implies {list(shape)}")
+    name = run_dir.name if not tmp else (config.get("recipe") or {}).get("name") or "bulba"
+    return Source(run_dir=run_dir, weights=weights, tokenizer_path=tok_path, config=config, model=cfg,
+                  tokenizer=tok, shapes=want, name=name, mlflow_run_id=config.get("mlflow_run_id"), _tmp=tmp)
+
+
+def load_torch_model(src: Source):
+    """The PyTorch reference model (fp32) for verification and HF parity."""
+    from safetensors.torch import load_file
+
+    from .model import Llama
+
+    model = Llama(src.model)
+    state = {k: v.float() for k, v in load_file(str(src.weights)).items()}
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    return model
+
+
+def remove_quietly(*paths: os.PathLike | str | None) -> None:
+    for p in paths:
+        if p:
+            try:
+                os.unlink(p)
+            except FileNotFoundError:
+                pass

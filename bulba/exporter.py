@@ -1,0 +1,172 @@
+"""export.py's pipeline: check -> write GGUF (temp) -> verify in llama.cpp -> rename -> extras.
+
+Nothing that looks valid is left behind on failure: the GGUF is written and verified under
+a `.tmp-` name beside the target and only renamed into place after it passed; the HF folder
+is built the same way (bulba.atomic.atomic_dir).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .atomic import TMP_PREFIX, _fsync_dir, write_text
+from .errors import UserError
+from .export_source import open_source, remove_quietly
+from .gguf_export import LLAMA_CPP_TYPES, check_type, quantize_with_llama_cpp, write_gguf
+
+
+@dataclass
+class ExportResult:
+    out: Path
+    type: str
+    sha256: str
+    seconds: dict = field(default_factory=dict)
+    verdict: str | None = None
+    hf_out: Path | None = None
+    hf: dict | None = None
+    modelfile: Path | None = None
+    mlflow: dict | None = None
+    output_models: Path | None = None
+
+
+def modelfile_text(gguf_name: str, tok) -> str:
+    """Ollama Modelfile: Llama-3 chat turns (Go template) and the turn-ending stop tokens."""
+    eot = tok.end_of_turn
+    stops = ["<|start_header_id|>", "<|end_header_id|>", eot] + ([tok.eos] if tok.eos != eot else [])
+    return (
+        f"FROM ./{gguf_name}\n\n"
+        'TEMPLATE """{{ if .System }}<|start_header_id|>system<|end_header_id|>\n\n'
+        "{{ .System }}" + eot + "{{ end }}{{ if .Prompt }}<|start_header_id|>user<|end_header_id|>\n\n"
+        "{{ .Prompt }}" + eot + "{{ end }}<|start_header_id|>assistant<|end_header_id|>\n\n"
+        '{{ .Response }}' + eot + '"""\n\n'
+        + "".join(f'PARAMETER stop "{s}"\n' for s in stops)
+    )
+
+
+def _file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def export(source: str, type_name: str, out: str | os.PathLike, *, register: str | None = None,
+           hf_out: str | os.PathLike | None = None, hf_dtype: str = "f32", force: bool = False,
+           verify: bool | None = None, name: str | None = None, mlflow: bool = True,
+           experiment: str | None = None, quiet: bool = False) -> ExportResult:
+    """verify=None: verify when llama-cpp-python is installed (True requires it)."""
+    from .llamacpp import llama_cpp_available
+
+    say = (lambda m: None) if quiet else _say
+    out = Path(out)
+    if out.suffix != ".gguf":
+        raise UserError(f"--out {out} must end in .gguf")
+    if out.is_dir():
+        raise UserError(f"--out {out} is a directory; give a file name ending in .gguf")
+    if out.exists() and not force:
+        raise UserError(f"{out} exists; pass --force to overwrite it")
+    if hf_out is not None and Path(hf_out).exists() and not force:
+        raise UserError(f"{hf_out} exists; pass --force to replace it")
+    if register is not None and not register.strip():
+        raise UserError("--register needs a model name")
+    if verify is None:
+        verify = llama_cpp_available()
+    elif verify and not llama_cpp_available():
+        raise UserError("verification needs llama-cpp-python (pip install llama-cpp-python), or pass --no-verify")
+
+    src = open_source(source)
+    tmp = out.parent / f"{TMP_PREFIX}{out.name}.{os.getpid()}"
+    tmp_f32 = out.parent / f"{TMP_PREFIX}{out.stem}.f32.{os.getpid()}.gguf"
+    try:
+        check_type(type_name, src)
+        name = name or register or src.name
+        res = ExportResult(out=out, type=type_name, sha256="")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        if type_name in LLAMA_CPP_TYPES:
+            write_gguf(src, "f32", tmp_f32, name)
+            quantize_with_llama_cpp(tmp_f32, tmp, type_name)
+            remove_quietly(tmp_f32)
+        else:
+            write_gguf(src, type_name, tmp, name)
+        res.seconds["write_s"] = time.perf_counter() - t0
+        say(f"wrote {type_name} GGUF ({tmp.stat().st_size / 1e6:.1f} MB) in {res.seconds['write_s']:.1f} s")
+
+        report = model = None
+        if verify:
+            from .export_source import load_torch_model
+            from .verify import verify_gguf
+
+            t1 = time.perf_counter()
+            model = load_torch_model(src)
+            report = verify_gguf(tmp, src, type_name, model=model)
+            res.seconds["verify_s"] = time.perf_counter() - t1
+            res.verdict = report.verdict
+            print(report.verdict, flush=True)
+            if not report.passed:
+                raise UserError(report.verdict)
+        else:
+            say("verification skipped (" + ("--no-verify" if llama_cpp_available() else "llama-cpp-python not installed") + ")")
+
+        from .registry import place_in_output_models, sha256_file
+
+        res.sha256 = sha256_file(tmp)
+        os.replace(tmp, out)
+        _fsync_dir(out.parent)
+        res.modelfile = out.with_suffix(".Modelfile")
+        write_text(res.modelfile, modelfile_text(out.name, src.tokenizer))
+        os.chmod(res.modelfile, _file_mode())  # atomic temp files are created 0600
+        say(f"{out} (sha256 {res.sha256[:16]}...), Ollama: ollama create {name} -f {res.modelfile}")
+
+        if hf_out is not None:
+            from .hf_export import write_hf
+
+            t2 = time.perf_counter()
+            res.hf_out = write_hf(src, hf_out, dtype=hf_dtype, force=force)
+            res.seconds["hf_write_s"] = time.perf_counter() - t2
+            if verify:
+                from .verify import verify_hf
+
+                res.hf = verify_hf(res.hf_out, src, model=model, dtype=hf_dtype)
+                line = (f"verify HF folder in transformers: {'PASS' if res.hf['passed'] else 'FAIL'}: "
+                        f"tokens {'identical' if res.hf['tokens_match'] else 'DIFFER'}, "
+                        f"max |dlogit| {res.hf['max_abs_logit_diff']:.3g} ({res.hf['max_rel_logit_diff']:.2e} of scale), "
+                        f"top-1 {res.hf['top1_agreement']:.1%}")
+                print(line, flush=True)
+                if not res.hf["passed"]:
+                    import shutil
+
+                    shutil.rmtree(res.hf_out, ignore_errors=True)
+                    raise UserError(line)
+            say(f"HF folder: {res.hf_out}")
+
+        if register:
+            res.output_models = place_in_output_models(out, register, type_name)
+        if mlflow or register:
+            from .registry import log_export
+
+            try:
+                res.mlflow = log_export(src=src, gguf_path=out, type_name=type_name, sha256=res.sha256,
+                                        report=report, hf_report=res.hf, modelfile=res.modelfile,
+                                        register=register, experiment=experiment, timings=res.seconds)
+            except UserError:
+                raise
+            except Exception as e:  # tracking server down etc.: the file is fine, say what failed
+                msg = (str(e).splitlines() or [type(e).__name__])[0]
+                if register:
+                    raise UserError(f"wrote {out}, but registering it in MLflow failed: {msg}") from None
+                say(f"warning: wrote {out}, but logging the export to MLflow failed: {msg}")
+            if res.mlflow:
+                say(f"MLflow export run {res.mlflow['run_id']}"
+                    + (f", registered {res.mlflow['model_uri']}" if "model_uri" in res.mlflow else ""))
+        return res
+    finally:
+        remove_quietly(tmp, tmp_f32)
+        src.cleanup()

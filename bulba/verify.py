@@ -1,0 +1,173 @@
+"""Does the GGUF behave in llama.cpp as the model did in PyTorch?
+
+On a mixed Russian / Belarusian / English / code sample (the project's own text):
+- tokenization: llama.cpp's ids equal HF tokenizers' ids, every one (BOS included);
+- f32: per position, max |logit difference| <= 1e-3 x that position's logit scale
+  (max |logit| of the PyTorch row), and the greedy 32-token continuation is identical;
+- f16 / bf16 / q8_0: the top-1 token agrees on >= 99% of positions;
+- other types (4-6 bit): figures are reported; the bar is lower and only catches a broken
+  file (wrong layout gives near-chance agreement), since their rounding is large by design.
+llama.cpp runs with an F32 K/V cache and no flash attention (see bulba.llamacpp), so the
+figures measure the weights' format only.
+"""
+
+from __future__ import annotations
+
+import time
+import unicodedata
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+SAMPLE = unicodedata.normalize("NFC", (
+    "Учора вечарам мы доўга гулялі па набярэжнай Свіслачы і гаварылі пра тое, "
+    "як навучыць маленькую мадэль разумець адразу некалькі моў.\n"
+    "Вчера вечером мы долго гуляли по набережной и спорили, сколько шагов обучения "
+    "нужно крошечной модели, чтобы она заговорила по-белорусски.\n"
+    "The export check compares every logit that llama.cpp computes with the PyTorch "
+    "reference, position by position, in 2026 as in 1999.\n"
+    "def mean(xs: list[float]) -> float:\n"
+    "    return sum(xs) / len(xs) if xs else 0.0\n"
+))
+
+REL_LOGIT_TOL = 1e-3  # f32: max |diff| / logit scale, on every position
+TOP1_BAR = {"f16": 0.99, "bf16": 0.99, "q8_0": 0.99}
+LOOSE_TOP1_BAR = 0.5  # 4-6 bit types: only a broken file falls below this
+GREEDY_TOKENS = 32
+GREEDY_PROMPT = 16
+
+
+@dataclass
+class Report:
+    type: str
+    tokens_match: bool = False
+    first_token_mismatch: int | None = None
+    n_positions: int = 0
+    logit_scale: float = 0.0
+    max_abs_logit_diff: float = float("nan")
+    max_rel_logit_diff: float = float("nan")
+    top1_agreement: float = float("nan")
+    greedy_match: bool | None = None
+    greedy_tokens: int = 0
+    seconds: float = 0.0
+    passed: bool = False
+    verdict: str = ""
+    problems: list[str] = field(default_factory=list)
+
+    def metrics(self) -> dict[str, float]:
+        """Numeric figures for MLflow."""
+        out = {}
+        for k, v in asdict(self).items():
+            if isinstance(v, bool):
+                out[k] = float(v)
+            elif isinstance(v, (int, float)) and v is not None and not (isinstance(v, float) and np.isnan(v)):
+                out[k] = float(v)
+        return out
+
+
+def reference_ids(tokenizer_path, text: str, bos_id: int, add_bos: bool) -> list[int]:
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_path))
+    ids = tok.encode(text, add_special_tokens=False).ids
+    return ([bos_id] if add_bos else []) + ids
+
+
+def compare_logits(ref: np.ndarray, got: np.ndarray) -> dict:
+    """ref/got [T, V] -> max abs diff, max per-position relative diff, top-1 agreement."""
+    diff = np.abs(ref - got).max(axis=1)
+    scale = np.abs(ref).max(axis=1)
+    rel = diff / np.maximum(scale, 1e-12)
+    return {
+        "max_abs_logit_diff": float(diff.max()),
+        "max_rel_logit_diff": float(rel.max()),
+        "logit_scale": float(scale.max()),
+        "top1_agreement": float((ref.argmax(1) == got.argmax(1)).mean()),
+    }
+
+
+def verify_gguf(gguf_path, src, type_name: str, model=None, text: str = SAMPLE) -> Report:
+    """Run the checks; `model` is the PyTorch reference (loaded from `src` when None)."""
+    import torch
+
+    from .export_source import load_torch_model
+    from .llamacpp import LlamaCpp
+
+    t0 = time.perf_counter()
+    rep = Report(type=type_name)
+    cfg, tok = src.model, src.tokenizer
+    model = model if model is not None else load_torch_model(src)
+    ref_ids = reference_ids(src.tokenizer_path, text, tok.bos_id, tok.add_bos)
+    n_ctx = min(cfg.ctx_len, max(len(ref_ids), GREEDY_PROMPT + GREEDY_TOKENS))
+    with LlamaCpp(gguf_path, n_ctx=n_ctx) as llm:
+        cpp_ids = llm.tokenize(text, add_special=True, parse_special=False)
+        rep.tokens_match = cpp_ids == ref_ids
+        if not rep.tokens_match:
+            rep.first_token_mismatch = next((i for i, (a, b) in enumerate(zip(ref_ids, cpp_ids)) if a != b),
+                                            min(len(ref_ids), len(cpp_ids)))
+            rep.problems.append(f"tokenization differs from position {rep.first_token_mismatch} "
+                                f"({len(cpp_ids)} llama.cpp ids vs {len(ref_ids)} HF ids)")
+        ids = ref_ids[:n_ctx]  # same ids into both models, so logits compare even if tokenizers differ
+        rep.n_positions = len(ids)
+        with torch.no_grad():
+            ref = model(torch.tensor([ids]))[0].float().numpy()
+        got = llm.logits(ids)
+        for k, v in compare_logits(ref, got).items():
+            setattr(rep, k, v)
+        if type_name == "f32" or type_name in TOP1_BAR:
+            prompt = ids[:GREEDY_PROMPT]
+            with torch.no_grad():
+                ref_gen = model.generate(torch.tensor([prompt]), GREEDY_TOKENS)[0, len(prompt):].tolist()
+            cpp_gen = llm.greedy(prompt, GREEDY_TOKENS)
+            rep.greedy_tokens = next((i for i, (a, b) in enumerate(zip(ref_gen, cpp_gen)) if a != b), GREEDY_TOKENS)
+            rep.greedy_match = ref_gen == cpp_gen
+    if not np.isfinite(got).all():
+        rep.problems.append("llama.cpp produced NaN/Inf logits")
+    if type_name == "f32":
+        if not rep.max_rel_logit_diff <= REL_LOGIT_TOL:
+            rep.problems.append(f"max logit difference {rep.max_rel_logit_diff:.2e} of the logit scale > {REL_LOGIT_TOL:g}")
+        if not rep.greedy_match:
+            rep.problems.append(f"greedy continuation diverges at token {rep.greedy_tokens} of {GREEDY_TOKENS}")
+    else:
+        bar = TOP1_BAR.get(type_name, LOOSE_TOP1_BAR)
+        if not rep.top1_agreement >= bar:
+            rep.problems.append(f"top-1 agreement {rep.top1_agreement:.1%} < {bar:.0%}")
+    rep.passed = not rep.problems
+    rep.seconds = time.perf_counter() - t0
+    rep.verdict = verdict_line(rep)
+    return rep
+
+
+def verdict_line(rep: Report) -> str:
+    figures = (f"tokens {'identical' if rep.tokens_match else 'DIFFER'} ({rep.n_positions}), "
+               f"max |dlogit| {rep.max_abs_logit_diff:.3g} ({rep.max_rel_logit_diff:.2e} of scale {rep.logit_scale:.3g}), "
+               f"top-1 {rep.top1_agreement:.1%}")
+    if rep.greedy_match is not None:
+        figures += f", greedy {rep.greedy_tokens}/{GREEDY_TOKENS}"
+    head = "PASS" if rep.passed else "FAIL"
+    tail = "" if rep.passed else " -- " + "; ".join(rep.problems)
+    return f"verify {rep.type} in llama.cpp: {head}: {figures}{tail}"
+
+
+def verify_hf(hf_dir, src, model=None, text: str = SAMPLE, dtype: str = "f32") -> dict:
+    """The HF folder through transformers vs PyTorch: logits and tokenizer ids.
+
+    f32 folders must match to REL_LOGIT_TOL; f16/bf16 ones by top-1 (as their GGUF twins).
+    """
+    import torch
+    from transformers import AutoTokenizer
+
+    from .export_source import load_torch_model
+    from .hf_export import hf_logits
+
+    model = model if model is not None else load_torch_model(src)
+    ids = reference_ids(src.tokenizer_path, text, src.tokenizer.bos_id, src.tokenizer.add_bos)[: src.model.ctx_len]
+    hf_ids = AutoTokenizer.from_pretrained(str(hf_dir))(text)["input_ids"][: src.model.ctx_len]
+    with torch.no_grad():
+        ref = model(torch.tensor([ids]))[0].float().numpy()
+    got = hf_logits(hf_dir, ids).numpy()
+    out = compare_logits(ref, got)
+    out["tokens_match"] = hf_ids == ids
+    close = out["max_rel_logit_diff"] <= REL_LOGIT_TOL if dtype == "f32" else out["top1_agreement"] >= TOP1_BAR[dtype]
+    out["passed"] = bool(out["tokens_match"] and close)
+    return out
