@@ -1,0 +1,496 @@
+"""prepare: raw corpus → tokenizer.json + train/val token streams + document index + meta.json.
+
+Stages (each streams the corpus; memory is bounded by the block size, not the corpus):
+1. resolve and scan the inputs: every file is hashed and checked (UTF-8, not binary) before
+   any heavy work, so a bad file fails in seconds, not after an hour of encoding;
+2. train the tokenizer (or load `--tokenizer`) on a weighted sample capped by
+   `--tokenizer-max-mb`;
+3. encode: blocks of documents go through the Rust `encode_batch` (all cores, GIL released,
+   overlapped with reading the next block) and are appended to `train.bin`/`val.bin` and
+   their `.idx`, all inside a temporary directory renamed into place only when complete;
+4. meta.json (written last) and the MLflow run, which never fails the prepare.
+
+Split: a document goes to val when a keyed hash of its text falls below `--val-fraction`, so
+the split is deterministic, identical documents always land on the same side, and repeats
+made by weights can never leak from train into val. Val holds each document once (it
+measures every source at its natural size); weights shape only train.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import hashlib
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from itertools import chain
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from . import corpus as C
+from .atomic import TMP_PREFIX, atomic_dir
+from .errors import UserError
+from .tokenizer import BOS, DEFAULT_VOCAB, EOS, SPECIAL_TOKENS, check_tokenizer, check_vocab_size, \
+    encoder_for_documents, load_tokenizer, train_tokenizer
+
+FORMAT = "bulba-tokens"
+VERSION = 1
+DEFAULT_EXPERIMENT = "bulbagpt-prepare"
+
+
+@dataclass
+class PrepareConfig:
+    inputs: list[str]
+    out: Path
+    vocab_size: int = DEFAULT_VOCAB
+    val_fraction: float = 0.01
+    text_field: str = "text"
+    tokenizer: Path | None = None
+    tokenizer_max_mb: float = 512.0
+    min_frequency: int = 2
+    seed: int = 0
+    force: bool = False
+    mlflow: bool = True
+    experiment: str = DEFAULT_EXPERIMENT
+    block_mb: float = 1.0
+    progress: bool | None = None  # None: only on a terminal
+    quiet: bool = False
+
+
+def warn(msg: str) -> None:
+    print(f"warning: {msg}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------- checks
+
+
+def check_output(out: Path, force: bool) -> None:
+    """Refuse to clobber a dataset (or any non-empty folder) and fail early if unwritable."""
+    if out.exists():
+        if not out.is_dir():
+            raise UserError(f"--out {out} exists and is not a directory")
+        if not force:
+            if (out / "meta.json").exists():
+                raise UserError(f"--out {out} already holds a dataset (meta.json); pass --force to replace it")
+            if any(out.iterdir()):
+                raise UserError(f"--out {out} exists and is not empty; pass --force to replace it")
+    # Probe the nearest existing ancestor: the dataset is built beside `out` and renamed.
+    probe = out.parent
+    while not probe.exists():
+        probe = probe.parent
+    try:
+        if not probe.is_dir():
+            raise NotADirectoryError(20, "Not a directory")
+        d = tempfile.mkdtemp(prefix=TMP_PREFIX + "probe.", dir=probe)
+        os.rmdir(d)
+    except OSError as e:
+        raise UserError(f"cannot write --out {out}: {e.strerror or e} ({probe})") from None
+
+
+# ---------------------------------------------------------------------------- hashing
+
+
+class Keyer:
+    """Two uniform numbers in [0,1) per document from a keyed BLAKE2b of its text:
+    one decides the split, the other the fractional part of a weight."""
+
+    def __init__(self, seed: int):
+        self.key = f"bulba-split-{seed}".encode()
+
+    def __call__(self, raw: bytes) -> tuple[float, float]:
+        d = hashlib.blake2b(raw, digest_size=16, key=self.key).digest()
+        return int.from_bytes(d[:8], "little") / 2**64, int.from_bytes(d[8:], "little") / 2**64
+
+
+def copies_in_pass(weight: float, k: int, u: float) -> bool:
+    """Is a train document written in pass k? floor(w) full passes, then a u < frac(w) share."""
+    full = math.floor(weight)
+    if k < full:
+        return True
+    return k == full and u < weight - full
+
+
+# ---------------------------------------------------------------------------- tokenizer input
+
+
+def training_texts(sources: list[C.Source], cfg: PrepareConfig, bar=None) -> Iterator[list[str]]:
+    """Documents for the BPE trainer: each source repeated/sampled by weight × a common scale
+    that fits the whole mix into `--tokenizer-max-mb` (sampling, not a prefix: parts of a
+    file can differ a lot)."""
+    cap = cfg.tokenizer_max_mb * 1e6
+    weighted = sum(s.weight * (s.nbytes or cap) for s in sources)
+    scale = min(1.0, cap / weighted) if weighted > 0 else 1.0
+    keyer = Keyer(cfg.seed)
+    fed = 0
+    for s in sources:
+        m = s.weight * scale
+        if m <= 0:
+            continue
+        for docs in C.iter_documents(s, cfg.text_field, int(cfg.block_mb * 1e6)):
+            out = []
+            for d in docs:
+                raw = d.encode()
+                n = math.floor(m) + (keyer(raw)[1] < m - math.floor(m))
+                if n:
+                    out.extend([d] * n)
+                    fed += n * len(raw)
+            if bar is not None:
+                bar.update(sum(len(d) for d in out))
+            if out:
+                yield out
+            if fed > cap * 1.05:
+                return
+
+
+# ---------------------------------------------------------------------------- writing
+
+
+class SplitWriter:
+    """Appends documents to NAME.bin (token ids) and NAME.idx (uint64 offsets, first 0)."""
+
+    def __init__(self, folder: Path, name: str, dtype):
+        self.dtype = np.dtype(dtype).newbyteorder("<")
+        self.bin = open(folder / f"{name}.bin", "wb")
+        self.idx = open(folder / f"{name}.idx", "wb")
+        self.idx.write(np.zeros(1, "<u8").tobytes())
+        self.sha = hashlib.sha256()
+        self.tokens = 0
+        self.documents = 0
+
+    def write(self, id_lists: list[list[int]]) -> None:
+        if not id_lists:
+            return
+        lens = np.fromiter(map(len, id_lists), dtype=np.int64, count=len(id_lists))
+        n = int(lens.sum())
+        flat = np.fromiter(chain.from_iterable(id_lists), dtype=self.dtype, count=n)
+        data = flat.tobytes()
+        self.bin.write(data)
+        self.sha.update(data)
+        self.idx.write((np.cumsum(lens) + self.tokens).astype("<u8").tobytes())
+        self.tokens += n
+        self.documents += len(id_lists)
+
+    def close(self) -> dict:
+        for f in (self.bin, self.idx):
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+        return {"tokens": self.tokens, "documents": self.documents, "sha256": self.sha.hexdigest()}
+
+
+@dataclass
+class Stats:
+    """Per-source and per-language counts (natural sizes: each document once, no BOS/EOS)."""
+
+    sources: list[dict] = field(default_factory=list)
+    languages: dict = field(default_factory=dict)
+    min_u: float = 1.0
+    text_bytes: int = 0
+
+    def add_lang(self, lang: str, docs: int, words: int, tokens: int, nbytes: int) -> None:
+        a = self.languages.setdefault(lang, {"documents": 0, "words": 0, "tokens": 0, "bytes": 0})
+        a["documents"] += docs
+        a["words"] += words
+        a["tokens"] += tokens
+        a["bytes"] += nbytes
+
+
+def encode_corpus(sources: list[C.Source], tok, folder: Path, val_threshold: float, cfg: PrepareConfig,
+                  dtype) -> tuple[dict, Stats]:
+    """Stream every source through the tokenizer into FOLDER/{train,val}.{bin,idx}."""
+    enc = encoder_for_documents(tok)
+    keyer = Keyer(cfg.seed)
+    train, val = SplitWriter(folder, "train", dtype), SplitWriter(folder, "val", dtype)
+    stats = Stats()
+    block = int(cfg.block_mb * 1e6)
+    total = sum(s.nbytes * max(1.0, s.weight) for s in sources) or None
+    bar = _bar(total, "encoding", cfg)
+    pending: cf.Future | None = None
+    pending_job = None
+
+    def finish(fut, job):  # write one encoded block; runs while the next one encodes
+        ids = [e.ids for e in fut.result()]
+        k, src_stats, is_val, langs, words, nbytes = job
+        if k == 0:
+            ntok = [len(x) - 2 for x in ids]
+            for lang, w, t, b in zip(langs, words, ntok, nbytes):
+                stats.add_lang(lang, 1, w, t, b)
+            src_stats["documents"] += len(ids)
+            src_stats["words"] += sum(words)
+            src_stats["tokens"] += sum(ntok)
+            src_stats["bytes"] += sum(nbytes)
+            src_stats["val_tokens"] += sum(len(x) for x, v in zip(ids, is_val) if v is True)
+        # is_val: True → val, False → train, None → encoded for the statistics only
+        tr = [x for x, v in zip(ids, is_val) if v is False]
+        src_stats["train_tokens"] += sum(map(len, tr))
+        val.write([x for x, v in zip(ids, is_val) if v is True])
+        train.write(tr)
+        if bar is not None:
+            bar.update(sum(nbytes))
+
+    with cf.ThreadPoolExecutor(max_workers=1) as pool:
+        for s in sources:
+            src_stats = {"name": s.name, "path": s.location, "kind": s.kind, "weight": s.weight,
+                         "documents": 0, "tokens": 0, "words": 0, "bytes": 0, "language": s.language,
+                         "train_tokens": 0, "val_tokens": 0, "sha256": s.sha256}
+            stats.sources.append(src_stats)
+            for k in range(max(1, math.ceil(s.weight))):
+                for docs in C.iter_documents(s, cfg.text_field, block):
+                    sel, is_val, langs, words, nbytes = [], [], [], [], []
+                    for d in docs:
+                        raw = d.encode()
+                        u_split, u_w = keyer(raw)
+                        if k == 0:
+                            stats.min_u = min(stats.min_u, u_split)
+                        v = u_split < val_threshold
+                        if v and k > 0:
+                            continue
+                        if not v and not copies_in_pass(s.weight, k, u_w):
+                            if k > 0:
+                                continue
+                            # pass 0 still encodes it once for the statistics, written nowhere
+                            v = None
+                        sel.append(d)
+                        is_val.append(v)
+                        if k == 0:
+                            langs.append("code" if s.kind == "code" else C.guess_language(d, s.language))
+                            words.append(len(d.split()))
+                        nbytes.append(len(raw))
+                    if not sel:
+                        continue
+                    if k == 0:
+                        stats.text_bytes += sum(nbytes)
+                    fut = pool.submit(enc.encode_batch_fast, sel)
+                    if pending is not None:
+                        finish(pending, pending_job)
+                    pending, pending_job = fut, (k, src_stats, is_val, langs, words, nbytes)
+            if pending is not None:  # finish per source so its counts are complete
+                finish(pending, pending_job)
+                pending = None
+    if bar is not None:
+        bar.close()
+    return {"train": train.close(), "val": val.close()}, stats
+
+
+def _bar(total, desc, cfg):
+    if cfg.quiet:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
+                disable=None if cfg.progress is None else not cfg.progress, dynamic_ncols=True)
+
+
+# ---------------------------------------------------------------------------- main flow
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for b in iter(lambda: f.read(1 << 20), b""):
+            h.update(b)
+    return h.hexdigest()
+
+
+def dataset_digest(tokenizer_sha: str, splits: dict) -> str:
+    """sha256 over the tokenizer and both splits, truncated to 32 hex digits (128 bits) so the
+    same string fits MLflow's dataset digest column (36 characters)."""
+    h = hashlib.sha256(f"{tokenizer_sha}\n{splits['train']['sha256']}\n{splits['val']['sha256']}".encode())
+    return h.hexdigest()[:32]
+
+
+def prepare(cfg: PrepareConfig) -> dict:
+    t0 = time.time()
+    out = Path(cfg.out)
+    if not 0 <= cfg.val_fraction < 1:
+        raise UserError(f"--val-fraction must be in [0, 1), got {cfg.val_fraction}")
+    if cfg.tokenizer is None:
+        check_vocab_size(cfg.vocab_size)
+    if cfg.tokenizer_max_mb <= 0:
+        raise UserError("--tokenizer-max-mb must be positive")
+    check_output(out, cfg.force)
+    sources, skipped = C.resolve_inputs(cfg.inputs)
+    for s in sources:
+        C.scan_source(s)
+    if sum(s.nbytes for s in sources) == 0:
+        raise UserError(f"empty corpus: the inputs ({', '.join(cfg.inputs)}) hold no text")
+    if skipped and not cfg.quiet:
+        warn(f"skipped {skipped} file(s) of unknown type inside the input directories")
+    t_scan = time.time()
+
+    if cfg.tokenizer is not None:
+        tok = load_tokenizer(cfg.tokenizer)
+        if cfg.vocab_size not in (None, DEFAULT_VOCAB) and tok.get_vocab_size() != cfg.vocab_size:
+            raise UserError(f"--tokenizer has {tok.get_vocab_size()} tokens but --vocab-size {cfg.vocab_size} was asked")
+    else:
+        cap = cfg.tokenizer_max_mb * 1e6
+        weighted = sum(s.weight * (s.nbytes or cap) for s in sources)
+        bar = _bar(min(cap, weighted), "tokenizer", cfg)
+        counter = {"docs": 0}
+
+        def texts():
+            for docs in training_texts(sources, cfg, bar):
+                counter["docs"] += len(docs)
+                yield docs
+
+        tok = train_tokenizer(texts(), cfg.vocab_size, cfg.min_frequency,
+                              show_progress=bool(bar is not None and not bar.disable),
+                              warn=None if cfg.quiet else warn)
+        if bar is not None:
+            bar.close()
+        if counter["docs"] == 0:
+            if all(s.weight == 0 for s in sources):
+                raise UserError("every input has weight 0: nothing to train on")
+            raise UserError(f"empty corpus: the inputs ({', '.join(cfg.inputs)}) hold no text")
+    specials = check_tokenizer(tok)
+    vocab_size = tok.get_vocab_size()
+    dtype = "uint16" if vocab_size <= 65536 else "uint32"
+    t_tok = time.time()
+
+    with atomic_dir(out) as tmp:
+        tok.save(str(tmp / "tokenizer.json"))
+        splits, stats = encode_corpus(sources, tok, tmp, cfg.val_fraction, cfg, dtype)
+        ndocs = splits["train"]["documents"] + splits["val"]["documents"]
+        if sum(s["documents"] for s in stats.sources) == 0:
+            raise UserError(f"empty corpus: the inputs ({', '.join(cfg.inputs)}) hold no text")
+        if cfg.val_fraction > 0 and splits["val"]["documents"] == 0 and ndocs >= 2:
+            # A tiny corpus can miss val by chance: move the document with the smallest key
+            # there, still deterministically, and write the streams again.
+            splits, stats = encode_corpus(sources, tok, tmp, math.nextafter(stats.min_u, 1.0), cfg, dtype)
+        if splits["train"]["documents"] == 0:
+            raise UserError("the train split is empty: give more text, lower --val-fraction, or raise the weights")
+        t_enc = time.time()
+        tok_sha = sha256_file(tmp / "tokenizer.json")
+        meta = {
+            "format": FORMAT, "version": VERSION, "dtype": dtype, "vocab_size": vocab_size,
+            "bos_id": specials[BOS], "eos_id": specials[EOS], "pad_id": specials[EOS],
+            "special_tokens": {t: specials[t] for t in SPECIAL_TOKENS},
+            "add_bos_token": True,
+            "splits": splits,
+            "sources": stats.sources,
+            "languages": {k: dict(v, tokens_per_word=round(v["tokens"] / v["words"], 4) if v["words"] else None)
+                          for k, v in sorted(stats.languages.items())},
+            "tokenizer_sha256": tok_sha,
+            "inputs_sha256": hashlib.sha256("\n".join(f"{s.sha256} {s.weight:g}" for s in sources).encode()).hexdigest(),
+            "dataset_digest": dataset_digest(tok_sha, splits),
+            "params": {"val_fraction": cfg.val_fraction, "text_field": cfg.text_field, "seed": cfg.seed,
+                       "tokenizer_max_mb": cfg.tokenizer_max_mb, "min_frequency": cfg.min_frequency,
+                       "tokenizer": str(cfg.tokenizer) if cfg.tokenizer else None, "inputs": list(cfg.inputs)},
+            "timings_s": {"scan": round(t_scan - t0, 3), "tokenizer": round(t_tok - t_scan, 3),
+                          "encode": round(t_enc - t_tok, 3)},
+            "mlflow_run_id": None,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        run = _start_mlflow(cfg, meta, tmp, out) if cfg.mlflow else None
+        if run is not None:
+            meta["mlflow_run_id"] = run
+        text = json.dumps(meta, indent=2, ensure_ascii=False) + "\n"
+        (tmp / "meta.json").write_text(text, encoding="utf-8")  # last: it marks the dataset complete
+        if run is not None:
+            _finish_mlflow(tmp)
+    meta["_seconds"] = time.time() - t0
+    if not cfg.quiet:
+        print(summary(meta, out))
+    return meta
+
+
+# ---------------------------------------------------------------------------- MLflow
+
+
+def _start_mlflow(cfg: PrepareConfig, meta: dict, tmp: Path, out: Path) -> str | None:
+    """Log the run; any failure becomes a warning (the dataset matters more than the log)."""
+    # A dead tracking server would otherwise retry for minutes.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
+    try:
+        from .tracking import setup_mlflow
+
+        mlflow = setup_mlflow(cfg.experiment)
+        run = mlflow.start_run(run_name=f"prepare-{out.name}")
+        mlflow.set_tags({"bulba.stage": "prepare", "bulba.dataset_digest": meta["dataset_digest"],
+                         "bulba.data_dir": str(out.resolve())})
+        mlflow.log_params({
+            "inputs": " ".join(cfg.inputs)[:500], "out": str(out)[:500], "vocab_size": meta["vocab_size"],
+            "dtype": meta["dtype"], "val_fraction": cfg.val_fraction, "text_field": cfg.text_field,
+            "tokenizer_max_mb": cfg.tokenizer_max_mb, "min_frequency": cfg.min_frequency, "seed": cfg.seed,
+            "tokenizer": str(cfg.tokenizer) if cfg.tokenizer else "trained",
+            "n_sources": len(meta["sources"]),
+        })
+        metrics = {f"{split}_{k}": float(v) for split, d in meta["splits"].items()
+                   for k, v in d.items() if k != "sha256"}
+        for lang, d in meta["languages"].items():
+            for k in ("documents", "words", "tokens", "bytes"):
+                metrics[f"{lang}_{k}"] = float(d[k])
+            if d["tokens_per_word"] is not None:
+                metrics[f"fertility_{lang}"] = float(d["tokens_per_word"])
+        for k, v in meta["timings_s"].items():
+            metrics[f"seconds_{k}"] = float(v)
+        mlflow.log_metrics(metrics)
+        _log_dataset_input(mlflow, meta, out)
+        mlflow.log_artifact(str(tmp / "tokenizer.json"))
+        return run.info.run_id
+    except Exception as e:  # noqa: BLE001 - tracking must never fail a prepare
+        warn(f"MLflow logging failed ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
+             f"the dataset is written anyway")
+        _end_run("FAILED")
+        return None
+
+
+def _log_dataset_input(mlflow, meta: dict, out: Path) -> None:
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.data.sources import LocalArtifactDatasetSource
+    from mlflow.types import Schema, TensorSpec
+
+    source = LocalArtifactDatasetSource(str(out.resolve()))
+    schema = Schema([TensorSpec(np.dtype(meta["dtype"]), (-1,), "tokens")])
+    ds = MetaDataset(source=source, name=out.name, digest=meta["dataset_digest"], schema=schema)
+    mlflow.log_input(ds, context="prepare", tags={"bulba.format": f"{FORMAT}/{VERSION}"})
+
+
+def _finish_mlflow(tmp: Path) -> None:
+    try:
+        import mlflow
+
+        mlflow.log_artifact(str(tmp / "meta.json"))
+        mlflow.end_run()
+    except Exception as e:  # noqa: BLE001
+        warn(f"MLflow logging failed ({type(e).__name__}); the dataset is written anyway")
+        _end_run("FAILED")
+
+
+def _end_run(status: str) -> None:
+    try:
+        import mlflow
+
+        if mlflow.active_run() is not None:
+            mlflow.end_run(status)
+    except Exception:  # noqa: BLE001
+        pass
+
+
+# ---------------------------------------------------------------------------- summary
+
+
+def summary(meta: dict, out: Path) -> str:
+    tr, va = meta["splits"]["train"], meta["splits"]["val"]
+    lines = [
+        f"prepared {out}: vocab {meta['vocab_size']} ({meta['dtype']}), "
+        f"train {tr['documents']:,} docs / {tr['tokens']:,} tokens, val {va['documents']:,} docs / {va['tokens']:,} tokens",
+        f"{'language':<9}{'documents':>11}{'words':>13}{'tokens':>13}{'tok/word':>10}{'bytes/tok':>11}",
+    ]
+    for lang, d in meta["languages"].items():
+        tpw = f"{d['tokens_per_word']:.3f}" if d["tokens_per_word"] else "-"
+        bpt = f"{d['bytes'] / d['tokens']:.2f}" if d["tokens"] else "-"
+        lines.append(f"{lang:<9}{d['documents']:>11,}{d['words']:>13,}{d['tokens']:>13,}{tpw:>10}{bpt:>11}")
+    t = meta["timings_s"]
+    lines.append(f"time: scan {t['scan']:.1f}s, tokenizer {t['tokenizer']:.1f}s, encode {t['encode']:.1f}s, "
+                 f"total {meta['_seconds']:.1f}s; dataset digest {meta['dataset_digest']}"
+                 + (f", MLflow run {meta['mlflow_run_id']}" if meta["mlflow_run_id"] else ""))
+    return "\n".join(lines)

@@ -1,0 +1,75 @@
+#!/usr/bin/env python3
+"""Turn a raw mixed corpus into a tokenizer and token streams for train.py.
+
+  python prepare.py INPUT... --out DATA_DIR [--vocab-size N] [options]
+
+INPUT is a file, a directory (searched recursively), a glob ("data/**/*.jsonl"), a local HF
+`datasets` folder (save_to_disk) or hf:OWNER/NAME (a hub dataset; needs network).
+Formats: .txt/.md (documents are paragraphs separated by blank lines; a file without blank
+lines has one document per line), .jsonl/.json (the --text-field of each record),
+.parquet (column --text-field), source code (.py .rs .sh ...: one document per file).
+
+Weights: append @WEIGHT to an INPUT to repeat or subsample it, in tokenizer training and in
+train.bin, so a small language is not drowned by a big one:
+  python prepare.py corpus/be.txt@3 corpus/ru.txt@0.5 corpus/en.txt code/ --out data/mix
+(3 = every Belarusian document three times, 0.5 = a deterministic half of the Russian ones).
+val.bin holds every source once, unweighted.
+
+Writes DATA_DIR/tokenizer.json, train.bin, val.bin, train.idx, val.idx and, last,
+meta.json (see docs/contracts.md), and logs an MLflow run (experiment bulbagpt-prepare).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from bulba.errors import UserError, run_cli
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from bulba.prepare import DEFAULT_EXPERIMENT
+    from bulba.tokenizer import DEFAULT_VOCAB, MIN_VOCAB
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("inputs", nargs="+", metavar="INPUT[@WEIGHT]", help="files, directories, globs, datasets")
+    p.add_argument("--out", required=True, type=Path, metavar="DATA_DIR", help="output directory (created)")
+    p.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB,
+                   help=f"exact number of tokens including the special ones (default %(default)s, min {MIN_VOCAB})")
+    p.add_argument("--val-fraction", type=float, default=0.01,
+                   help="share of documents in val.bin, chosen by a hash of their text (default %(default)s)")
+    p.add_argument("--text-field", default="text", help="JSON field / column holding the text (default %(default)s)")
+    p.add_argument("--tokenizer", type=Path, metavar="FILE",
+                   help="reuse this tokenizer.json instead of training one")
+    p.add_argument("--tokenizer-max-mb", type=float, default=512.0,
+                   help="at most this much (weighted, sampled) text trains the tokenizer (default %(default)s)")
+    p.add_argument("--min-frequency", type=int, default=2, help="BPE: ignore pairs seen fewer times (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="keys the split/sampling hash (default %(default)s)")
+    p.add_argument("--force", action="store_true", help="replace an existing DATA_DIR")
+    p.add_argument("--no-mlflow", action="store_true", help="do not log an MLflow run")
+    p.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="MLflow experiment (default %(default)s)")
+    p.add_argument("--block-mb", type=float, default=1.0,
+                   help="text per encoding block; memory use is a few times this (default %(default)s)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bars (default: only on a terminal)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress, no summary")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from bulba.prepare import PrepareConfig, prepare
+
+    if args.block_mb <= 0:
+        raise UserError("--block-mb must be positive")
+    prepare(PrepareConfig(
+        inputs=args.inputs, out=args.out, vocab_size=args.vocab_size, val_fraction=args.val_fraction,
+        text_field=args.text_field, tokenizer=args.tokenizer, tokenizer_max_mb=args.tokenizer_max_mb,
+        min_frequency=args.min_frequency, seed=args.seed, force=args.force, mlflow=not args.no_mlflow,
+        experiment=args.experiment, block_mb=args.block_mb, progress=args.progress, quiet=args.quiet,
+    ))
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

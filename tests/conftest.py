@@ -1,0 +1,40 @@
+"""Shared fixtures. Each block is self-contained: append new fixtures below, keep imports local."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------- prepared data
+
+def _corpus_dir() -> Path:
+    env = os.environ.get("BULBA_CORPUS")
+    return Path(env) if env else REPO.parent / "shared" / "corpus"
+
+
+@pytest.fixture(scope="session")
+def corpus_dir() -> Path:
+    """The real be/ru/en corpus (../shared/corpus, or $BULBA_CORPUS)."""
+    d = _corpus_dir()
+    if not all((d / f"{lang}.txt").is_file() for lang in ("be", "ru", "en")):
+        pytest.skip(f"real corpus not found in {d} (set BULBA_CORPUS)")
+    return d
+
+
+@pytest.fixture(scope="session")
+def prepared_data(corpus_dir, tmp_path_factory) -> Path:
+    """A dataset prepared from the whole real corpus (be, ru, en) with a 1024-token vocabulary
+    (tokenizer trained on a 3 MB sample; no MLflow). Returns the data directory; read-only."""
+    from bulba.prepare import PrepareConfig, prepare
+
+    out = tmp_path_factory.mktemp("prepared") / "data"
+    prepare(PrepareConfig(
+        inputs=[str(corpus_dir / f"{lang}.txt") for lang in ("be", "ru", "en")],
+        out=out, vocab_size=1024, tokenizer_max_mb=3.0, mlflow=False, quiet=True,
+    ))
+    return out
