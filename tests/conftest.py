@@ -38,3 +38,6 @@ def prepared_data(corpus_dir, tmp_path_factory) -> Path:
         out=out, vocab_size=1024, tokenizer_max_mb=3.0, mlflow=False, quiet=True,
     ))
     return out
+
+
+from _fx_mlflow import *  # noqa: E402,F401,F403  (real mlflow server: mlflow_server, mlflow_uri)
