@@ -334,6 +334,7 @@ def prepare(cfg: PrepareConfig) -> dict:
         weighted = sum(s.weight * (s.nbytes or cap) for s in sources)
         bar = _bar(min(cap, weighted), "tokenizer", cfg)
         counter = {"docs": 0}
+        notes: list[str] = []  # warnings wait until we know the corpus is not empty
 
         def texts():
             for docs in training_texts(sources, cfg, bar):
@@ -342,13 +343,15 @@ def prepare(cfg: PrepareConfig) -> dict:
 
         tok = train_tokenizer(texts(), cfg.vocab_size, cfg.min_frequency,
                               show_progress=bool(bar is not None and not bar.disable),
-                              warn=None if cfg.quiet else warn)
+                              warn=notes.append)
         if bar is not None:
             bar.close()
         if counter["docs"] == 0:
             if all(s.weight == 0 for s in sources):
                 raise UserError("every input has weight 0: nothing to train on")
             raise UserError(f"empty corpus: the inputs ({', '.join(cfg.inputs)}) hold no text")
+        for n in notes if not cfg.quiet else ():
+            warn(n)
     specials = check_tokenizer(tok)
     vocab_size = tok.get_vocab_size()
     dtype = "uint16" if vocab_size <= 65536 else "uint32"
