@@ -26,49 +26,43 @@ pub struct Batch {
 pub fn assemble(spec: &BatchSpec, tokens: &TokenFile, pad_id: i32) -> Result<Batch> {
     let (rows, cols) = (spec.rows.len(), spec.cols);
     let size = rows * cols;
+    // Every array is written once, front to back (no fill-then-overwrite).
     let mut b = Batch {
         rows,
         cols,
-        input_ids: vec![pad_id; size],
-        labels: vec![IGNORE; size],
-        position_ids: vec![0; size],
-        seq_ids: vec![-1; size],
+        input_ids: Vec::with_capacity(size),
+        labels: Vec::with_capacity(size),
+        position_ids: Vec::with_capacity(size),
+        seq_ids: Vec::with_capacity(size),
         cu_seqlens: Vec::with_capacity(rows * 2 + 1),
         max_seqlen: 0,
         n_tokens: 0,
         n_pad: 0,
     };
     b.cu_seqlens.push(0);
-    let mut flat = 0usize;
-    for (r, segments) in spec.rows.iter().enumerate() {
-        let base = r * cols;
-        let mut at = 0usize;
+    for segments in &spec.rows {
+        let row_end = b.input_ids.len() + cols;
         for (doc, seg) in segments.iter().enumerate() {
-            let len = seg.len as usize;
-            let span = base + at..base + at + len;
-            tokens.read_into(seg.start as usize, &mut b.input_ids[span.clone()])?;
-            // Labels are the inputs shifted by one within the segment...
-            b.labels[span.start..span.end - 1].copy_from_slice(&b.input_ids[span.start + 1..span.end]);
-            // ...and the token after it at the end, unless the document ends there.
-            if !seg.ends_doc {
-                let mut next = [0i32];
-                tokens.read_into(seg.start as usize + len, &mut next)?;
-                b.labels[span.end - 1] = next[0];
-            }
+            let (start, len) = (seg.start as usize, seg.len as usize);
+            let from = b.input_ids.len();
+            tokens.extend_into(start, len, &mut b.input_ids)?;
+            // Labels are the inputs shifted by one within the segment, then the token after the
+            // segment, unless the document ends there.
+            b.labels.extend_from_slice(&b.input_ids[from + 1..]);
+            b.labels.push(if seg.ends_doc { IGNORE } else { tokens.token(start + len)? });
             b.n_tokens += len - usize::from(seg.ends_doc);
-            for (p, pos) in b.position_ids[span.clone()].iter_mut().enumerate() {
-                *pos = p as i32;
-            }
-            b.seq_ids[span].fill(doc as i32);
-            at += len;
-            flat += len;
-            b.cu_seqlens.push(flat as i32);
+            b.position_ids.extend(0..len as i32);
+            b.seq_ids.extend(std::iter::repeat_n(doc as i32, len));
+            b.cu_seqlens.push(b.input_ids.len() as i32);
             b.max_seqlen = b.max_seqlen.max(len);
         }
-        let pad = cols - at;
+        let pad = row_end - b.input_ids.len();
         if pad > 0 {
-            flat += pad;
-            b.cu_seqlens.push(flat as i32);
+            b.input_ids.resize(row_end, pad_id);
+            b.labels.resize(row_end, IGNORE);
+            b.position_ids.resize(row_end, 0);
+            b.seq_ids.resize(row_end, -1);
+            b.cu_seqlens.push(row_end as i32);
             b.max_seqlen = b.max_seqlen.max(pad);
             b.n_pad += pad;
         }
