@@ -1,0 +1,150 @@
+"""Time and peak RSS of GGUF export for `zubr` (~350M parameters, random weights).
+
+Each measurement runs in its own subprocess (peak RSS is per process). Rows:
+- `bulba-export-<type>`: export.py's streaming writer (one tensor in memory at a time);
+- `gguf-in-memory-<type>` (baseline): the usual converter pattern, every tensor converted
+  and handed to GGUFWriter.add_tensor, then written at once (holds the whole model twice).
+Verification and MLflow logging are off: this measures the writer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ZUBR_FALLBACK = dict(n_layer=24, n_embd=1024, n_head=16, n_kv_head=4, ffn_hidden=2816, ctx_len=2048, vocab_size=32003)
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--types", default="f16,q8_0", help="comma-separated GGUF types (default %(default)s)")
+    p.add_argument("--recipe", default="zubr", help="recipe whose model shapes to use (default %(default)s)")
+    p.add_argument("--no-baseline", action="store_true", help="skip the in-memory GGUFWriter baseline")
+    p.add_argument("--workdir", help="where to put the random run and outputs (default: a temp dir, removed)")
+
+
+def model_config(recipe: str):
+    from ..config import ModelConfig
+
+    try:
+        from ..config import load_recipe
+
+        cfg = load_recipe(recipe).model
+        if cfg.vocab_size is None:
+            cfg.vocab_size = ZUBR_FALLBACK["vocab_size"]
+        return cfg, f"recipes/{recipe}.yaml"
+    except Exception:  # recipe not written yet: the shapes the issue names
+        return ModelConfig(**ZUBR_FALLBACK), "built-in zubr shapes"
+
+
+def make_random_run(run_dir: Path, cfg) -> None:
+    """config.json + tokenizer.json (exactly vocab_size tokens) + random final.safetensors."""
+    import torch
+    from safetensors.torch import save_file
+
+    from ..export_source import expected_shapes
+    from ..tokenizer import BOS, EOS, train_tokenizer
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    texts = [f"{w} {i}" for i, w in enumerate(("zubr bulba kot aist krolik " * 200).split())]
+    tok = train_tokenizer(texts, vocab_size=cfg.vocab_size)  # small text: reserved tokens fill up
+    tok.save(str(run_dir / "tokenizer.json"))
+    g = torch.Generator().manual_seed(0)
+    state = {k: (torch.ones(s) if len(s) == 1 else torch.randn(s, generator=g) * 0.02)
+             for k, s in expected_shapes(cfg).items()}
+    save_file(state, str(run_dir / "final.safetensors"))
+    del state
+    (run_dir / "config.json").write_text(json.dumps({
+        "format": "bulba-run", "version": 1, "model": dataclasses.asdict(cfg),
+        "tokenizer": {"bos_id": tok.token_to_id(BOS), "eos_id": tok.token_to_id(EOS),
+                      "pad_id": tok.token_to_id(EOS), "add_bos_token": True},
+        "recipe": {"name": "zubr-random"}, "dataset_digest": None, "mlflow_run_id": None}))
+
+
+def _child(mode: str, run_dir: str, type_name: str, out: str) -> None:
+    """Runs in the subprocess: one export, then prints {"seconds", "peak_rss_mb"}."""
+    import resource
+
+    t0 = time.perf_counter()
+    if mode == "bulba":
+        from ..exporter import export
+
+        export(run_dir, type_name, out, verify=False, mlflow=False, force=True, quiet=True)
+    else:
+        _in_memory_export(run_dir, type_name, out)
+    secs = time.perf_counter() - t0
+    print(json.dumps({"seconds": secs, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def _in_memory_export(run_dir: str, type_name: str, out: str) -> None:
+    """Baseline: load everything, convert everything, add_tensor everything, then write."""
+    import gguf
+    import numpy as np
+    from safetensors.torch import load_file
+
+    from ..export_source import open_source
+    from ..gguf_export import _add_metadata, _convert, _numpy_types, permute_rotate_half, tensor_plan
+
+    src = open_source(run_dir)
+    qtype, ftype = _numpy_types()[type_name]
+    state = {k: v.float().numpy() for k, v in load_file(str(src.weights)).items()}
+    w = gguf.GGUFWriter(out, "llama")
+    _add_metadata(w, src, ftype, "baseline", quantized=type_name not in ("f32", "f16", "bf16"))
+    for gname, sname, shape in tensor_plan(src):
+        arr = state[sname]
+        if gname.endswith("attn_q.weight"):
+            arr = permute_rotate_half(arr, src.model.n_head)
+        elif gname.endswith("attn_k.weight"):
+            arr = permute_rotate_half(arr, src.model.n_kv_head)
+        t = qtype if arr.ndim == 2 else gguf.GGMLQuantizationType.F32
+        data = _convert(arr, t)
+        w.add_tensor(gname, data, raw_shape=shape if data.dtype == np.uint8 else None, raw_dtype=t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def _measure(mode: str, run_dir: Path, type_name: str, out: Path) -> dict:
+    code = ("import sys; from bulba.benchmarks.export import _child; "
+            f"_child({mode!r}, {str(run_dir)!r}, {type_name!r}, {str(out)!r})")
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        raise RuntimeError(f"{mode} {type_name} export failed: {r.stderr.strip()[-2000:]}")
+    fig = json.loads(r.stdout.strip().splitlines()[-1])
+    size = out.stat().st_size
+    out.unlink()
+    return {"seconds": fig["seconds"], "peak_rss_mb": fig["peak_rss_mb"], "file_mb": size / 1e6,
+            "mb_per_s": size / 1e6 / fig["seconds"]}
+
+
+EXTRA: dict = {}
+
+
+def run(args) -> list[dict]:
+    cfg, where = model_config(args.recipe)
+    with tempfile.TemporaryDirectory(prefix="bench-export-", dir=args.workdir) as tmp:
+        run_dir = Path(tmp) / "zubr-random"
+        t0 = time.perf_counter()
+        make_random_run(run_dir, cfg)
+        n_params = sum(int(__import__("numpy").prod(s)) for s in __import__(
+            "bulba.export_source", fromlist=["expected_shapes"]).expected_shapes(cfg).values())
+        src_mb = (run_dir / "final.safetensors").stat().st_size / 1e6
+        EXTRA.update({"model": f"{args.recipe} ({where}): {n_params / 1e6:.0f}M parameters, "
+                               f"{cfg.n_layer} layers, n_embd {cfg.n_embd}, ffn {cfg.ffn_hidden}, vocab {cfg.vocab_size}",
+                      "source": f"final.safetensors fp32, {src_mb:.0f} MB (made in {time.perf_counter() - t0:.0f} s)"})
+        rows = []
+        for type_name in [t.strip() for t in args.types.split(",") if t.strip()]:
+            out = Path(tmp) / f"zubr-{type_name}.gguf"
+            rows.append({"name": f"bulba-export-{type_name}", "type": type_name, **_measure("bulba", run_dir, type_name, out)})
+            if not args.no_baseline and type_name not in ("q4_k_m", "q5_k_m", "q6_k", "q4_k_s", "q5_k_s"):
+                rows.append({"name": f"gguf-in-memory-{type_name}", "type": type_name,
+                             **_measure("baseline", run_dir, type_name, out)})
+    return rows
