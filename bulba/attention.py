@@ -36,6 +36,10 @@ def sdpa_attention(q, k, v, seq_ids=None):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=document_mask(seq_ids), enable_gqa=True)
 
 
+# Left out of torch.compile graphs: cu_seqlens changes length with the number of documents
+# in a batch, which would recompile a static graph every step; a graph break per layer is
+# the cheaper price, and the kernel itself is already fused.
+@torch.compiler.disable
 def flash_attention(q, k, v, cu_seqlens=None, max_seqlen=None):
     B, H, T, hd = q.shape
     # flash-attn wants [B, T, H, hd] and handles GQA (fewer KV heads) itself.

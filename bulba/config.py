@@ -71,7 +71,7 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     mode: Literal["eager", "flash", "compile", "both"] = "eager"
-    precision: Literal["auto", "bf16-mixed", "16-mixed", "32-true"] = "auto"
+    precision: Literal["auto", "bf16-mixed", "32-true"] = "auto"  # auto: bf16-mixed where the device has it
     batch_size: int = 8  # sequences per device per micro-step
     grad_accum: int = 1
     max_steps: int = 100  # optimizer steps
@@ -94,6 +94,10 @@ class TrainConfig:
     strategy: Literal["auto", "ddp", "fsdp"] = "auto"
     accelerator: Literal["auto", "cpu", "gpu", "cuda"] = "auto"
     nan_policy: Literal["skip", "stop"] = "stop"
+    nan_max_skips: int = 10  # nan_policy=skip: stop after this many non-finite steps in a row
+    ckpt_keep: int = 2  # newest complete checkpoints kept (0: all)
+    sample_prompts: list[str] = field(default_factory=lambda: ["Мінск — гэта", "Москва — столица", "The river", "def main("])
+    threads: int = 0  # CPU threads for torch (0: torch's default)
 
 
 @dataclass
@@ -119,13 +123,16 @@ class Recipe:
         for key in ("batch_size", "grad_accum", "max_steps", "val_batches", "log_every"):
             if getattr(t, key) <= 0:
                 raise UserError(f"train.{key} must be positive, got {getattr(t, key)}")
-        for key in ("warmup_steps", "val_every", "sample_every", "ckpt_every", "sample_tokens"):
+        for key in ("warmup_steps", "val_every", "sample_every", "ckpt_every", "sample_tokens", "ckpt_keep",
+                    "threads"):
             if getattr(t, key) < 0:
                 raise UserError(f"train.{key} must be >= 0, got {getattr(t, key)}")
         if t.max_tokens is not None and t.max_tokens <= 0:
             raise UserError(f"train.max_tokens must be positive, got {t.max_tokens}")
         if not (0 < t.lr < 1) or not (0 <= t.min_lr <= t.lr):
             raise UserError(f"train.lr must be in (0, 1) and train.min_lr in [0, lr], got {t.lr}, {t.min_lr}")
+        if t.nan_max_skips <= 0:
+            raise UserError(f"train.nan_max_skips must be positive, got {t.nan_max_skips}")
         if t.grad_clip < 0 or t.weight_decay < 0:
             raise UserError("train.grad_clip and train.weight_decay must be >= 0")
         if not self.data.buckets or any(b <= 0 for b in self.data.buckets):

@@ -1,0 +1,154 @@
+"""Parameter counts, model FLOPs per token and the dense bf16 peak table behind MFU.
+
+MFU = (model FLOPs per token x tokens/s) / peak FLOP/s of the devices in use
+(PaLM appendix B): 6 FLOPs per parameter per token for forward + backward of the matmuls,
+plus the attention score/value matmuls, 6 * n_layer * T * n_embd per token for causal
+attention (half of the 12 * L * T * D of a full T x T square: the causal half is all the
+flash kernels compute). The embedding lookup is not a matmul and is left out; the output
+projection is counted (tied or not), as it is the largest single matmul of a small model.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from functools import lru_cache
+
+from .config import ModelConfig
+
+# Dense (no sparsity) bf16 tensor peak, FLOP/s, per device. Sources: vendor data sheets
+# (SXM/PCIe parts differ; we match the most specific name first).
+GPU_PEAK_BF16: list[tuple[str, float]] = [
+    ("H200", 989e12),
+    ("H100 SXM", 989e12),
+    ("H100 NVL", 835e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 756e12),
+    ("GH200", 989e12),
+    ("B200", 2250e12),
+    ("B100", 1750e12),
+    ("A100", 312e12),
+    ("A800", 312e12),
+    ("A10G", 70e12),
+    ("A10", 125e12),
+    ("A6000", 155e12),  # RTX A6000 (dense bf16 with fp32 accumulate ~155 TF)
+    ("L40S", 362e12),
+    ("L40", 181e12),
+    ("L4", 121e12),
+    ("RTX 6000 Ada", 364e12),
+    ("RTX 4090", 165e12),
+    ("RTX 4080", 97e12),
+    ("RTX 3090", 71e12),
+    ("RTX 3080", 59e12),
+    ("V100", 125e12),  # fp16 (no bf16 on Volta)
+    ("T4", 65e12),  # fp16
+    ("MI300X", 1307e12),
+    ("MI250X", 383e12),
+]
+
+
+def gpu_peak_flops(name: str) -> float | None:
+    for key, peak in GPU_PEAK_BF16:
+        if key.lower() in name.lower():
+            return peak
+    return None
+
+
+@lru_cache(maxsize=1)
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _cpu_ghz() -> float:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            mhz = [float(m) for m in re.findall(r"^cpu MHz\s*:\s*([\d.]+)", f.read(), re.M)]
+        if mhz:
+            return max(mhz) / 1000.0
+    except OSError:
+        pass
+    return 2.5
+
+
+def cpu_peak_flops(threads: int | None = None) -> tuple[float, str]:
+    """Rough dense peak of `threads` cores and the instruction set it assumes.
+
+    bf16 FLOPs per cycle per core: AMX tiles 1024, AVX512-BF16 (vdpbf16ps, 2 ports) 64;
+    otherwise fp32 FMA: AVX-512 32, AVX2 16. The AMX figure is the data-sheet peak;
+    measured on 2 cores here: ~1.7 TFLOP/s, about 40% of it.
+    """
+    import torch
+
+    n = threads or torch.get_num_threads() or os.cpu_count() or 1
+    flags = _cpu_flags()
+    if "amx_bf16" in flags:
+        per_cycle, isa = 1024, "amx-bf16"
+    elif "avx512_bf16" in flags:
+        per_cycle, isa = 64, "avx512-bf16"
+    elif "avx512f" in flags:
+        per_cycle, isa = 32, "avx512-fp32"
+    elif "avx2" in flags:
+        per_cycle, isa = 16, "avx2-fp32"
+    else:
+        per_cycle, isa = 8, "fp32"
+    return n * _cpu_ghz() * 1e9 * per_cycle, isa
+
+
+def device_peak_flops(device) -> tuple[float, str]:
+    """(peak FLOP/s, description) for one torch device."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        peak = gpu_peak_flops(name)
+        if peak is None:  # unknown GPU: estimate from SMs (Ampere-class: ~1 TF/SM dense bf16)
+            props = torch.cuda.get_device_properties(device)
+            peak = props.multi_processor_count * 1.0e12
+            return peak, f"{name} (estimated)"
+        return peak, name
+    peak, isa = cpu_peak_flops()
+    return peak, f"cpu x{torch.get_num_threads()} ({isa})"
+
+
+# --------------------------------------------------------------------------- model side
+
+
+def param_count(cfg: ModelConfig) -> int:
+    """Exact parameter count of bulba.model.Llama(cfg), without building it."""
+    D, L, hd = cfg.n_embd, cfg.n_layer, cfg.head_dim
+    attn = D * cfg.n_head * hd * 2 + 2 * D * cfg.n_kv_head * hd
+    ffn = 3 * D * cfg.ffn_hidden
+    per_layer = attn + ffn + 2 * D  # two RMSNorm weights
+    emb = cfg.vocab_size * D
+    return emb * (1 if cfg.tie_embeddings else 2) + L * per_layer + D
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> float:
+    """Training FLOPs (forward + backward) per token at sequence length `seq_len`."""
+    T = seq_len or cfg.ctx_len
+    matmul_params = param_count(cfg) - cfg.vocab_size * cfg.n_embd * (0 if cfg.tie_embeddings else 1)
+    # tied: the embedding matrix is used once as a matmul (the output); untied: the input
+    # embedding is a lookup, so drop one V x D. Norm weights are negligible.
+    matmul_params -= cfg.n_embd * (2 * cfg.n_layer + 1)
+    return 6.0 * matmul_params + 6.0 * cfg.n_layer * T * cfg.n_embd
+
+
+def human(n: float) -> str:
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.1f}{unit}"
+    return str(int(n))
+
+
+def mfu(cfg: ModelConfig, tokens_per_s: float, device="cpu", seq_len: int | None = None, n_devices: int = 1) -> float:
+    """Model FLOPs utilization: achieved model FLOP/s over the dense bf16 peak of the devices."""
+    peak, _ = device_peak_flops(device)
+    return flops_per_token(cfg, seq_len) * tokens_per_s / (peak * n_devices)

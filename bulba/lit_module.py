@@ -1,0 +1,388 @@
+"""The LightningModule: one optimizer step per `grad_accum` micro-batches, manual optimization.
+
+Manual optimization because we need, per step and in this order: the gradient norm (logged,
+clipped), a NaN/Inf verdict shared by all ranks before the weights move (skip or stop,
+train.nan_policy), the lr of our warmup + cosine schedule (a pure function of the step, so a
+resumed run follows the exact same curve), and a step boundary at which checkpoints are
+consistent. Lightning still owns devices, precision (autocast), the DDP/FSDP wrapping (through
+bulba.strategy) and process launch.
+
+Every counter that resume needs lives in `TrainState` and goes into the checkpoint; the
+batch position in particular is counted here (micro-batches consumed), not taken from the
+iterator, because Lightning fetches one batch ahead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import flops
+from .config import Recipe
+from .model import Llama
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps done
+    consumed: int = 0  # micro-batches consumed at the last step boundary (per rank)
+    tokens: int = 0  # labelled tokens seen, all ranks
+    nan_skips: int = 0
+    nan_streak: int = 0
+    best_val: float | None = None
+
+
+@dataclass
+class Outcome:
+    """How fit ended; read by bulba.trainer after trainer.fit returns."""
+
+    reason: str = "running"  # done | max_tokens | signal | fault
+    signal: str | None = None
+    fault: str | None = None
+    last_val: float | None = None
+    samples: list = field(default_factory=list)
+
+
+def lr_at(step: int, t) -> float:
+    """Linear warmup to train.lr over warmup_steps, then cosine decay to min_lr at max_steps."""
+    if t.warmup_steps and step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    span = max(1, t.max_steps - t.warmup_steps)
+    progress = min(1.0, (step - t.warmup_steps) / span)
+    return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decoupled weight decay on matrices only; norms (1-D) are not decayed (nanoGPT / Llama)."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class BulbaModule(L.LightningModule):
+    def __init__(self, recipe: Recipe, *, batches_factory=None, sink=None, tokenizer=None,
+                 bos_id: int | None = None, eos_id: int | None = None, checkpointer=None):
+        super().__init__()
+        self.recipe = recipe
+        self.model = Llama(recipe.model)
+        self.automatic_optimization = False
+        self.state = TrainState()
+        self.outcome = Outcome()
+        self._batches_factory = batches_factory  # (split, rank, world, start) -> iterable of torch batches
+        self._sink = sink  # metrics sink on global rank 0: sink(dict, step)
+        self._tokenizer = tokenizer
+        self._bos, self._eos = bos_id, eos_id
+        self._checkpointer = checkpointer  # (module, reason) -> None, called on every rank
+        self._pending_optimizer: dict | None = None
+        self._stop_request: str | None = None  # set from signal handlers; acted on at step boundaries
+        self._micro = 0
+        self._loss_acc = None
+        self._t_last = None
+        self._window = {"tokens": 0, "pad": 0, "cells": 0, "steps": 0, "t0": None}
+        self.fingerprints: list[str] = []  # sha256 of the first input_ids seen (data-shard checks)
+        self.losses: dict[int, float] = {}
+
+    # ------------------------------------------------------------------ setup
+
+    def train_dataloader(self):
+        # Built here, after launch, when the rank and world size are final. Not a DataLoader:
+        # the Rust engine's iterable, started at the micro-batch the last checkpoint consumed.
+        return self._batches_factory("train", self.global_rank, self.trainer.world_size, self.state.consumed)
+
+    def configure_optimizers(self):
+        t = self.recipe.train
+        kwargs = dict(lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8)
+        if self.device.type == "cuda":
+            kwargs["fused"] = True  # one kernel for the whole update
+        else:
+            kwargs["foreach"] = True
+        opt = torch.optim.AdamW(param_groups(self.model, t.weight_decay), **kwargs)
+        if self._pending_optimizer is not None:
+            opt.load_state_dict(self._pending_optimizer)
+            self._pending_optimizer = None
+        self.raw_optimizer = opt
+        return opt
+
+    def on_fit_start(self):
+        self._t_last = time.perf_counter()
+        self._window["t0"] = self._t_last
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _ddp_module(self):
+        m = self.trainer.strategy.model
+        return m if isinstance(m, torch.nn.parallel.DistributedDataParallel) else None
+
+    def _forward_loss(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean loss over labelled tokens, number of labelled tokens) for one micro-batch."""
+        ids = batch["input_ids"].long()
+        labels = batch["labels"].long()
+        pos = batch["position_ids"].long()
+        seq_ids = batch.get("seq_ids")  # None for stream batches: one causal sequence per row
+        cu, ms = None, None
+        if self.model.layers[0].attention.backend == "flash":
+            cu, ms = batch.get("cu_seqlens"), batch.get("max_seqlen")
+        # SDPA never reads cu_seqlens / max_seqlen; not passing them keeps the compiled blocks'
+        # inputs fixed in shape (max_seqlen is a Python int that would be guarded on).
+        logits = self.model(ids, position_ids=pos, seq_ids=seq_ids, cu_seqlens=cu, max_seqlen=ms)
+        loss_sum = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.view(-1),
+                                   ignore_index=-100, reduction="sum")
+        n = (labels != -100).sum()
+        return loss_sum / n.clamp(min=1), n
+
+    def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        if self.trainer.world_size > 1:
+            torch.distributed.all_reduce(t)
+        return t
+
+    # ------------------------------------------------------------------ the step
+
+    def on_train_batch_start(self, batch, batch_idx):
+        # DDP: all-reduce gradients only on the last micro-batch of a step (no_sync must be
+        # in effect before DDP's forward, which is why this is here and not in training_step).
+        ddp = self._ddp_module()
+        if ddp is not None:
+            ddp.require_backward_grad_sync = self._micro == self.recipe.train.grad_accum - 1
+
+    def training_step(self, batch, batch_idx):
+        t = self.recipe.train
+        if len(self.fingerprints) < 8:
+            self.fingerprints.append(hashlib.sha256(batch["input_ids"].cpu().numpy().tobytes()).hexdigest()[:16])
+        loss, _ = self._forward_loss(batch)
+        loss = self._fault_hook(loss)
+        self.manual_backward(loss / t.grad_accum)
+        det = loss.detach()
+        self._loss_acc = det if self._loss_acc is None else self._loss_acc + det
+        w = self._window
+        w["tokens"] += batch["n_tokens"]
+        w["pad"] += batch["n_pad"]
+        w["cells"] += batch["input_ids"].numel()
+        self._micro += 1
+        if self._micro < t.grad_accum:
+            return None
+        self._micro = 0
+        self._optimizer_step()
+        return None
+
+    def _fault_hook(self, loss: torch.Tensor) -> torch.Tensor:
+        """Identity; tests replace it to inject a NaN at a chosen step."""
+        return loss
+
+    def _optimizer_step(self):
+        t = self.recipe.train
+        opt = self.optimizers()
+        st = self.state
+        lr = lr_at(st.step, t)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
+        if hasattr(self.trainer.strategy.model, "clip_grad_norm_"):  # FSDP: norm over all shards
+            grad_norm = self.trainer.strategy.model.clip_grad_norm_(max_norm)
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+        loss = self._loss_acc / t.grad_accum
+        self._loss_acc = None
+        # One host sync per step: the verdict must be known before the weights move. Gradients
+        # are all-reduced, so the norm (and hence the verdict) is identical on every rank.
+        stats = self._all_reduce(torch.stack([loss.float(), torch.ones((), device=loss.device)]).detach())
+        loss_v = (stats[0] / stats[1]).item()
+        gn = float(grad_norm)
+        finite = math.isfinite(gn) and math.isfinite(loss_v)
+        if finite:
+            opt.step()
+            st.nan_streak = 0
+        else:
+            st.nan_skips += 1
+            st.nan_streak += 1
+        opt.zero_grad(set_to_none=True)
+        step = st.step + 1
+        world = self.trainer.world_size
+        if not finite:
+            msg = (f"non-finite {'loss' if not math.isfinite(loss_v) else 'gradient norm'} at step {step} "
+                   f"(loss={loss_v}, grad_norm={gn})")
+            if t.nan_policy == "stop" or st.nan_streak >= t.nan_max_skips:
+                if t.nan_policy == "skip":
+                    msg += f"; {st.nan_streak} non-finite steps in a row (train.nan_max_skips)"
+                # The weights are still those of step `st.step` (this update was not applied):
+                # the checkpoint written on the way out is from before the fault.
+                self.outcome.reason, self.outcome.fault = "fault", msg
+                self.trainer.should_stop = True
+                self._log({"train/nan_skipped": st.nan_skips}, step)
+                return
+            self._log({"train/nan_skipped": st.nan_skips}, step)
+            if self.global_rank == 0:
+                print(f"warning: {msg}; update skipped (train.nan_policy=skip)", flush=True)
+        st.step = step
+        st.consumed += t.grad_accum
+        st.tokens += self._window["tokens"] * world  # shards are the same size on every rank
+        self.losses[step] = loss_v
+        self._maybe_log(step, loss_v, gn, lr)
+        if t.val_every and step % t.val_every == 0 and step < t.max_steps:
+            self._validate(step)
+        if t.sample_every and step % t.sample_every == 0 and step < t.max_steps:
+            self._sample(step)
+        if self._checkpointer and t.ckpt_every and step % t.ckpt_every == 0 and step < t.max_steps:
+            self._checkpointer(self, "interval")
+        if step >= t.max_steps:
+            self.outcome.reason = "done"
+            self.trainer.should_stop = True
+        elif t.max_tokens is not None and st.tokens >= t.max_tokens:
+            self.outcome.reason = "max_tokens"
+            self.trainer.should_stop = True
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        ddp = self._ddp_module()
+        if ddp is not None:
+            ddp.require_backward_grad_sync = True
+        if self._micro == 0 and self.outcome.reason == "running":
+            flag = torch.tensor([1.0 if self._stop_request else 0.0])
+            if self.trainer.world_size > 1:  # stop on every rank at the same step
+                flag = flag.to(self.device)
+                torch.distributed.all_reduce(flag)
+            if flag.item() > 0:
+                self.outcome.reason = "signal"
+                self.outcome.signal = self._stop_request or "signal on another rank"
+                self.trainer.should_stop = True
+
+    # ------------------------------------------------------------------ logging
+
+    def _log(self, metrics: dict, step: int):
+        if self._sink is not None and self.global_rank == 0:
+            self._sink(metrics, step)
+
+    def _maybe_log(self, step: int, loss: float, gn: float, lr: float):
+        t = self.recipe.train
+        w = self._window
+        w["steps"] += 1
+        if step % t.log_every and step != t.max_steps:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        dt = max(now - w["t0"], 1e-9)
+        world = self.trainer.world_size
+        tok_s = w["cells"] * world / dt  # processed token slots (padding included), all ranks
+        seq_len = self.recipe.model.ctx_len
+        mfu = flops.mfu(self.recipe.model, tok_s / world, self.device, seq_len)
+        m = {
+            "train/loss": loss, "train/lr": lr, "train/grad_norm": gn,
+            "train/tokens_seen": float(self.state.tokens), "train/nan_skipped": float(self.state.nan_skips),
+            "perf/tokens_per_s": tok_s, "perf/mfu": mfu, "perf/step_time_s": dt / w["steps"],
+            "data/padding_frac": w["pad"] / max(1, w["cells"]),
+            "mem/host_rss_mb": _rss_mb(),
+        }
+        if self.device.type == "cuda":
+            m["mem/peak_device_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+        self._log(m, step)
+        if self.global_rank == 0:
+            print(f"step {step:>6}/{t.max_steps} | loss {loss:.4f} | lr {lr:.2e} | gnorm {gn:.2f} | "
+                  f"{tok_s:,.0f} tok/s | mfu {100 * mfu:.1f}%", flush=True)
+        self._window = {"tokens": 0, "pad": 0, "cells": 0, "steps": 0, "t0": time.perf_counter()}
+
+    # ------------------------------------------------------------------ validation, samples
+
+    @torch.no_grad()
+    def evaluate(self, n_batches: int | None = None) -> float:
+        """Mean val loss per labelled token over the first `val_batches` val batches (fixed set)."""
+        n_batches = n_batches or self.recipe.train.val_batches
+        was_training = self.model.training
+        self.model.eval()
+        tot = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for i, batch in enumerate(self._batches_factory("val", self.global_rank, self.trainer.world_size, 0)):
+            if i >= n_batches:
+                break
+            batch = self.transfer_batch_to_device(batch, self.device, 0)
+            loss, n = self._forward_loss(batch)
+            tot += torch.stack([loss.double() * n, n.double()])
+        self.model.train(was_training)
+        tot = self._all_reduce(tot)
+        return (tot[0] / tot[1].clamp(min=1)).item()
+
+    def _validate(self, step: int):
+        t0 = time.perf_counter()
+        v = self.evaluate()
+        self.outcome.last_val = v
+        if self.state.best_val is None or v < self.state.best_val:
+            self.state.best_val = v
+        self._log({"val/loss": v, "val/ppl": math.exp(min(v, 50)), "perf/val_time_s": time.perf_counter() - t0},
+                  step)
+        if self.global_rank == 0:
+            print(f"step {step:>6} | val loss {v:.4f}", flush=True)
+        self._window["t0"] += time.perf_counter() - t0  # keep eval time out of tokens/s
+
+    @torch.no_grad()
+    def _sample(self, step: int):
+        if self.global_rank != 0 or self._tokenizer is None:
+            return
+        t0 = time.perf_counter()
+        t = self.recipe.train
+        was_training = self.model.training
+        self.model.eval()
+        gen = torch.Generator(device=self.device).manual_seed(self.recipe.seed + step)
+        out = []
+        # Generation grows the sequence by one token per call: run the compiled blocks
+        # eagerly so the varying shapes do not trigger recompiles.
+        with torch.compiler.set_stance("force_eager"):
+            for prompt in t.sample_prompts:
+                ids = self._tokenizer.encode(prompt, add_special_tokens=False).ids
+                if self._bos is not None:
+                    ids = [self._bos] + ids
+                x = torch.tensor([ids[-(self.recipe.model.ctx_len - t.sample_tokens):]], device=self.device)
+                y = self.model.generate(x, t.sample_tokens, temperature=0.8, top_k=50, eos_id=self._eos,
+                                        generator=gen)
+                text = self._tokenizer.decode(y[0, x.shape[1]:].tolist(), skip_special_tokens=True)
+                out.append({"step": step, "prompt": prompt, "completion": text})
+        self.model.train(was_training)
+        self.outcome.samples.extend(out)
+        for s in out:
+            print(f"sample @{step}: {s['prompt']!r} -> {s['completion']!r}", flush=True)
+        self._window["t0"] += time.perf_counter() - t0
+
+    # ------------------------------------------------------------------ device transfer
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        # Pinned host tensors -> device without blocking the host; int32 travels (half the
+        # bytes of int64) and is widened on the device in _forward_loss.
+        nb = device.type == "cuda"
+        return {k: (v.to(device, non_blocking=nb) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+def _rss_mb() -> float:
+    try:
+        import psutil
+
+        return psutil.Process().memory_info().rss / 2**20
+    except Exception:  # noqa: BLE001 - psutil missing: fall back to the peak
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def batch_to_torch(b: dict, pin: bool = False) -> dict:
+    """Rust engine batch (numpy, int32) -> torch tensors on the host, plus token counts."""
+    out = {}
+    for k in ("input_ids", "labels", "position_ids", "seq_ids", "cu_seqlens"):
+        if k in b and b[k] is not None:
+            t = torch.from_numpy(np.ascontiguousarray(b[k]))
+            out[k] = t.pin_memory() if pin else t
+    out["max_seqlen"] = int(b["max_seqlen"]) if "max_seqlen" in b else None
+    labels = b["labels"]
+    out["n_tokens"] = int(b["n_tokens"]) if "n_tokens" in b else int((labels != -100).sum())
+    out["n_pad"] = int(b["n_pad"]) if "n_pad" in b else int((b["seq_ids"] < 0).sum()) if "seq_ids" in b else 0
+    return out
+
+
+def state_dict_of(st: TrainState) -> dict:
+    return asdict(st)

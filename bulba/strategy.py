@@ -1,0 +1,105 @@
+"""The speed modes (train.mode) as a Lightning strategy mixin, composed with DDP and FSDP.
+
+    eager    plain PyTorch; attention through SDPA (torch picks flash / cuDNN / efficient / math)
+    flash    the flash-attn package (varlen kernel for packed batches)
+    compile  torch.compile (Inductor) on each transformer block
+    both     compile + flash
+
+Why a strategy: the strategy is the one place that sees the bare model before it is moved,
+wrapped by DDP / FSDP and handed to the loop, which is exactly where the speed modes must be
+applied. Compiling the LightningModule itself breaks on `self.log` and on Lightning's
+hooks; compiling the blocks (torchtitan style) gives Inductor the whole hot path (norms,
+RoPE, attention, SwiGLU) and leaves the embedding, loss and logging eager. `dynamic=False`:
+the trainer feeds fixed shapes (batch_size x ctx_len for stream/packed batches, one shape per
+bucket for bucketed), so there is one graph per shape and no recompilation in steady state.
+
+flash without flash-attn or without CUDA (this includes every CPU): a warning and SDPA
+instead, so the same recipe runs on a laptop and on the cluster; what ran is recorded
+(`resolved_backend`, logged as the MLflow tag `bulba.attention_backend`).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, SingleDeviceStrategy
+
+from . import attention
+from .model import Block, Llama
+
+MODES = ("eager", "flash", "compile", "both")
+
+
+def flash_available(device: torch.device) -> tuple[bool, str]:
+    if device.type != "cuda":
+        return False, f"flash-attn needs a CUDA device (training on {device.type})"
+    if not attention.HAVE_FLASH_ATTN:
+        return False, "flash-attn is not installed (pip install 'bulbagpt[cuda]')"
+    major, _ = torch.cuda.get_device_capability(device)
+    if major < 8:
+        return False, "flash-attn 2 needs an Ampere or newer GPU"
+    return True, ""
+
+
+def apply_speed_mode(model: Llama, mode: str, device: torch.device) -> dict:
+    """Set attention backends and compile blocks in place; returns what was applied."""
+    if mode not in MODES:
+        raise ValueError(f"unknown train.mode {mode!r}")
+    backend = "sdpa"
+    if mode in ("flash", "both"):
+        ok, why = flash_available(device)
+        if ok:
+            backend = "flash"
+        else:
+            warnings.warn(f"train.mode={mode}: {why}; using PyTorch SDPA attention instead", stacklevel=2)
+    for block in model.layers:
+        block.attention.backend = backend
+    compiled = mode in ("compile", "both")
+    if compiled:
+        for block in model.layers:
+            if isinstance(block, Block) and getattr(block, "_compiled_call_impl", None) is None:
+                # nn.Module.compile compiles in place: parameter names (and so state_dict,
+                # checkpoints and final.safetensors) stay exactly as in eager mode.
+                block.compile(dynamic=False)
+    model.speed = {"mode": mode, "attention": backend, "compiled": compiled}
+    return model.speed
+
+
+class SpeedModeMixin:
+    """Apply `train.mode` to `lightning_module.model` before the parent strategy wraps it."""
+
+    def __init__(self, *args, mode: str = "eager", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.speed_mode = mode
+        self.resolved = None
+
+    def setup(self, trainer) -> None:
+        model = self.lightning_module.model
+        self.resolved = apply_speed_mode(model, self.speed_mode, self.root_device)
+        super().setup(trainer)
+
+
+class BulbaSingleDeviceStrategy(SpeedModeMixin, SingleDeviceStrategy):
+    strategy_name = "bulba_single_device"
+
+
+class BulbaDDPStrategy(SpeedModeMixin, DDPStrategy):
+    strategy_name = "bulba_ddp"
+
+
+class BulbaFSDPStrategy(SpeedModeMixin, FSDPStrategy):
+    strategy_name = "bulba_fsdp"
+
+
+def make_strategy(kind: str, mode: str, device: torch.device, n_processes: int):
+    """Pick the strategy: one device -> single device; several -> DDP unless FSDP is asked for."""
+    if kind == "fsdp":
+        # Shard at block granularity; use_orig_params keeps parameter names (and our weight
+        # decay groups) and is what torch.compile'd blocks need under FSDP.
+        return BulbaFSDPStrategy(mode=mode, auto_wrap_policy={Block}, use_orig_params=True,
+                                 state_dict_type="full")
+    if kind == "ddp" or n_processes > 1:
+        # gloo on CPU, nccl on CUDA (Lightning's default for the accelerator).
+        return BulbaDDPStrategy(mode=mode, find_unused_parameters=False, gradient_as_bucket_view=True)
+    return BulbaSingleDeviceStrategy(mode=mode, device=device)

@@ -1,0 +1,602 @@
+"""Wiring: recipe + prepared data -> Lightning Trainer + BulbaModule -> run directory + MLflow run.
+
+`train(recipe)` is everything `python train.py` does after parsing; `benchmark(recipe, ...)`
+trains a few steps without writing a run and returns tokens/s, MFU and peak memory
+(`bench.py train` reuses it).
+
+Run directory (docs/contracts.md, "Runs"):
+
+    out_dir/config.json        written at start (export.py can read any checkpoint of the run)
+    out_dir/tokenizer.json     copy of the data's tokenizer
+    out_dir/recipe.yaml        the resolved recipe
+    out_dir/metrics.jsonl      every logged metric, also when the tracking server is down
+    out_dir/samples.jsonl      generated samples
+    out_dir/checkpoints/step-N resumable state (bulba.checkpoint)
+    out_dir/final.safetensors  fp32 weights, written last, only from finite weights
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import yaml
+
+from . import checkpoint as ckpt
+from . import flops
+from .atomic import atomic_open, write_json, write_text
+from .config import Recipe
+from .errors import UserError
+
+RUN_FORMAT = "bulba-run"
+RUN_VERSION = 1
+
+
+class TrainingFault(UserError):
+    """The run stopped on a numerical fault (a checkpoint from before it was written)."""
+
+
+class Interrupted(Exception):
+    def __init__(self, signame: str, checkpoint: Path | None):
+        super().__init__(signame)
+        self.signame, self.checkpoint = signame, checkpoint
+
+
+# --------------------------------------------------------------------------- rank (before launch)
+
+
+def early_global_rank() -> int:
+    """Global rank before Lightning sets up (torchrun: RANK; SLURM: SLURM_PROCID; Lightning's
+    own subprocess launcher: LOCAL_RANK/NODE_RANK of the children)."""
+    for key in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    local = int(os.environ.get("LOCAL_RANK", "0") or 0)
+    node = int(os.environ.get("NODE_RANK", "0") or 0)
+    return local + node  # only tested for == 0, which this gets right
+
+
+# --------------------------------------------------------------------------- tracking adapter
+
+
+class Tracker:
+    """The one place training talks to MLflow (swap for bulba.tracking's resilient API here).
+
+    Every call is best-effort: a tracking failure prints one warning and training goes on;
+    metrics are also appended to out_dir/metrics.jsonl so nothing is lost.
+    """
+
+    def __init__(self, enabled: bool, metrics_file: Path | None):
+        self.enabled = enabled
+        self.run_id: str | None = None
+        self._mlflow = None
+        self._warned = False
+        self._metrics_file = metrics_file
+        self._fh = open(metrics_file, "a", encoding="utf-8") if metrics_file else None
+
+    def _fail(self, what: str, e: Exception):
+        if not self._warned:
+            print(f"warning: MLflow {what} failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                  f"training continues, metrics are kept in {self._metrics_file}", file=sys.stderr, flush=True)
+            self._warned = True
+
+    def start(self, experiment: str, run_name: str | None, run_id: str | None) -> str | None:
+        if not self.enabled:
+            return None
+        try:
+            from .tracking import setup_mlflow
+
+            mlflow = setup_mlflow(experiment)
+            if run_id:
+                run = mlflow.start_run(run_id=run_id, log_system_metrics=True)
+            else:
+                run = mlflow.start_run(run_name=run_name, log_system_metrics=True)
+            self._mlflow, self.run_id = mlflow, run.info.run_id
+        except Exception as e:  # noqa: BLE001 - tracking must never stop training
+            self._fail("start_run", e)
+        return self.run_id
+
+    def _call(self, what, fn, *a, **kw):
+        if self._mlflow is None:
+            return
+        try:
+            fn(*a, **kw)
+        except Exception as e:  # noqa: BLE001
+            self._fail(what, e)
+
+    def params(self, d: dict):
+        items = list(d.items())
+        for i in range(0, len(items), 90):  # MLflow takes at most 100 params per call
+            self._call("log_params", self._mlflow and self._mlflow.log_params, dict(items[i:i + 90]))
+
+    def tags(self, d: dict):
+        self._call("set_tags", self._mlflow and self._mlflow.set_tags, {k: str(v) for k, v in d.items()})
+
+    def metrics(self, d: dict, step: int):
+        if self._fh is not None:
+            self._fh.write(json.dumps({"step": step, "time": time.time(), **d}) + "\n")
+            self._fh.flush()
+        clean = {k: float(v) for k, v in d.items() if v is not None and math.isfinite(float(v))}
+        self._call("log_metrics", self._mlflow and self._mlflow.log_metrics, clean, step=step, synchronous=False)
+
+    def artifact(self, path: Path, artifact_path: str | None = None):
+        self._call("log_artifact", self._mlflow and self._mlflow.log_artifact, str(path), artifact_path)
+
+    def end(self, status: str = "FINISHED"):
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+        if self._mlflow is not None:
+            self._call("end_run", self._mlflow.end_run, status=status)
+            self._mlflow = None
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = json.dumps(v, ensure_ascii=False) if isinstance(v, (list, tuple)) else v
+    return out
+
+
+def git_commit() -> str:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return (sha + ("-dirty" if dirty else "")) if sha else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+# --------------------------------------------------------------------------- data
+
+
+class TorchBatches:
+    """bulba.data.Batches -> host torch tensors (pinned on CUDA), starting at a given batch."""
+
+    def __init__(self, batches, start: int, pin: bool, stream: bool, limit: int | None = None):
+        self.batches, self.start, self.pin, self.stream, self.limit = batches, start, pin, stream, limit
+
+    def __iter__(self):
+        from .lit_module import batch_to_torch
+
+        self.batches.seek(self.start)
+        for i, b in enumerate(self.batches):
+            if self.limit is not None and i >= self.limit:
+                return
+            t = batch_to_torch(b, pin=self.pin)
+            if self.stream:
+                t.pop("seq_ids", None)  # one causal sequence per row: no document mask needed
+            yield t
+
+
+def make_batches_factory(recipe: Recipe, data, pin: bool):
+    from .data import Batches
+
+    d, m, t = recipe.data, recipe.model, recipe.train
+
+    def factory(split: str, rank: int, world: int, start: int):
+        train = split == "train"
+        b = Batches(data, split=split, sampler=d.sampler, batch_size=t.batch_size, ctx=m.ctx_len,
+                    seed=recipe.seed, rank=rank, world_size=world, buckets=d.buckets, prefetch=d.prefetch,
+                    shuffle=train, infinite=train, drop_last=train)
+        return TorchBatches(b, start, pin, d.sampler == "stream", None if train else t.val_batches)
+
+    return factory
+
+
+# --------------------------------------------------------------------------- checks before anything heavy
+
+
+def resolve_precision(recipe: Recipe, accelerator: str) -> str:
+    p = recipe.train.precision
+    if p != "auto":
+        return p
+    if accelerator == "cuda":
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "32-true"
+    try:  # CPUs with AVX512-BF16 or AMX run bf16 matmuls natively (several times fp32)
+        ok = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    except Exception:  # noqa: BLE001
+        ok = False
+    return "bf16-mixed" if ok else "32-true"
+
+
+def resolve_accelerator(recipe: Recipe) -> str:
+    a = recipe.train.accelerator
+    if a in ("gpu", "cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"train.accelerator={a} but no CUDA device is visible; use train.accelerator=cpu")
+        return "cuda"
+    if a == "cpu":
+        return "cpu"
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def run_exists(out: Path) -> bool:
+    return (out / "config.json").exists() or (out / "checkpoints").exists() or (out / "final.safetensors").exists()
+
+
+def check_out_dir(recipe: Recipe) -> Path | None:
+    """Refuse to overwrite a run; with resume=auto return the checkpoint to resume from."""
+    out = Path(recipe.out_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"out_dir {out} exists and is not a directory")
+    if recipe.resume != "auto":
+        if run_exists(out):
+            raise UserError(f"out_dir {out} already holds a run; pass resume=auto to continue it, "
+                            f"or out_dir=<new dir> to start another")
+        return None
+    return ckpt.latest_checkpoint(out / "checkpoints")
+
+
+def prepare_recipe(recipe: Recipe):
+    """Validate data against the recipe; fill model.vocab_size from meta.json. Returns TokenData."""
+    from .data import open_data
+
+    data = open_data(recipe.data.dir, recipe.model.vocab_size)
+    if recipe.model.vocab_size is None:
+        recipe.model.vocab_size = data.vocab_size
+    if not (data.dir / "tokenizer.json").is_file():
+        raise UserError(f"{data.dir}/tokenizer.json is missing: re-run prepare.py")
+    for key in ("bos_id", "eos_id"):
+        v = data.meta.get(key)
+        if v is not None and not (0 <= v < data.vocab_size):
+            raise UserError(f"{data.dir}/meta.json: {key}={v} is outside the vocabulary (0..{data.vocab_size - 1})")
+    return data
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def run_config(recipe: Recipe, data, run_id: str | None) -> dict:
+    return {
+        "format": RUN_FORMAT, "version": RUN_VERSION,
+        "model": dataclasses.asdict(recipe.model),
+        "tokenizer": {"bos_id": data.bos_id, "eos_id": data.eos_id, "pad_id": data.pad_id, "add_bos_token": True},
+        "recipe": recipe.to_dict(),
+        "dataset_digest": data.dataset_digest,
+        "mlflow_run_id": run_id,
+    }
+
+
+def _signal_handlers(module):
+    """SIGTERM (SLURM preemption, `kill`) and SIGINT (Ctrl-C): finish the current step, write a
+    checkpoint, exit. A second Ctrl-C stops at once."""
+    old = {}
+
+    def handler(signum, frame):
+        name = signal.Signals(signum).name
+        if module._stop_request and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        module._stop_request = name
+        print(f"\n{name} received: stopping after this step and writing a checkpoint "
+              f"(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+
+    for s in (signal.SIGTERM, signal.SIGINT):
+        old[s] = signal.signal(s, handler)
+    return old
+
+
+def _make_checkpointer(recipe: Recipe, get_run_id):
+    root = Path(recipe.out_dir) / "checkpoints"
+
+    def save(module, reason: str) -> Path | None:
+        st = module.state
+        strategy = module.trainer.strategy if module._trainer is not None else None
+        model_sd = module.model.state_dict()
+        opt_sd = module.raw_optimizer.state_dict() if getattr(module, "raw_optimizer", None) else None
+        path = None
+        if module.global_rank == 0:
+            t0 = time.perf_counter()
+            path = ckpt.save_checkpoint(
+                root, st.step, model_sd, opt_sd,
+                {"reason": reason, "train": dataclasses.asdict(st), "mlflow_run_id": get_run_id(),
+                 "sampler": {"consumed": st.consumed}, "world_size": module.trainer.world_size
+                 if module._trainer is not None else 1,
+                 "recipe": recipe.to_dict()},
+                keep=recipe.train.ckpt_keep)
+            print(f"checkpoint ({reason}): {path} [{time.perf_counter() - t0:.1f}s]", flush=True)
+        if strategy is not None and module.trainer.world_size > 1:
+            with contextlib.suppress(Exception):
+                strategy.barrier("checkpoint")
+        return path
+
+    return save
+
+
+def train(recipe: Recipe, *, module_hook=None, enable_tracking: bool = True) -> dict:
+    """Train per `recipe`; returns a summary dict. `module_hook(module)` lets tests patch."""
+    import lightning as L
+
+    from .lit_module import BulbaModule
+
+    t_start = time.perf_counter()
+    rank0 = early_global_rank() == 0
+    data = prepare_recipe(recipe)
+    resume_from = check_out_dir(recipe) if rank0 else (
+        ckpt.latest_checkpoint(Path(recipe.out_dir) / "checkpoints") if recipe.resume == "auto" else None)
+    accelerator = resolve_accelerator(recipe)
+    precision = resolve_precision(recipe, accelerator)
+    if recipe.train.threads:
+        torch.set_num_threads(recipe.train.threads)
+    out = Path(recipe.out_dir)
+
+    loaded = None
+    if resume_from is not None:
+        loaded = ckpt.load_checkpoint(resume_from)
+        if loaded["state"]["train"]["step"] >= recipe.train.max_steps:
+            raise UserError(f"{out} is already at step {loaded['state']['train']['step']} >= "
+                            f"train.max_steps={recipe.train.max_steps}; raise train.max_steps to train further")
+
+    # ---- model (same init on every rank: seeded before construction)
+    L.seed_everything(recipe.seed, verbose=False)
+    n_params = flops.param_count(recipe.model)
+    if rank0:
+        print(f"{recipe.name}: {n_params:,} parameters ({flops.human(n_params)}), "
+              f"{recipe.model.n_layer} layers, d={recipe.model.n_embd}, heads {recipe.model.n_head}/"
+              f"{recipe.model.n_kv_head} (GQA 1:{recipe.model.n_head // recipe.model.n_kv_head}), "
+              f"ctx {recipe.model.ctx_len}, vocab {recipe.model.vocab_size}; "
+              f"{accelerator} {precision}, mode {recipe.train.mode}", flush=True)
+
+    # ---- run directory and tracking (global rank 0 only)
+    run_id = None
+    if loaded is not None:
+        run_id = loaded["state"].get("mlflow_run_id")
+    elif recipe.resume == "auto" and (out / "config.json").is_file():
+        with contextlib.suppress(Exception):
+            run_id = json.loads((out / "config.json").read_text(encoding="utf-8")).get("mlflow_run_id")
+    tracker = None
+    if rank0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "checkpoints").mkdir(exist_ok=True)
+        tracker = Tracker(enable_tracking, out / "metrics.jsonl")
+        new_run = run_id is None
+        run_id = tracker.start(recipe.tracking.experiment, recipe.tracking.run_name or f"{recipe.name}-{out.name}",
+                               run_id) or run_id
+        shutil.copyfile(data.dir / "tokenizer.json", out / ".tmp-tokenizer.json")
+        os.replace(out / ".tmp-tokenizer.json", out / "tokenizer.json")
+        write_json(out / "config.json", run_config(recipe, data, run_id))
+        recipe_yaml = yaml.safe_dump(recipe.to_dict(), sort_keys=False, allow_unicode=True)
+        write_text(out / "recipe.yaml", recipe_yaml)
+        if new_run:
+            tracker.params(flatten(recipe.to_dict()))
+            tracker.tags({"bulba.stage": "train", "bulba.git_commit": git_commit(),
+                          "mlflow.source.git.commit": git_commit().removesuffix("-dirty"),
+                          "bulba.dataset_digest": data.dataset_digest or "unknown",
+                          "bulba.prepare_run_id": data.meta.get("mlflow_run_id") or "none",
+                          "bulba.data_dir": str(data.dir.resolve()), "bulba.params": n_params,
+                          "bulba.preset": recipe.name, "bulba.precision": precision,
+                          "bulba.accelerator": accelerator, "bulba.out_dir": str(out.resolve())})
+            tracker.artifact(out / "recipe.yaml")
+            tracker.artifact(out / "tokenizer.json")
+            _log_dataset(tracker, data)
+        else:
+            step0 = loaded["state"]["train"]["step"] if loaded else 0
+            write_text(out / f"recipe-resume-{step0:08d}.yaml", recipe_yaml)
+            tracker.artifact(out / f"recipe-resume-{step0:08d}.yaml")
+            tracker.tags({f"bulba.resumed_at_step_{step0}": git_commit()})
+
+    # ---- the module
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(data.dir / "tokenizer.json"))
+    module = BulbaModule(recipe, batches_factory=make_batches_factory(recipe, data, pin=accelerator == "cuda"),
+                         sink=tracker.metrics if tracker else None, tokenizer=tok,
+                         bos_id=data.bos_id, eos_id=data.eos_id,
+                         checkpointer=_make_checkpointer(recipe, lambda: run_id))
+    if loaded is not None:
+        module.model.load_state_dict(loaded["model"])
+        module._pending_optimizer = loaded["optimizer"]
+        ts = loaded["state"]["train"]
+        for k, v in ts.items():
+            setattr(module.state, k, v)
+        ckpt.set_rng_state(*loaded["rng"])
+        if rank0:
+            print(f"resuming from {resume_from} (step {module.state.step}, "
+                  f"{module.state.consumed} batches consumed)", flush=True)
+        del loaded
+    if module_hook is not None:
+        module_hook(module)
+
+    # ---- Lightning
+    from .strategy import make_strategy
+
+    devices = recipe.train.devices
+    if devices == "auto":
+        devices = max(1, torch.cuda.device_count()) if accelerator == "cuda" else 1
+    if not (isinstance(devices, int) and devices > 0) and not (isinstance(devices, list) and devices):
+        raise UserError(f"train.devices must be 'auto', a positive count or a list of device ids, got {devices!r}")
+    n_proc = (devices if isinstance(devices, int) else len(devices)) * recipe.train.num_nodes
+    if os.environ.get("WORLD_SIZE", "").isdigit():  # torchrun / SLURM decide the world
+        n_proc = max(n_proc, int(os.environ["WORLD_SIZE"]))
+    device = torch.device(accelerator, 0) if accelerator == "cuda" else torch.device("cpu")
+    strategy = make_strategy(recipe.train.strategy, recipe.train.mode, device, n_proc)
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*Your `IterableDataset` has `__len__`.*")
+    trainer = L.Trainer(
+        accelerator="gpu" if accelerator == "cuda" else "cpu",
+        devices=devices,
+        num_nodes=recipe.train.num_nodes, strategy=strategy, precision=precision,
+        max_epochs=1, max_steps=-1, limit_val_batches=0, num_sanity_val_steps=0,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        use_distributed_sampler=False, deterministic=False, default_root_dir=str(out),
+    )
+    old_handlers = _signal_handlers(module)
+    status = "FAILED"
+    try:
+        try:
+            trainer.fit(module)
+        except BaseException as e:  # Lightning's own SIGTERM path raises SIGTERMException
+            if type(e).__name__ == "SIGTERMException":
+                module.outcome.reason, module.outcome.signal = "signal", "SIGTERM"
+            elif isinstance(e, KeyboardInterrupt):
+                module.outcome.reason, module.outcome.signal = "signal", "SIGINT"
+            else:
+                raise
+        oc = module.outcome
+        if strategy.resolved and tracker:
+            tracker.tags({"bulba.mode": recipe.train.mode, "bulba.attention_backend": strategy.resolved["attention"],
+                          "bulba.compiled": strategy.resolved["compiled"]})
+        _write_rank_log(out, module, trainer)
+        if oc.reason == "signal":
+            path = module._checkpointer(module, oc.signal or "signal")
+            status = "KILLED"
+            raise Interrupted(oc.signal or "signal", path)
+        if oc.reason == "fault":
+            path = module._checkpointer(module, "fault")
+            raise TrainingFault(f"{oc.fault}; stopped, no final weights written; checkpoint from before the fault: "
+                                f"{path}. Lower train.lr or set train.nan_policy=skip and resume with resume=auto")
+        if oc.reason == "running":
+            raise RuntimeError("training ended before train.max_steps (the data iterator ran dry?)")
+        # ---- finished: validation, samples, final checkpoint and weights
+        val = module.evaluate() if recipe.train.val_batches else None
+        if val is not None and tracker:
+            tracker.metrics({"val/loss": val, "val/ppl": math.exp(min(val, 50))}, module.state.step)
+        if rank0 and val is not None:
+            print(f"final val loss {val:.4f}", flush=True)
+        if rank0:
+            module._sample(module.state.step)
+        module._checkpointer(module, "final")
+        summary = {"step": module.state.step, "tokens": module.state.tokens, "val_loss": val,
+                   "losses": module.losses, "run_id": run_id, "out_dir": str(out), "params": n_params,
+                   "seconds": time.perf_counter() - t_start, "nan_skips": module.state.nan_skips}
+        if rank0:
+            _write_final(out, module, recipe, data, run_id, tracker)
+        status = "FINISHED"
+        return summary
+    finally:
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+        if rank0 and tracker:
+            if module.outcome.samples:
+                with open(out / "samples.jsonl", "a", encoding="utf-8") as f:
+                    for s in module.outcome.samples:
+                        f.write(json.dumps(s, ensure_ascii=False) + "\n")
+                tracker.artifact(out / "samples.jsonl")
+            tracker.end(status)
+
+
+def _write_rank_log(out: Path, module, trainer):
+    """Per-rank record of what data this rank consumed (fingerprints of its first batches)."""
+    with contextlib.suppress(OSError):
+        (out / "logs").mkdir(parents=True, exist_ok=True)
+        write_json(out / "logs" / f"rank-{trainer.global_rank}.json",
+                   {"rank": trainer.global_rank, "world_size": trainer.world_size,
+                    "consumed": module.state.consumed, "first_batches_sha256": module.fingerprints})
+
+
+def _log_dataset(tracker: Tracker, data):
+    """Link the prepare run's dataset as an MLflow dataset input (best effort)."""
+    if tracker._mlflow is None:
+        return
+    try:
+        import numpy as np
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.data.sources import LocalArtifactDatasetSource
+        from mlflow.types import Schema, TensorSpec
+
+        # Same name, digest and schema as prepare.py logs: MLflow shows both runs on one dataset.
+        schema = Schema([TensorSpec(np.dtype(data.dtype), (-1,), "tokens")])
+        ds = MetaDataset(source=LocalArtifactDatasetSource(str(data.dir.resolve())), name=data.dir.name,
+                         digest=data.dataset_digest or "unknown", schema=schema)
+        tracker._call("log_input", tracker._mlflow.log_input, ds, context="training")
+    except Exception as e:  # noqa: BLE001 - the tag carries the same information
+        tracker._fail("log_input", e)
+
+
+def _write_final(out: Path, module, recipe: Recipe, data, run_id, tracker):
+    from safetensors.torch import save
+
+    sd = {k: v.detach().float().cpu().contiguous().clone() for k, v in module.model.state_dict().items()}
+    bad = [k for k, v in sd.items() if not torch.isfinite(v).all()]
+    if bad:
+        raise TrainingFault(f"final weights contain NaN/Inf ({', '.join(bad[:3])}); not writing final.safetensors")
+    V = recipe.model.vocab_size
+    assert sd["tok_embeddings.weight"].shape[0] == V
+    with atomic_open(out / "final.safetensors", "wb") as f:
+        f.write(save(sd, metadata={"format": "pt", "bulba.step": str(module.state.step)}))
+    write_json(out / "config.json", run_config(recipe, data, run_id))
+    print(f"wrote {out / 'final.safetensors'} ({len(sd)} tensors, step {module.state.step})", flush=True)
+    if tracker:
+        tracker.artifact(out / "final.safetensors", "model")
+        tracker.artifact(out / "config.json", "model")
+        tracker.artifact(out / "tokenizer.json", "model")
+
+
+# --------------------------------------------------------------------------- benchmark
+
+
+def benchmark(recipe: Recipe, steps: int = 20, warmup: int = 5) -> dict:
+    """Train `warmup + steps` steps of `recipe` (no run directory, no tracking, no checkpoints);
+    returns steady-state tokens_per_s, mfu, peak_device_mb, peak_rss_mb over the timed steps."""
+    import lightning as L
+
+    from .lit_module import BulbaModule
+    from .strategy import make_strategy
+
+    t = recipe.train
+    t.max_steps = warmup + steps
+    t.val_every = t.sample_every = t.ckpt_every = 0
+    t.log_every = 10**9
+    t.warmup_steps = min(t.warmup_steps, 1)
+    data = prepare_recipe(recipe)
+    accelerator = resolve_accelerator(recipe)
+    precision = resolve_precision(recipe, accelerator)
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    L.seed_everything(recipe.seed, verbose=False)
+    module = BulbaModule(recipe, batches_factory=make_batches_factory(recipe, data, pin=accelerator == "cuda"))
+    times: list[float] = []
+    orig_step = module._optimizer_step
+
+    def timed_step():
+        orig_step()
+        if accelerator == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter())
+        if len(times) == warmup + 1 and accelerator == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+
+    module._optimizer_step = timed_step
+    device = torch.device(accelerator, 0) if accelerator == "cuda" else torch.device("cpu")
+    strategy = make_strategy("auto", t.mode, device, 1)
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    trainer = L.Trainer(accelerator="gpu" if accelerator == "cuda" else "cpu", devices=1, strategy=strategy,
+                        precision=precision, max_epochs=1, max_steps=-1, limit_val_batches=0,
+                        num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False)
+    trainer.fit(module)
+    timed = times[warmup:]
+    dt = timed[-1] - times[warmup - 1] if warmup else timed[-1] - times[0]
+    n = len(timed) if warmup else len(timed) - 1
+    tok = n * t.batch_size * t.grad_accum * recipe.model.ctx_len
+    tps = tok / dt
+    import resource
+
+    return {
+        "mode": t.mode, "precision": precision, "attention": strategy.resolved["attention"],
+        "tokens_per_s": tps, "mfu": flops.mfu(recipe.model, tps, device, recipe.model.ctx_len),
+        "peak_device_mb": torch.cuda.max_memory_allocated() / 2**20 if accelerator == "cuda" else None,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+        "step_time_s": dt / n, "final_loss": module.losses.get(module.state.step), "params": flops.param_count(recipe.model),
+    }

@@ -1,0 +1,60 @@
+#!/usr/bin/env python3
+"""Train a Llama-3-style model: `python train.py RECIPE [section.key=value ...]`.
+
+RECIPE is a YAML file or a preset name from recipes/; overrides are dotted recipe keys.
+The run directory (out_dir) receives config.json, tokenizer.json, checkpoints/ and, at the
+end, final.safetensors (for export.py). Every run is an MLflow run (MLFLOW_TRACKING_URI or
+./mlflow.db). Ctrl-C / SIGTERM write a checkpoint; `resume=auto` continues from the newest one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from bulba.errors import run_cli
+
+EXAMPLES = """\
+presets: {presets}
+
+examples:
+  python train.py tiny data.dir=data/demo
+  python train.py recipes/aist.yaml data.dir=data/web train.mode=both train.max_steps=5000
+  python train.py krolik out_dir=runs/k1 train.batch_size=16 train.grad_accum=4 train.max_tokens=2000000000
+  python train.py krolik out_dir=runs/k1 resume=auto            # continue after a crash or preemption
+  python train.py zubr train.devices=8 train.strategy=fsdp      # or under torchrun / srun
+keys: name out_dir seed resume model.* data.* train.* tracking.*  (see bulba/config.py)
+"""
+
+
+def main(argv=None):
+    from bulba.config import RECIPES_DIR
+
+    presets = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
+    parser = argparse.ArgumentParser(
+        description=__doc__, epilog=EXAMPLES.format(presets=presets),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("recipe", help="recipe YAML path or preset name")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="recipe overrides")
+    parser.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow (metrics.jsonl only)")
+    args = parser.parse_args(argv)
+
+    from bulba.config import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)  # all validation before anything heavy
+
+    from bulba.trainer import Interrupted, train
+
+    try:
+        train(recipe, enable_tracking=not args.no_mlflow)
+    except Interrupted as e:
+        where = f"checkpoint {e.checkpoint}" if e.checkpoint else "no checkpoint (not rank 0)"
+        print(f"stopped by {e.signame}; {where}; continue with: python train.py {args.recipe} "
+              f"{' '.join(a for a in args.overrides if not a.startswith('resume='))} resume=auto".rstrip(),
+              file=sys.stderr)
+        return 143 if e.signame == "SIGTERM" else 130
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
