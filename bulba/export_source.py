@@ -42,6 +42,7 @@ class TokenizerInfo:
     pad_id: int | None
     add_bos: bool
     eot_id: int | None  # <|eot_id|> when the tokenizer has it (chat models)
+    pre: str = "llama-bpe"  # llama.cpp's name for the pre-tokenizer regex
 
     @property
     def bos(self) -> str:
@@ -203,16 +204,46 @@ def read_tokenizer(path: Path, tok_cfg: dict, vocab_size: int) -> TokenizerInfo:
     if bos is None or eos is None:
         raise UserError(f"config.json has no tokenizer.bos_id/eos_id and {path} has no <|begin_of_text|>/<|end_of_text|>")
     pad = ident("pad_id", ())
-    return TokenizerInfo(tokens=tokens, token_types=types, merges=merges, special=special,
+    return TokenizerInfo(pre=_pre_tokenizer_name(tj.get("pre_tokenizer"), path), tokens=tokens, token_types=types, merges=merges, special=special,
                          bos_id=bos, eos_id=eos, pad_id=pad, add_bos=bool(tok_cfg.get("add_bos_token", True)),
                          eot_id=special.get("<|eot_id|>"))
 
 
+def _pre_tokenizer_name(pre: dict | None, path: Path) -> str:
+    """llama.cpp applies its own regex, chosen by name: map the tokenizer's to that name.
+
+    bulba.tokenizer writes Split(Llama-3 regex) + ByteLevel(use_regex=false): "llama-bpe".
+    A plain ByteLevel(use_regex=true) is GPT-2's regex: "gpt2". Anything else would
+    tokenize differently in llama.cpp, so it is refused here rather than shipped.
+    """
+    from .tokenizer import LLAMA3_PATTERN
+
+    def flat(p):
+        if not p:
+            return []
+        return sum((flat(x) for x in p["pretokenizers"]), []) if p.get("type") == "Sequence" else [p]
+
+    steps = flat(pre)
+    kinds = [p.get("type") for p in steps]
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+        return "gpt2"
+    if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
+        pattern = (steps[0].get("pattern") or {}).get("Regex")
+        if pattern == LLAMA3_PATTERN:
+            return "llama-bpe"
+    raise UserError(f"{path}: pre-tokenizer {kinds} is not one llama.cpp reproduces; "
+                    "train the tokenizer with prepare.py (Llama-3 regex)")
+
+
 def _download_run(uri: str) -> tuple[Path, str]:
     """`runs:/<run_id>[/path]` -> a local folder holding final.safetensors, config and tokenizer."""
-    from .tracking import setup_mlflow
+    import mlflow
 
-    mlflow = setup_mlflow()
+    from .registry import check_reachable
+    from .tracking import tracking_uri
+
+    mlflow.set_tracking_uri(tracking_uri())
+    check_reachable(f"cannot download {uri}")
     tmp = tempfile.mkdtemp(prefix="bulba-export-src-")
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))

@@ -81,6 +81,17 @@ def export(source: str, type_name: str, out: str | os.PathLike, *, register: str
     elif verify and not llama_cpp_available():
         raise UserError("verification needs llama-cpp-python (pip install llama-cpp-python), or pass --no-verify")
 
+    if register or mlflow:  # a dead server: find out now, not after minutes of MLflow retries
+        from .registry import check_reachable
+
+        try:
+            check_reachable(f"cannot register '{register}'" if register else "cannot log the export")
+        except UserError as e:
+            if register:
+                raise
+            say(f"warning: {e}; exporting without an MLflow run")
+            mlflow = False
+
     src = open_source(source)
     tmp = out.parent / f"{TMP_PREFIX}{out.name}.{os.getpid()}"
     tmp_f32 = out.parent / f"{TMP_PREFIX}{out.stem}.f32.{os.getpid()}.gguf"
@@ -156,8 +167,6 @@ def export(source: str, type_name: str, out: str | os.PathLike, *, register: str
                 res.mlflow = log_export(src=src, gguf_path=out, type_name=type_name, sha256=res.sha256,
                                         report=report, hf_report=res.hf, modelfile=res.modelfile,
                                         register=register, experiment=experiment, timings=res.seconds)
-            except UserError:
-                raise
             except Exception as e:  # tracking server down etc.: the file is fine, say what failed
                 msg = (str(e).splitlines() or [type(e).__name__])[0]
                 if register:

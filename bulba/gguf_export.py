@@ -148,7 +148,7 @@ def _add_metadata(w, src: Source, file_type: int, name: str, quantized: bool) ->
     w.add_rope_dimension_count(cfg.head_dim)
     # Tokenizer: byte-level BPE ("gpt2") with the Llama-3 pre-tokenizer regex.
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("llama-bpe")
+    w.add_tokenizer_pre(tok.pre)  # "llama-bpe": the Llama-3 regex (bulba.tokenizer)
     w.add_token_list(tok.tokens)
     w.add_token_types(tok.token_types)
     w.add_token_merges(tok.merges)
