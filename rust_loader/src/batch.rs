@@ -6,6 +6,9 @@ use crate::tokens::TokenFile;
 /// Label of positions without a loss (padding, the last token of a document).
 pub const IGNORE: i32 = -100;
 
+/// Segments whose memory is touched together before copying (see `TokenFile::touch`).
+const TOUCH_AHEAD: usize = 16;
+
 /// One assembled batch; row-major `[rows, cols]` arrays, handed to numpy without a copy.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Batch {
@@ -24,7 +27,7 @@ pub struct Batch {
 }
 
 pub fn assemble(spec: &BatchSpec, tokens: &TokenFile, pad_id: i32) -> Result<Batch> {
-    let (rows, cols) = (spec.rows.len(), spec.cols);
+    let (rows, cols) = (spec.n_rows(), spec.cols);
     let size = rows * cols;
     // Every array is written once, front to back (no fill-then-overwrite).
     let mut b = Batch {
@@ -40,9 +43,16 @@ pub fn assemble(spec: &BatchSpec, tokens: &TokenFile, pad_id: i32) -> Result<Bat
         n_pad: 0,
     };
     b.cu_seqlens.push(0);
-    for segments in &spec.rows {
+    let all = spec.segments();
+    let mut seen = 0usize;
+    for segments in spec.rows() {
         let row_end = b.input_ids.len() + cols;
         for (doc, seg) in segments.iter().enumerate() {
+            if seen.is_multiple_of(TOUCH_AHEAD) {
+                let next = &all[seen..all.len().min(seen + TOUCH_AHEAD)];
+                tokens.touch(next.iter().flat_map(|s| [s.start as usize, (s.start + u64::from(s.len)) as usize - 1]));
+            }
+            seen += 1;
             let (start, len) = (seg.start as usize, seg.len as usize);
             let from = b.input_ids.len();
             tokens.extend_into(start, len, &mut b.input_ids)?;
@@ -89,7 +99,9 @@ mod tests {
         // docs: [10 11 12] [20 21] ; a window piece [30 31] followed by 32
         let tf = token_file(&[10, 11, 12, 20, 21, 30, 31, 32]);
         let seg = |start, len, ends_doc| Segment { start, len, ends_doc };
-        let spec = BatchSpec { cols: 6, rows: vec![vec![seg(0, 3, true), seg(3, 2, true)], vec![seg(5, 2, false)]] };
+        let mut spec = BatchSpec::new(6, 2);
+        spec.push_row(&[seg(0, 3, true), seg(3, 2, true)]);
+        spec.push_row(&[seg(5, 2, false)]);
         let b = assemble(&spec, &tf, 99).unwrap();
         assert_eq!(b.input_ids, [10, 11, 12, 20, 21, 99, 30, 31, 99, 99, 99, 99]);
         assert_eq!(b.labels, [11, 12, -100, 21, -100, -100, 31, 32, -100, -100, -100, -100]);
@@ -102,7 +114,8 @@ mod tests {
     #[test]
     fn out_of_range_segment_is_an_error() {
         let tf = token_file(&[1, 2, 3]);
-        let spec = BatchSpec { cols: 4, rows: vec![vec![Segment { start: 1, len: 2, ends_doc: false }]] };
+        let mut spec = BatchSpec::new(4, 1);
+        spec.push_row(&[Segment { start: 1, len: 2, ends_doc: false }]);
         assert!(assemble(&spec, &tf, 0).is_err());
     }
 }

@@ -6,6 +6,7 @@
 //! exactly once, except that `drop_last` drops fewer than one global batch's worth, a different
 //! random subset every epoch.
 use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::error::{DataError, Result};
 use crate::perm::{mix, Permutation};
@@ -21,11 +22,42 @@ pub struct Segment {
     pub ends_doc: bool,
 }
 
-/// One batch for one rank: `rows` of `cols` tokens; an empty row is all padding.
+/// One batch for one rank: rows of `cols` tokens, each a list of segments (none: all padding).
+///
+/// Stored flat (one allocation, not one per row): a bucketed batch of short documents has
+/// thousands of rows.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BatchSpec {
     pub cols: usize,
-    pub rows: Vec<Vec<Segment>>,
+    segments: Vec<Segment>,
+    /// Row r holds `segments[row_ends[r - 1]..row_ends[r]]` (from 0 for the first row).
+    row_ends: Vec<usize>,
+}
+
+impl BatchSpec {
+    pub fn new(cols: usize, rows: usize) -> Self {
+        Self { cols, segments: Vec::with_capacity(rows), row_ends: Vec::with_capacity(rows) }
+    }
+
+    pub fn push_row(&mut self, segments: &[Segment]) {
+        debug_assert!(segments.iter().map(|s| s.len as usize).sum::<usize>() <= self.cols);
+        self.segments.extend_from_slice(segments);
+        self.row_ends.push(self.segments.len());
+    }
+
+    pub fn n_rows(&self) -> usize {
+        self.row_ends.len()
+    }
+
+    pub fn rows(&self) -> impl Iterator<Item = &[Segment]> + '_ {
+        let starts = std::iter::once(0).chain(self.row_ends.iter().copied());
+        starts.zip(&self.row_ends).map(|(a, &z)| &self.segments[a..z])
+    }
+
+    /// All segments, row after row.
+    pub fn segments(&self) -> &[Segment] {
+        &self.segments
+    }
 }
 
 /// How the units of an epoch are shuffled and split between ranks.
@@ -138,12 +170,14 @@ impl Plan for StreamPlan {
 
     fn batch(&self, epoch: u64, index: u64) -> BatchSpec {
         let ctx = self.ctx;
-        let rows = self
-            .inner
-            .units_of(epoch, index)
-            .map(|u| u.map(|u| vec![Segment { start: u * u64::from(ctx), len: ctx, ends_doc: false }]).unwrap_or_default())
-            .collect();
-        BatchSpec { cols: ctx as usize, rows }
+        let mut spec = BatchSpec::new(ctx as usize, self.inner.batch_size as usize);
+        for u in self.inner.units_of(epoch, index) {
+            match u {
+                Some(u) => spec.push_row(&[Segment { start: u * u64::from(ctx), len: ctx, ends_doc: false }]),
+                None => spec.push_row(&[]),
+            }
+        }
+        spec
     }
 
     fn padding_frac(&self) -> f64 {
@@ -224,8 +258,11 @@ impl Plan for PackedPlan {
     }
 
     fn batch(&self, epoch: u64, index: u64) -> BatchSpec {
-        let rows = self.inner.units_of(epoch, index).map(|u| u.map(|u| self.row(u).to_vec()).unwrap_or_default()).collect();
-        BatchSpec { cols: self.ctx as usize, rows }
+        let mut spec = BatchSpec::new(self.ctx as usize, self.inner.batch_size as usize);
+        for u in self.inner.units_of(epoch, index) {
+            spec.push_row(u.map(|u| self.row(u)).unwrap_or_default());
+        }
+        spec
     }
 
     fn padding_frac(&self) -> f64 {
@@ -285,12 +322,20 @@ pub fn best_fit_decreasing(items: &[Segment], cap: u32) -> Vec<Vec<Segment>> {
 /// them, one document per row padded to the bucket length; each bucket's batches have
 /// `token_budget / bucket` rows, so every batch holds about the same number of slots and
 /// torch.compile sees only `buckets.len()` shapes.
-#[derive(Debug, Clone)]
+/// Every bucket's document pieces in one epoch's shuffled order.
+type EpochDocs = Arc<Vec<Vec<Segment>>>;
+
+#[derive(Debug)]
 pub struct BucketedPlan {
     buckets: Vec<Bucket>,
     /// Cumulative batch counts per bucket: bucket b owns global batches `cum[b]..cum[b + 1]`.
     cum: Vec<u64>,
     shard: Sharding,
+    /// Each bucket's documents in the order of the last epochs asked for. A batch of short
+    /// documents has thousands of rows: gathering them through the permutation one by one
+    /// costs a cache miss each, copying a run of a shuffled list does not. Two entries, so
+    /// workers on both sides of an epoch boundary do not evict each other.
+    shuffled: Mutex<Vec<(u64, EpochDocs)>>,
 }
 
 #[derive(Debug, Clone)]
@@ -323,7 +368,7 @@ impl BucketedPlan {
         for b in &buckets {
             cum.push(cum.last().copied().unwrap_or(0) + shard.split(b.docs.len() as u64, b.rows));
         }
-        let plan = Self { buckets, cum, shard };
+        let plan = Self { buckets, cum, shard, shuffled: Mutex::new(Vec::new()) };
         if plan.batches_per_epoch() == 0 {
             let docs = plan.units();
             return Err(too_small("document pieces (not enough for a full batch in any bucket on every rank)", docs, shard.world));
@@ -333,6 +378,29 @@ impl BucketedPlan {
 
     fn global_batches(&self) -> u64 {
         self.cum.last().copied().unwrap_or(0)
+    }
+
+    fn shuffled(&self, epoch: u64) -> EpochDocs {
+        // A panic elsewhere cannot leave this cache inconsistent: ignore poisoning.
+        let mut cache = self.shuffled.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((_, docs)) = cache.iter().find(|(e, _)| *e == epoch) {
+            return Arc::clone(docs);
+        }
+        let docs: EpochDocs = Arc::new(
+            self.buckets
+                .iter()
+                .enumerate()
+                .map(|(bi, b)| {
+                    let perm = self.shard.perm(b.docs.len() as u64, epoch, 3 + bi as u64);
+                    (0..perm.len()).map(|u| b.docs[perm.apply(u) as usize]).collect()
+                })
+                .collect(),
+        );
+        if cache.len() >= 2 {
+            cache.remove(0);
+        }
+        cache.push((epoch, Arc::clone(&docs)));
+        docs
     }
 }
 
@@ -346,25 +414,25 @@ impl Plan for BucketedPlan {
         if global >= self.global_batches() {
             // Only without drop_last: an all-padding batch so every rank steps equally often.
             let b = &self.buckets[0];
-            return BatchSpec { cols: b.len as usize, rows: vec![Vec::new(); b.rows as usize] };
+            let mut spec = BatchSpec::new(b.len as usize, b.rows as usize);
+            (0..b.rows).for_each(|_| spec.push_row(&[]));
+            return spec;
         }
         let j = self.shard.perm(self.global_batches(), epoch, 2).apply(global);
         let bi = self.cum.partition_point(|&c| c <= j) - 1;
         let bucket = &self.buckets[bi];
-        let chunk = j - self.cum[bi];
-        let n = bucket.docs.len() as u64;
-        let perm = self.shard.perm(n, epoch, 3 + bi as u64);
-        let rows = (0..bucket.rows)
-            .map(|i| {
-                let u = chunk * bucket.rows + i;
-                if u < n {
-                    vec![bucket.docs[perm.apply(u) as usize]]
-                } else {
-                    Vec::new()
-                }
-            })
-            .collect();
-        BatchSpec { cols: bucket.len as usize, rows }
+        let chunk = (j - self.cum[bi]) as usize;
+        let shuffled = self.shuffled(epoch);
+        let docs = &shuffled[bi];
+        let rows = bucket.rows as usize;
+        let mut spec = BatchSpec::new(bucket.len as usize, rows);
+        for i in chunk * rows..(chunk + 1) * rows {
+            match docs.get(i) {
+                Some(doc) => spec.push_row(std::slice::from_ref(doc)),
+                None => spec.push_row(&[]), // the padded tail (drop_last = false)
+            }
+        }
+        spec
     }
 
     fn padding_frac(&self) -> f64 {
@@ -413,7 +481,7 @@ mod tests {
             counts.push(plan.batches_per_epoch());
             for i in 0..plan.batches_per_epoch() {
                 let spec = plan.batch(3, i);
-                for row in &spec.rows {
+                for row in spec.rows() {
                     assert!(row.iter().map(|s| s.len as usize).sum::<usize>() <= spec.cols);
                     segs.extend(row.iter().copied());
                 }
@@ -479,7 +547,7 @@ mod tests {
         let plan = BucketedPlan::new(&offs, &[32, 64, 128, 256], 1024, shard(0, 1, true)).unwrap();
         for i in 0..plan.batches_per_epoch() {
             let spec = plan.batch(0, i);
-            assert_eq!(spec.rows.len() * spec.cols, 1024);
+            assert_eq!(spec.n_rows() * spec.cols, 1024);
         }
     }
 

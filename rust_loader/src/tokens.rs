@@ -138,6 +138,20 @@ impl TokenFile {
         Ok(())
     }
 
+    /// Loads the bytes of tokens at `positions` and discards them, to warm the cache.
+    ///
+    /// Batch assembly gathers many short documents from all over the file. Touching the next
+    /// few of them in one go issues their cache misses together (independent loads overlap)
+    /// instead of paying for them one after another while copying. No `_mm_prefetch`: it
+    /// would need `unsafe`, and plain loads do the job here.
+    #[inline]
+    pub fn touch(&self, positions: impl Iterator<Item = usize>) {
+        let bytes = self.bytes();
+        let size = self.dtype.size();
+        let sum = positions.fold(0u8, |acc, i| acc.wrapping_add(bytes.get(i * size).copied().unwrap_or(0)));
+        std::hint::black_box(sum);
+    }
+
     /// Token `i` as i32, checked against the length and the vocabulary.
     pub fn token(&self, i: usize) -> Result<i32> {
         let mut one = Vec::with_capacity(1);
