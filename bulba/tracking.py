@@ -20,6 +20,7 @@ RunTracker API (stable; used by train.py, prepare and export)
     tracker.log_artifact("runs/krolik-1/config.json")          # the file must still exist later
     tracker.log_artifacts("some/dir", artifact_path="dir")
     tracker.log_text("...", "notes/summary.md"); tracker.log_dict({...}, "report.json")
+    tracker.log_input(mlflow_dataset, context="training")  # an mlflow.data Dataset (e.g. MetaDataset)
     tracker.flush(timeout=5.0) -> bool   # True when everything so far is on the server
     tracker.wait_for_run_id(timeout) -> str | None
     tracker.finish("FINISHED" | "FAILED" | "KILLED", timeout=30.0) -> bool
@@ -28,10 +29,15 @@ RunTracker API (stable; used by train.py, prepare and export)
 `RunTracker(...)` signature::
 
     RunTracker(experiment="bulbagpt", run_name=None, *, run_dir=None, tags=None, params=None,
-               parent_run_id=None, description=None, resume=True, tracking_uri=None,
+               parent_run_id=None, run_id=None, description=None, resume=True, tracking_uri=None,
                start_timeout=10.0, finish_timeout=30.0, http_timeout=3.0,
                artifact_timeout=120.0, flush_interval=1.0, max_memory_records=50_000,
-               quiet=False)
+               system_metrics=False, system_metrics_interval=10.0, quiet=False)
+
+    run_id: continue this existing run instead of creating one (e.g. from a checkpoint).
+    parent_run_id: nest the run under that run in the UI (tag mlflow.parentRunId).
+    system_metrics: sample CPU/RAM/RSS/GPU memory every system_metrics_interval s as
+        `system/...` metrics (MLflow's names), through the same non-blocking queue.
 
 How it works: every call only puts a record on a queue (microseconds). A background thread
 appends each record to `RUN_DIR/mlflow_spool.jsonl` (a write-ahead log with sequence
@@ -245,10 +251,12 @@ class RunTracker:
     def __init__(self, experiment: str = DEFAULT_EXPERIMENT, run_name: str | None = None, *,
                  run_dir: str | os.PathLike | None = None, tags: Mapping[str, Any] | None = None,
                  params: Mapping[str, Any] | None = None, parent_run_id: str | None = None,
+                 run_id: str | None = None,
                  description: str | None = None, resume: bool = True, tracking_uri: str | None = None,
                  start_timeout: float = 10.0, finish_timeout: float = 30.0, http_timeout: float = 3.0,
                  artifact_timeout: float = 120.0, flush_interval: float = 1.0,
-                 max_memory_records: int = 50_000, quiet: bool = False,
+                 max_memory_records: int = 50_000, system_metrics: bool = False,
+                 system_metrics_interval: float = 10.0, quiet: bool = False,
                  _attach_only: bool = False):
         self.finish_timeout = float(finish_timeout)
         self.http_timeout = float(http_timeout)
@@ -282,7 +290,8 @@ class RunTracker:
                 raise UserError(f"{self.run_dir} has no {RUN_FILE}: not a run directory with MLflow data")
             if tracking_uri:
                 info["tracking_uri"] = tracking_uri
-        elif info is not None and resume and info.get("tracking_uri") == uri and info.get("experiment") == experiment:
+        elif info is not None and resume and info.get("tracking_uri") == uri and (
+                info.get("run_id") == run_id if run_id else info.get("experiment") == experiment):
             pass  # continue the same run (same id, or still to be created)
         else:
             if info is not None and pending:
@@ -293,7 +302,7 @@ class RunTracker:
                 _say(f"starting a new MLflow run in {self.run_dir} (previous run {info.get('run_id')} "
                      f"was on {info.get('tracking_uri')}, experiment {info.get('experiment')})")
             info = {"format": "bulba-mlflow-run", "version": 1, "tracking_uri": uri, "experiment": experiment,
-                    "run_name": run_name, "run_id": None, "client_id": uuid.uuid4().hex,
+                    "run_name": run_name, "run_id": run_id, "client_id": uuid.uuid4().hex,
                     "start_time": _now_ms(), "parent_run_id": parent_run_id, "description": description,
                     "tags": {str(k): str(v) for k, v in (tags or {}).items()}}
             acked = last = 0
@@ -341,6 +350,10 @@ class RunTracker:
         self._thread = threading.Thread(target=self._worker, name="bulba-mlflow", daemon=True)
         self._thread.start()
         _live_trackers.add(self)
+        self._sys_stop = threading.Event()
+        if system_metrics and not _attach_only:
+            threading.Thread(target=self._system_metrics, args=(float(system_metrics_interval),),
+                             name="bulba-mlflow-system", daemon=True).start()
 
         if not _attach_only:
             if self._resumed_run:
@@ -427,6 +440,16 @@ class RunTracker:
     def log_dict(self, obj: Any, artifact_file: str) -> None:
         self.log_text(json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n", artifact_file)
 
+    def log_input(self, dataset: Any, context: str | None = "training", tags: Mapping[str, str] | None = None) -> None:
+        """Record a dataset input (an `mlflow.data` Dataset, e.g. MetaDataset, or an
+        `mlflow.entities.Dataset`) so the UI links runs that used the same data."""
+        ent = dataset._to_mlflow_entity() if hasattr(dataset, "_to_mlflow_entity") else dataset
+        d = {f: getattr(ent, f, None) for f in ("name", "digest", "source_type", "source", "schema", "profile")}
+        t = {str(k): str(v) for k, v in (tags or {}).items()}
+        if context:
+            t["mlflow.data.context"] = context
+        self._put({"t": "d", "ds": d, "tags": t})
+
     def flush(self, timeout: float | None = 10.0) -> bool:
         """Wait (at most `timeout` s) until everything logged so far is on the server."""
         target = self._seq_base + self._enqueued
@@ -454,6 +477,7 @@ class RunTracker:
         if self._finished:
             return self._synced
         self._finished = True
+        self._sys_stop.set()
         if status:
             self._put({"t": "end", "status": status, "end_time": _now_ms()})
         self._close(self.finish_timeout if timeout is None else timeout)
@@ -522,6 +546,32 @@ class RunTracker:
                 why = f" ({self.last_error})" if self.last_error else ""
                 _say(f"{left} tracking records not on {self.tracking_uri}{why}; kept in {self.spool_path}; "
                      f"send them later with: python -m bulba.tracking sync {self.run_dir}")
+
+    def _system_metrics(self, interval: float) -> None:
+        """MLflow-style `system/...` metrics through the same non-blocking queue."""
+        try:
+            import psutil
+        except ImportError:
+            return
+        proc = psutil.Process()
+        psutil.cpu_percent(None)
+        step = 0
+        while not self._sys_stop.wait(interval):
+            try:
+                vm = psutil.virtual_memory()
+                m = {"system/cpu_utilization_percentage": psutil.cpu_percent(None),
+                     "system/system_memory_usage_megabytes": (vm.total - vm.available) / 2**20,
+                     "system/system_memory_usage_percentage": vm.percent,
+                     "system/process_rss_megabytes": proc.memory_info().rss / 2**20}
+                torch = sys.modules.get("torch")
+                if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+                    for i in range(torch.cuda.device_count()):
+                        m[f"system/gpu_{i}_memory_allocated_megabytes"] = torch.cuda.memory_allocated(i) / 2**20
+                        m[f"system/gpu_{i}_memory_reserved_megabytes"] = torch.cuda.memory_reserved(i) / 2**20
+                self.log_metrics(m, step=step)
+                step += 1
+            except Exception:
+                pass
 
     # ---- worker thread
     def _write(self, line: dict) -> None:
@@ -720,6 +770,13 @@ class RunTracker:
         elif kind == "status":
             with _http_limits(self.http_timeout):
                 client.update_run(self.run_id, status=r["status"])
+        elif kind == "d":
+            from mlflow.entities import Dataset, DatasetInput, InputTag
+
+            ds = Dataset(**{k: v for k, v in r["ds"].items() if v is not None or k in ("name", "digest")})
+            inp = DatasetInput(ds, tags=[InputTag(k, v) for k, v in r["tags"].items()])
+            with _http_limits(self.http_timeout):
+                client.log_inputs(self.run_id, datasets=[inp])
 
     def _drop(self, r: dict, why: str) -> None:
         self.dropped += 1

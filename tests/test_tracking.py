@@ -265,3 +265,28 @@ def test_sync_cli_help_and_bad_input(tmp_path):
     r = subprocess.run([sys.executable, "-m", "bulba.tracking", "sync", str(tmp_path)], capture_output=True,
                        text=True, env=env, timeout=60)
     assert r.returncode == 2 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_dataset_input_system_metrics_and_explicit_run_id(mlflow_uri, mlflow_server, tmp_path):
+    import numpy as np
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.data.sources import LocalArtifactDatasetSource
+    from mlflow.types import Schema, TensorSpec
+
+    ds = MetaDataset(source=LocalArtifactDatasetSource(str(tmp_path)), name="demo", digest="abc123",
+                     schema=Schema([TensorSpec(np.dtype("uint16"), (-1,), "tokens")]))
+    with RunTracker("bulbagpt-test", "extras", run_dir=tmp_path / "a", system_metrics=True,
+                    system_metrics_interval=0.2, quiet=True) as t:
+        t.log_input(ds, context="training")
+        t.log_metric("loss", 1.0, step=0)
+        time.sleep(0.7)
+    c = _client(mlflow_server.uri)
+    run = c.get_run(t.run_id)
+    assert [d.dataset.digest for d in run.inputs.dataset_inputs] == ["abc123"]
+    assert "system/cpu_utilization_percentage" in run.data.metrics
+    # another process continues the run by id (e.g. from a checkpoint), in another directory
+    with RunTracker("bulbagpt-test", run_id=t.run_id, run_dir=tmp_path / "b", quiet=True) as t2:
+        t2.log_metric("loss", 0.5, step=1)
+    assert t2.run_id == t.run_id
+    assert sorted(m.step for m in _history(mlflow_server.uri, t.run_id, "loss")) == [0, 1]
+    assert c.get_run(t.run_id).info.status == "FINISHED"
