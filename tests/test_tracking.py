@@ -254,6 +254,10 @@ def test_embedded_sqlite_default(tmp_path, monkeypatch):
     assert run.info.status == "FINISHED" and run.data.metrics["loss"] == 1.5 and run.data.params["x"] == "1"
     assert [f.path for f in c.list_artifacts(t.run_id)] == ["hi.txt"]
     assert (tmp_path / "mlruns").is_dir()
+    # `mlflow ui` in this directory picks the same store (our artifact dirs are not a file store)
+    from mlflow.tracking._tracking_service.utils import _get_default_tracking_uri
+
+    assert _get_default_tracking_uri() == "sqlite:///mlflow.db"
     assert not (tmp_path / "runs" / ".mlflow-spool").exists() or not any((tmp_path / "runs" / ".mlflow-spool").iterdir())
 
 
