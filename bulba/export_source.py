@@ -68,6 +68,7 @@ class Source:
     shapes: dict[str, tuple[int, ...]]
     name: str
     mlflow_run_id: str | None
+    dtypes: dict[str, str] = field(default_factory=dict)  # safetensors dtype per weight
     _tmp: str | None = field(default=None, repr=False)
 
     def cleanup(self) -> None:
@@ -82,8 +83,13 @@ class Source:
         """One weight as float32 numpy, checked finite (NaN/Inf weights make an unusable model)."""
         from safetensors import safe_open
 
-        with safe_open(str(self.weights), framework="pt") as f:
-            t = f.get_tensor(name).float().numpy()
+        if self.dtypes.get(name, "F32") in ("F32", "F16", "F64"):
+            # numpy reads these directly: the GGUF path then never imports torch (~300 MB RSS)
+            with safe_open(str(self.weights), framework="np") as f:
+                t = f.get_tensor(name).astype(np.float32, copy=False)
+        else:  # BF16 has no numpy dtype
+            with safe_open(str(self.weights), framework="pt") as f:
+                t = f.get_tensor(name).float().numpy()
         if not np.isfinite(t).all():
             bad = int((~np.isfinite(t)).sum())
             raise UserError(f"{self.weights}: weight '{name}' has {bad} NaN/Inf values; "
@@ -324,7 +330,8 @@ def _open_local(run_dir: Path, weights: Path, source: str, tmp: str | None) -> S
             raise UserError(f"{weights} does not match {cfg_path}: '{k}' has shape {list(got)}, the config implies {list(shape)}")
     name = run_dir.name if not tmp else (config.get("recipe") or {}).get("name") or "bulba"
     return Source(run_dir=run_dir, weights=weights, tokenizer_path=tok_path, config=config, model=cfg,
-                  tokenizer=tok, shapes=want, name=name, mlflow_run_id=config.get("mlflow_run_id"), _tmp=tmp)
+                  tokenizer=tok, shapes=want, name=name, mlflow_run_id=config.get("mlflow_run_id"),
+                  dtypes={k: header[k][0] for k in want}, _tmp=tmp)
 
 
 def load_torch_model(src: Source):

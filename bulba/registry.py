@@ -20,41 +20,12 @@ from pathlib import Path
 
 from .errors import UserError
 
-try:
-    import mlflow.pyfunc as _pyfunc
-
-    _Base = _pyfunc.PythonModel
-except Exception:  # mlflow is a dependency, but keep the module importable without it
-    _Base = object
-
-
 def sha256_file(path: str | os.PathLike, chunk: int = 8 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while b := f.read(chunk):
             h.update(b)
     return h.hexdigest()
-
-
-class GGUFModel(_Base):
-    """pyfunc wrapper: predict(list of prompts) -> greedy completions from llama.cpp."""
-
-    def load_context(self, context):
-        from .gguf_export import read_back
-
-        self.path = context.artifacts["gguf"]
-        self.ctx_len = int(read_back(self.path)["kv"].get("llama.context_length", 512))
-
-    def predict(self, context, model_input: list[str], params: dict | None = None) -> list[str]:
-        from .llamacpp import LlamaCpp
-
-        n_new = int((params or {}).get("max_tokens", 32))
-        out = []
-        with LlamaCpp(self.path, n_ctx=self.ctx_len) as llm:
-            for prompt in model_input:
-                ids = llm.tokenize(str(prompt))[-(self.ctx_len - n_new):]
-                out.append(llm.detokenize(llm.greedy(ids, n_new)))
-        return out
 
 
 def check_reachable(what: str, timeout: float = 5.0) -> None:
@@ -116,6 +87,7 @@ def log_export(*, src, gguf_path: Path, type_name: str, sha256: str, report=None
     import mlflow
     from mlflow import MlflowClient
 
+    from .gguf_pyfunc import GGUFModel
     from .tracking import DEFAULT_EXPERIMENT, setup_mlflow
 
     check_reachable("cannot log the export" + (f" or register '{register}'" if register else ""))
@@ -158,7 +130,7 @@ def log_export(*, src, gguf_path: Path, type_name: str, sha256: str, report=None
         if register:
             mi = mlflow.pyfunc.log_model(
                 name="gguf",
-                python_model=GGUFModel(),
+                python_model=GGUFModel(),  # bulba.gguf_pyfunc
                 artifacts={"gguf": str(gguf_path)},
                 # Explicit requirements: inferring them would import and run the model in a subprocess.
                 pip_requirements=["mlflow>=3.17,<4", "llama-cpp-python>=0.3.8", "bulbagpt"],

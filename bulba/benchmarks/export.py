@@ -68,8 +68,6 @@ def make_random_run(run_dir: Path, cfg) -> None:
 
 def _child(mode: str, run_dir: str, type_name: str, out: str) -> None:
     """Runs in the subprocess: one export, then prints {"seconds", "peak_rss_mb"}."""
-    import resource
-
     t0 = time.perf_counter()
     if mode == "bulba":
         from ..exporter import export
@@ -78,7 +76,21 @@ def _child(mode: str, run_dir: str, type_name: str, out: str) -> None:
     else:
         _in_memory_export(run_dir, type_name, out)
     secs = time.perf_counter() - t0
-    print(json.dumps({"seconds": secs, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    print(json.dumps({"seconds": secs, "peak_rss_mb": _vm_hwm_mb()}))
+
+
+def _vm_hwm_mb() -> float:
+    """Peak RSS of this process image. Not getrusage's ru_maxrss: Linux carries that across
+    fork + exec, so a child of a big parent would report the parent's peak."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _in_memory_export(run_dir: str, type_name: str, out: str) -> None:
@@ -103,7 +115,7 @@ def _in_memory_export(run_dir: str, type_name: str, out: str) -> None:
             arr = permute_rotate_half(arr, src.model.n_kv_head)
         t = qtype if arr.ndim == 2 else gguf.GGMLQuantizationType.F32
         data = _convert(arr, t)
-        w.add_tensor(gname, data, raw_shape=shape if data.dtype == np.uint8 else None, raw_dtype=t)
+        w.add_tensor(gname, data, raw_dtype=t)  # uint8 data: GGUFWriter derives the shape
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

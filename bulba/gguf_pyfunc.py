@@ -1,0 +1,30 @@
+"""The registered model's pyfunc flavor: a GGUF run through llama.cpp.
+
+Its own module so that `bulba.registry` (and export.py without --register) does not import
+mlflow.pyfunc; MLflow pickles the class by reference, so loading a version needs bulba.
+"""
+
+from __future__ import annotations
+
+import mlflow.pyfunc
+
+
+class GGUFModel(mlflow.pyfunc.PythonModel):
+    """pyfunc wrapper: predict(list of prompts) -> greedy completions from llama.cpp."""
+
+    def load_context(self, context):
+        from .gguf_export import read_back
+
+        self.path = context.artifacts["gguf"]
+        self.ctx_len = int(read_back(self.path)["kv"].get("llama.context_length", 512))
+
+    def predict(self, context, model_input: list[str], params: dict | None = None) -> list[str]:
+        from .llamacpp import LlamaCpp
+
+        n_new = int((params or {}).get("max_tokens", 32))
+        out = []
+        with LlamaCpp(self.path, n_ctx=self.ctx_len) as llm:
+            for prompt in model_input:
+                ids = llm.tokenize(str(prompt))[-(self.ctx_len - n_new):]
+                out.append(llm.detokenize(llm.greedy(ids, n_new)))
+        return out
