@@ -37,7 +37,7 @@ def main(argv=None):
     parser.add_argument("recipe", help="recipe YAML path or preset name")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="recipe overrides")
     parser.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow (metrics.jsonl only)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # flags may sit between overrides
 
     from bulba.config import load_recipe
 

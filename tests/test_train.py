@@ -1,0 +1,231 @@
+"""Training on CPU: loss falls, eager == compile, SIGKILL/SIGTERM resume, DDP shards, NaN policy,
+bad input. Tiny shapes (2 layers, ctx 64, batch 4, 1 thread) so the whole file stays short."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from _fx_train import ROOT, TINY, losses_from, run_train, train_data  # noqa: F401 (fixture)
+from bulba.config import load_recipe
+from bulba.errors import UserError
+from bulba.trainer import TrainingFault, train
+
+RESUME_ARGS = TINY + ["train.max_steps=6", "train.ckpt_every=2", "train.val_every=0", "train.ckpt_keep=0"]
+
+
+def _recipe(data, out, *extra):
+    return load_recipe("tiny", TINY + [f"data.dir={data}", f"out_dir={out}", *extra])
+
+
+# --------------------------------------------------------------------------- bad input: exit 2
+
+
+@pytest.mark.parametrize("override,expect", [
+    ("train.max_step=3", "did you mean 'train.max_steps'"),
+    ("modle.n_layer=2", "did you mean 'model'"),
+    ("train.mode=compiled", "did you mean 'compile'"),
+    ("train.batch_size=abc", "train.batch_size: expected int"),
+    ("model.n_embd=0", "model.n_embd must be positive"),
+])
+def test_recipe_errors_exit_2_one_line(override, expect):
+    p = run_train(["tiny", override], timeout=120)
+    assert p.returncode == 2, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expect in lines[0], p.stderr
+
+
+def test_data_errors_exit_2(train_data, tmp_path):
+    p = run_train(["tiny", f"data.dir={tmp_path / 'nope'}", f"out_dir={tmp_path / 'r'}"], timeout=120)
+    assert p.returncode == 2 and "prepare.py" in p.stderr, p.stderr
+    p = run_train(["tiny", f"data.dir={train_data}", "model.vocab_size=32003", f"out_dir={tmp_path / 'r'}"],
+                  timeout=120)
+    assert p.returncode == 2 and "vocab size mismatch" in p.stderr, p.stderr
+    assert not (tmp_path / "r").exists()  # nothing half-written
+
+
+def test_refuses_to_overwrite_a_run(train_data, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    with pytest.raises(UserError, match="resume=auto"):
+        train(_recipe(train_data, out, "train.max_steps=1"), enable_tracking=False)
+
+
+# --------------------------------------------------------------------------- learning
+
+
+def test_tiny_loss_falls(train_data, tmp_path):
+    out = tmp_path / "run"
+    s = train(_recipe(train_data, out, "train.max_steps=40", "train.lr=3e-3", "train.val_every=0",
+                      "train.sample_every=20", "train.ckpt_every=0"), enable_tracking=False)
+    losses = [s["losses"][i] for i in sorted(s["losses"])]
+    assert len(losses) == 40 and all(math.isfinite(x) for x in losses)
+    assert sum(losses[-5:]) / 5 < sum(losses[:3]) / 3 - 1.0, losses
+    assert s["val_loss"] < losses[0] - 1.0
+    from safetensors.torch import load_file
+
+    w = load_file(str(out / "final.safetensors"))
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["format"] == "bulba-run" and cfg["version"] == 1
+    assert w["tok_embeddings.weight"].shape[0] == cfg["model"]["vocab_size"]
+    assert all(v.dtype == torch.float32 for v in w.values())
+    assert (out / "tokenizer.json").is_file() and (out / "samples.jsonl").is_file()
+
+
+def test_eager_and_compile_agree(train_data, tmp_path):
+    got = {}
+    for mode in ("eager", "compile"):
+        s = train(_recipe(train_data, tmp_path / mode, "train.max_steps=3", "train.val_every=0",
+                          "train.val_batches=1", "train.ckpt_every=0", "train.precision=32-true",
+                          "model.n_layer=1", f"train.mode={mode}"), enable_tracking=False)
+        got[mode] = [s["losses"][i] for i in (1, 2, 3)]
+    for a, b in zip(got["eager"], got["compile"]):
+        assert abs(a - b) < 1e-3 * abs(a), got
+
+
+# --------------------------------------------------------------------------- interruption
+
+
+@pytest.fixture(scope="module")
+def reference(train_data, tmp_path_factory):
+    """An uninterrupted run: the losses every interrupted-and-resumed run must reproduce."""
+    out = tmp_path_factory.mktemp("ref") / "run"
+    p = run_train(["tiny", f"data.dir={train_data}", f"out_dir={out}", "--no-mlflow", *RESUME_ARGS])
+    assert p.returncode == 0, p.stderr[-2000:]
+    return losses_from(out)
+
+
+def _start(args, env_extra=None):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
+    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for(proc, needle: str) -> list[str]:
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if needle in line:
+            return seen
+    raise AssertionError("run ended before " + repr(needle) + ":\n" + "".join(seen[-30:]))
+
+
+def test_sigkill_then_resume_reproduces_losses_in_same_mlflow_run(train_data, tmp_path, reference):
+    out = tmp_path / "run"
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    args = ["tiny", f"data.dir={train_data}", f"out_dir={out}", *RESUME_ARGS]
+    proc = _start(args, env)
+    try:
+        _wait_for(proc, "step-00000004")  # the step-4 checkpoint is complete once this is printed
+    finally:
+        proc.kill()  # SIGKILL: no handler runs
+        proc.wait(60)
+    run_id = json.loads((out / "config.json").read_text())["mlflow_run_id"]
+    assert run_id and not (out / "final.safetensors").exists()
+    p = run_train(args + ["resume=auto"], env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "resuming from" in p.stdout
+    got = losses_from(out)
+    assert sorted(got) == sorted(reference) == list(range(1, 7))
+    for step in reference:
+        assert got[step] == pytest.approx(reference[step], rel=1e-6, abs=1e-6), (step, got, reference)
+    assert json.loads((out / "config.json").read_text())["mlflow_run_id"] == run_id
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    assert client.get_run(run_id).info.status == "FINISHED"
+    hist = client.get_metric_history(run_id, "train/loss")
+    assert {m.step for m in hist} == set(range(1, 7))
+    run = client.get_run(run_id)
+    assert run.data.params["model.n_layer"] == "2" and "bulba.dataset_digest" in run.data.tags
+
+
+def test_sigterm_writes_checkpoint_and_resumes(train_data, tmp_path, reference):
+    out = tmp_path / "run"
+    args = ["tiny", f"data.dir={train_data}", f"out_dir={out}", "--no-mlflow", *RESUME_ARGS]
+    proc = _start(args)
+    try:
+        _wait_for(proc, "step      3/6")
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, rest
+    assert "resume=auto" in rest
+    states = [json.loads(p.read_text()) for p in (out / "checkpoints").glob("step-*/state.json")]
+    assert any(s["reason"] == "SIGTERM" for s in states), states
+    p = run_train(args + ["resume=auto"])
+    assert p.returncode == 0, p.stderr[-2000:]
+    got = losses_from(out)
+    for step in reference:
+        assert got[step] == pytest.approx(reference[step], rel=1e-6, abs=1e-6), (step, got, reference)
+
+
+# --------------------------------------------------------------------------- DDP
+
+
+def test_ddp_two_processes_gloo_disjoint_shards(train_data, tmp_path):
+    out = tmp_path / "run"
+    p = run_train(["tiny", f"data.dir={train_data}", f"out_dir={out}", "--no-mlflow", *TINY,
+                   "train.max_steps=3", "train.val_every=0", "train.ckpt_every=0", "train.devices=2",
+                   "train.strategy=ddp", "train.accelerator=cpu"], timeout=400)
+    assert p.returncode == 0, (p.stdout[-2000:], p.stderr[-3000:])
+    r0 = json.loads((out / "logs" / "rank-0.json").read_text())
+    r1 = json.loads((out / "logs" / "rank-1.json").read_text())
+    assert r0["world_size"] == r1["world_size"] == 2
+    assert len(r0["first_batches_sha256"]) == len(r1["first_batches_sha256"]) == 3
+    assert not set(r0["first_batches_sha256"]) & set(r1["first_batches_sha256"])
+    assert (out / "final.safetensors").is_file()
+    assert all(math.isfinite(v) for v in losses_from(out).values())
+
+
+# --------------------------------------------------------------------------- numerical faults
+
+
+def _nan_at(step_to_fault: int):
+    def hook(module):
+        orig = module._fault_hook
+
+        def fault(loss):
+            if module.state.step + 1 == step_to_fault:
+                return loss * float("nan")
+            return orig(loss)
+
+        module._fault_hook = fault
+
+    return hook
+
+
+def test_nan_stop_checkpoints_before_fault_and_writes_no_weights(train_data, tmp_path):
+    out = tmp_path / "run"
+    r = _recipe(train_data, out, "train.max_steps=5", "train.val_every=0", "train.ckpt_every=0",
+                "train.nan_policy=stop")
+    with pytest.raises(TrainingFault, match="non-finite loss at step 3"):
+        train(r, module_hook=_nan_at(3), enable_tracking=False)
+    assert not (out / "final.safetensors").exists()
+    from bulba import checkpoint as ckpt
+
+    last = ckpt.latest_checkpoint(out / "checkpoints")
+    state = ckpt.load_checkpoint(last)
+    assert state["state"]["train"]["step"] == 2 and state["state"]["reason"] == "fault"
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_nan_skip_skips_the_step_and_finishes(train_data, tmp_path):
+    out = tmp_path / "run"
+    r = _recipe(train_data, out, "train.max_steps=4", "train.val_every=0", "train.ckpt_every=0",
+                "train.nan_policy=skip")
+    s = train(r, module_hook=_nan_at(2), enable_tracking=False)
+    assert s["nan_skips"] == 1 and s["step"] == 4
+    from safetensors.torch import load_file
+
+    assert all(torch.isfinite(v).all() for v in load_file(str(out / "final.safetensors")).values())
