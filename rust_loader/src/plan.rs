@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::error::{DataError, Result};
-use crate::perm::{mix, Permutation};
+use crate::perm::{mix, shuffle, Permutation};
 
 /// A contiguous run of tokens `start..start + len` placed in a row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -391,8 +391,11 @@ impl BucketedPlan {
                 .iter()
                 .enumerate()
                 .map(|(bi, b)| {
-                    let perm = self.shard.perm(b.docs.len() as u64, epoch, 3 + bi as u64);
-                    (0..perm.len()).map(|u| b.docs[perm.apply(u) as usize]).collect()
+                    let mut docs = b.docs.clone();
+                    if self.shard.shuffle {
+                        shuffle(&mut docs, mix(&[self.shard.seed, epoch, 3 + bi as u64]));
+                    }
+                    docs
                 })
                 .collect(),
         );

@@ -5,8 +5,11 @@
 use std::fs::File;
 use std::io::{BufReader, Read};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use memmap2::Mmap;
+#[cfg(unix)]
+use memmap2::UncheckedAdvice;
 
 use crate::error::{DataError, Result};
 
@@ -38,6 +41,11 @@ impl Dtype {
 /// rest is checked as batches copy it (a full scan of a multi-GB file on open is not cheap).
 const VOCAB_CHECK_TOKENS: usize = 1 << 16;
 
+/// Files larger than this have their mapped pages released from this process every
+/// `RELEASE_EVERY_READS` reads (see `TokenFile::note_read`); smaller ones stay mapped.
+const RELEASE_ABOVE_BYTES: u64 = 64 << 20;
+const RELEASE_EVERY_READS: usize = 16;
+
 /// A validated, memory-mapped token file.
 #[derive(Debug)]
 pub struct TokenFile {
@@ -47,6 +55,8 @@ pub struct TokenFile {
     dtype: Dtype,
     len: usize,
     vocab_size: u32,
+    /// Reads since open, counted only for files above `RELEASE_ABOVE_BYTES`.
+    reads: Option<AtomicUsize>,
 }
 
 impl TokenFile {
@@ -80,7 +90,8 @@ impl TokenFile {
             let _ = map.advise(memmap2::Advice::Random);
             Some(map)
         };
-        let tf = Self { path: path.to_path_buf(), map, dtype, len, vocab_size };
+        let reads = (bytes > RELEASE_ABOVE_BYTES).then(|| AtomicUsize::new(0));
+        let tf = Self { path: path.to_path_buf(), map, dtype, len, vocab_size, reads };
         tf.check_vocab(0, len.min(VOCAB_CHECK_TOKENS))?;
         tf.check_vocab(len.saturating_sub(VOCAB_CHECK_TOKENS), len)?;
         Ok(tf)
@@ -123,6 +134,7 @@ impl TokenFile {
             .filter(|&e| e <= self.len)
             .ok_or_else(|| DataError::at(&self.path, format!("read of {len} tokens at {start} is past the end ({})", self.len)))?;
         let bytes = &self.bytes()[start * self.dtype.size()..end * self.dtype.size()];
+        self.note_read();
         let from = out.len();
         // Convert first, check after: two simple loops the compiler vectorizes, instead of
         // one loop with a data-dependent branch.
@@ -136,6 +148,27 @@ impl TokenFile {
             return Err(self.vocab_error(start, end));
         }
         Ok(())
+    }
+
+    /// Keeps the file's pages from piling up in this process's resident set.
+    ///
+    /// Every page a batch reads stays mapped, and the kernel maps whole page-cache folios (up
+    /// to MBs) per fault, so random windows over a multi-GB file would grow RSS towards the
+    /// file size. It is only page cache, but it shows up as this process's memory; dropping
+    /// the mappings every few reads keeps RSS flat. A dropped page that is read again just
+    /// faults back in from the page cache.
+    fn note_read(&self) {
+        let Some(reads) = &self.reads else { return };
+        if (reads.fetch_add(1, Ordering::Relaxed) + 1).is_multiple_of(RELEASE_EVERY_READS) {
+            #[cfg(unix)]
+            if let Some(map) = &self.map {
+                // SAFETY: `map` is a read-only MAP_SHARED file mapping (memmap2's `Mmap::map`) that
+                // nothing writes through. MADV_DONTNEED only removes this process's page-table
+                // entries; later reads, also concurrent ones on other threads, fault the same file
+                // contents back in from the page cache, so no slice we hand out changes.
+                let _ = unsafe { map.unchecked_advise(UncheckedAdvice::DontNeed) };
+            }
+        }
     }
 
     /// Loads the bytes of tokens at `positions` and discards them, to warm the cache.
