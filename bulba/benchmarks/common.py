@@ -76,12 +76,15 @@ def report(command: str, rows: list[dict], args, extra: dict | None = None) -> N
             print(f"- {k}: {v}")
     payload = {"benchmark": command, "hardware": hw, "rows": rows, "extra": extra or {},
                "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    # the notes under the table (shared settings, how figures are measured) travel with it
+    notes = "".join(f"- {k}: {v}\n" for k, v in (extra or {}).items())
+    text = head + table + "\n" + ("\n" + notes if notes else "")
     if args.json:
         write_json(args.json, payload)
     if args.md:
-        write_text(args.md, head + table + "\n")
+        write_text(args.md, text)
     if not args.no_mlflow:
-        log_to_mlflow(command, rows, payload, head + table, args.experiment)
+        log_to_mlflow(command, rows, payload, text, args.experiment)
 
 
 def log_to_mlflow(command: str, rows: list[dict], payload: dict, table: str, experiment: str) -> None:

@@ -131,6 +131,7 @@ def _hf_dataset(data_dir: Path, meta: dict, ctx: int, cache: Path) -> Path:
     import numpy as np
     import datasets
 
+    datasets.disable_progress_bars()
     dtype = np.dtype(meta.get("dtype", "uint16")).newbyteorder("<")
     tokens = np.memmap(data_dir / "train.bin", dtype=dtype, mode="r")
     n = len(tokens) // ctx
@@ -405,8 +406,9 @@ def _run_hf(spec: dict, recipe, best: bool) -> dict:
     attention = model.config._attn_implementation
 
     train_ds = datasets.load_from_disk(spec["hf_data"])
+    out_dir = tempfile.TemporaryDirectory(prefix="hf-bench-")
     targs = TrainingArguments(
-        output_dir=tempfile.mkdtemp(prefix="hf-bench-"), report_to="none", save_strategy="no", eval_strategy="no",
+        output_dir=out_dir.name, report_to="none", save_strategy="no", eval_strategy="no",
         logging_strategy="steps", logging_steps=total, disable_tqdm=True, max_steps=total,
         per_device_train_batch_size=t.batch_size, gradient_accumulation_steps=1, dataloader_drop_last=True,
         learning_rate=t.lr, weight_decay=t.weight_decay, adam_beta1=t.beta1, adam_beta2=t.beta2,
