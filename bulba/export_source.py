@@ -252,7 +252,11 @@ def _download_run(uri: str) -> tuple[Path, str]:
     check_reachable(f"cannot download {uri}")
     tmp = tempfile.mkdtemp(prefix="bulba-export-src-")
     try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
+        run_id, _, sub = uri[len("runs:/"):].strip("/").partition("/")
+        if not run_id:
+            raise ValueError("no run id after runs:/")
+        # MLflow refuses a bare runs:/<id>; the run id form fetches the whole artifact tree.
+        local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=sub or "", dst_path=tmp))
     except Exception as e:  # MlflowException, connection errors: all one line for the user
         shutil.rmtree(tmp, ignore_errors=True)
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
