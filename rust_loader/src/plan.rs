@@ -143,10 +143,12 @@ fn too_small(what: &str, units: u64, need: u64) -> DataError {
 
 /// Windows of ctx + 1 tokens at stride ctx over the concatenated stream: the input windows
 /// `[u*ctx, (u+1)*ctx)` are disjoint and so are the label windows, so every token but the
-/// first is a target exactly once per epoch.
+/// first is a target exactly once per epoch. Without drop_last the shorter window at the end
+/// is kept (padded), so even a split shorter than ctx yields a batch.
 #[derive(Debug, Clone)]
 pub struct StreamPlan {
     ctx: u32,
+    n_tokens: u64,
     inner: UnitBatches,
 }
 
@@ -154,8 +156,9 @@ impl StreamPlan {
     pub fn new(n_tokens: u64, ctx: u32, batch_size: u64, shard: Sharding) -> Result<Self> {
         check_shape(ctx, batch_size)?;
         shard.validate()?;
-        let units = n_tokens.saturating_sub(1) / u64::from(ctx);
-        let plan = Self { ctx, inner: UnitBatches { units, batch_size, shard } };
+        let targets = n_tokens.saturating_sub(1);
+        let units = if shard.drop_last { targets / u64::from(ctx) } else { targets.div_ceil(u64::from(ctx)) };
+        let plan = Self { ctx, n_tokens, inner: UnitBatches { units, batch_size, shard } };
         if plan.batches_per_epoch() == 0 {
             return Err(too_small(&format!("windows of ctx+1 = {} tokens", ctx + 1), units, batch_size * shard.world));
         }
@@ -169,11 +172,16 @@ impl Plan for StreamPlan {
     }
 
     fn batch(&self, epoch: u64, index: u64) -> BatchSpec {
-        let ctx = self.ctx;
-        let mut spec = BatchSpec::new(ctx as usize, self.inner.batch_size as usize);
+        let ctx = u64::from(self.ctx);
+        let mut spec = BatchSpec::new(self.ctx as usize, self.inner.batch_size as usize);
         for u in self.inner.units_of(epoch, index) {
             match u {
-                Some(u) => spec.push_row(&[Segment { start: u * u64::from(ctx), len: ctx, ends_doc: false }]),
+                Some(u) => {
+                    let start = u * ctx;
+                    // Only the tail window is shorter; it still leaves its next token as a label.
+                    let len = ctx.min(self.n_tokens - 1 - start) as u32;
+                    spec.push_row(&[Segment { start, len, ends_doc: false }]);
+                }
                 None => spec.push_row(&[]),
             }
         }
@@ -504,11 +512,11 @@ mod tests {
             let (segs, counts) = epoch_segments(|s| Box::new(StreamPlan::new(1000, 16, 3, s).unwrap()), 2, drop_last);
             assert!(counts.iter().all(|&c| c == counts[0]));
             assert_disjoint(&segs);
-            let units = 999 / 16;
+            let covered: u64 = segs.iter().map(|s| u64::from(s.len)).sum();
             if drop_last {
-                assert!(units - (segs.len() as u64) < 6);
+                assert!(999 - covered < 6 * 16 + 16);
             } else {
-                assert_eq!(segs.len() as u64, units);
+                assert_eq!(covered, 999, "every token but the first is a target");
             }
         }
     }
@@ -564,6 +572,7 @@ mod tests {
     #[test]
     fn too_small_is_an_error() {
         assert!(StreamPlan::new(10, 8, 4, shard(0, 1, true)).is_err());
+        assert_eq!(StreamPlan::new(3, 8, 4, shard(0, 1, false)).unwrap().batch(0, 0).segments()[0].len, 2);
         assert!(StreamPlan::new(100, 8, 4, shard(2, 2, true)).is_err());
     }
 
