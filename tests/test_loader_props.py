@@ -22,7 +22,7 @@ from loader_data import write_split
 pytest.importorskip("bulba._rust")
 
 BUCKETS = [8, 16, 32]
-SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def write_positions(d: Path, lengths: list[int]) -> tuple[int, set[int]]:

@@ -186,10 +186,16 @@ impl TokenFile {
     }
 
     /// Token `i` as i32, checked against the length and the vocabulary.
+    /// (Not counted as a read for `note_read`: it follows a read of the run just before it.)
     pub fn token(&self, i: usize) -> Result<i32> {
-        let mut one = Vec::with_capacity(1);
-        self.extend_into(i, 1, &mut one)?;
-        Ok(one[0])
+        if i >= self.len {
+            return Err(DataError::at(&self.path, format!("read of token {i} is past the end ({})", self.len)));
+        }
+        let t = self.get(i);
+        if t >= self.vocab_size {
+            return Err(self.vocab_error(i, i + 1));
+        }
+        Ok(t as i32)
     }
 
     fn check_vocab(&self, start: usize, end: usize) -> Result<()> {
