@@ -31,7 +31,8 @@ SAMPLERS = ("stream", "packed", "bucketed")
 DTYPES = {"uint16": 2, "uint32": 4}
 STATE_VERSION = 1
 # Settings that change what batch N is: a state saved under other values cannot be resumed.
-_STATE_KEYS = ("sampler", "seed", "batch_size", "ctx", "rank", "world_size", "batches_per_epoch")
+# Not the rank: every rank is at the same position, so rank 0's saved state serves them all.
+_STATE_KEYS = ("sampler", "seed", "batch_size", "ctx", "world_size", "batches_per_epoch")
 
 
 @dataclass(frozen=True)

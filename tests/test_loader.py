@@ -127,6 +127,11 @@ def test_resume_rejects_changed_settings(data):
     other = Batches(d, batch_size=4, ctx=32)
     other.load_state_dict(state, strict=False)
     assert other.position == 5
+    # DDP: rank 0's checkpoint restores every rank.
+    saved = Batches(d, batch_size=2, ctx=32, rank=0, world_size=2).state_dict(consumed=3)
+    rank1 = Batches(d, batch_size=2, ctx=32, rank=1, world_size=2)
+    rank1.load_state_dict(saved)
+    assert rank1.position == 3
 
 
 # ---------------------------------------------------------------------------- broken data
