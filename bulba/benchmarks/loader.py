@@ -131,10 +131,11 @@ def _hf_dataloader(bin_path: Path, dtype: str, ctx: int, args) -> float:
     ds = datasets.Dataset.from_dict({"ids": np.ascontiguousarray(windows).astype(np.int32)})
     ds = ds.with_format("torch")
 
+    # Persistent workers: the small corpus is many epochs, and worker start-up is not the point.
+    loader = DataLoader(ds, batch_size=BATCH, shuffle=True, num_workers=2, drop_last=True, persistent_workers=True)
+
     def batches():
         while True:
-            loader = DataLoader(ds, batch_size=BATCH, shuffle=True, num_workers=2, drop_last=True,
-                                persistent_workers=False)
             for b in loader:
                 ids = b["ids"]
                 yield ids[:, :-1], ids[:, 1:]
