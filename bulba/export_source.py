@@ -219,7 +219,7 @@ def _pre_tokenizer_name(pre: dict | None, path: Path) -> str:
     """llama.cpp applies its own regex, chosen by name: map the tokenizer's to that name.
 
     bulba.tokenizer writes Split(Llama-3 regex) + ByteLevel(use_regex=false): "llama-bpe".
-    A plain ByteLevel(use_regex=true) is GPT-2's regex: "gpt2". Anything else would
+    A plain ByteLevel(use_regex=true) is GPT-2's regex: "gpt-2". Anything else would
     tokenize differently in llama.cpp, so it is refused here rather than shipped.
     """
     from .tokenizer import LLAMA3_PATTERN
@@ -232,7 +232,7 @@ def _pre_tokenizer_name(pre: dict | None, path: Path) -> str:
     steps = flat(pre)
     kinds = [p.get("type") for p in steps]
     if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
-        return "gpt2"
+        return "gpt-2"  # llama.cpp spells this pre-tokenizer with a dash
     if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
         pattern = (steps[0].get("pattern") or {}).get("Regex")
         if pattern == LLAMA3_PATTERN:

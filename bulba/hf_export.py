@@ -171,7 +171,9 @@ def hf_logits(hf_dir: str | Path, input_ids):
     """Logits of the exported folder through transformers (for the parity check)."""
     import torch
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # keep export.py's output to its one-line verdicts
     model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
     model.eval()
     with torch.no_grad():

@@ -162,7 +162,7 @@ def verify_hf(hf_dir, src, model=None, text: str = SAMPLE, dtype: str = "f32") -
 
     model = model if model is not None else load_torch_model(src)
     ids = reference_ids(src.tokenizer_path, text, src.tokenizer.bos_id, src.tokenizer.add_bos)[: src.model.ctx_len]
-    hf_ids = AutoTokenizer.from_pretrained(str(hf_dir))(text)["input_ids"][: src.model.ctx_len]
+    hf_ids = AutoTokenizer.from_pretrained(str(hf_dir))(text, truncation=True, max_length=src.model.ctx_len)["input_ids"]
     with torch.no_grad():
         ref = model(torch.tensor([ids]))[0].float().numpy()
     got = hf_logits(hf_dir, ids).numpy()
