@@ -29,6 +29,7 @@ import json
 import math
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -122,14 +123,18 @@ def _prepared_data(args) -> Path:
     return out
 
 
-def _hf_dataset(data_dir: Path, meta: dict, ctx: int, cache: Path) -> Path:
+def _hf_dataset(data_dir: Path, meta: dict, ctx: int, cache: Path) -> Path | None:
     """The same training tokens as an HF `datasets` dataset on disk: blocks of `ctx` tokens with
     labels = input_ids (what run_clm's group_texts produces), memory-mapped when loaded."""
     out = cache / f"hf-{meta.get('dataset_digest', 'nodigest')[:16]}-ctx{ctx}"
     if (out / "dataset_info.json").is_file():
         return out
     import numpy as np
-    import datasets
+
+    try:
+        import datasets
+    except ImportError:  # e.g. a bare GPU box: the HF rows read the blocks straight from train.bin
+        return None
 
     datasets.disable_progress_bars()
     dtype = np.dtype(meta.get("dtype", "uint16")).newbyteorder("<")
@@ -231,8 +236,9 @@ def run(args) -> list[dict]:
                      f"weight decay {t.weight_decay}, grad clip {t.grad_clip}",
         "data": f"{data_dir} ({meta.get('splits', {}).get('train', {}).get('tokens', '?')} train tokens, "
                 f"digest {str(meta.get('dataset_digest', '?'))[:12]}); contiguous windows of ctx tokens "
-                f"(bulba: sampler=stream, Rust engine; HF: blocks of ctx from the same train.bin as a `datasets` "
-                f"dataset, labels = input_ids)",
+                f"(bulba: sampler=stream, Rust engine; HF: blocks of ctx from the same train.bin "
+                + ("as a `datasets` dataset on disk" if hf_data else "read through np.memmap (datasets not installed)")
+                + ", labels = input_ids)",
         "device": _device_line(device),
         "mfu": "6*N*T + attention FLOPs (bulba.flops) / device dense bf16 peak, for every row (fp32 rows too)",
         "peak_rss_mb": "peak resident set of the row's own process (ru_maxrss), imports and data included",
@@ -299,11 +305,20 @@ def _run_row(row: str, spec: dict, tmp: Path, timeout: float) -> dict:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
                TOKENIZERS_PARALLELISM="false")
     with open(log_path, "w") as log:
+        # own process group: on timeout the row goes with its helpers (Inductor compile workers)
+        p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                             stdin=subprocess.DEVNULL, start_new_session=True)
         try:
-            p = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
-            rc = p.returncode
+            rc = p.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             rc = None
+        except BaseException:  # Ctrl-C: do not leave the row running
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+            raise
+        if rc is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
     wall = time.perf_counter() - t0
     if rc == 0 and out_path.is_file():
         res = json.loads(out_path.read_text(encoding="utf-8"))
@@ -380,11 +395,14 @@ def _worker(spec_path: str, out_path: str) -> None:
 
 def _run_hf(spec: dict, recipe, best: bool) -> dict:
     import torch
-    import datasets
     import transformers
     from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
     transformers.logging.set_verbosity_error()
+    try:
+        import datasets
+    except ImportError:
+        datasets = None
     device = spec["device"]
     m, t = recipe.model, recipe.train
     warmup, steps = spec["warmup"], spec["steps"]
@@ -394,7 +412,7 @@ def _run_hf(spec: dict, recipe, best: bool) -> dict:
         vocab_size=m.vocab_size, hidden_size=m.n_embd, intermediate_size=m.ffn_hidden, num_hidden_layers=m.n_layer,
         num_attention_heads=m.n_head, num_key_value_heads=m.n_kv_head, head_dim=m.head_dim,
         max_position_embeddings=m.ctx_len, rms_norm_eps=m.norm_eps, tie_word_embeddings=m.tie_embeddings,
-        initializer_range=m.init_std, rope_parameters={"rope_type": "default", "rope_theta": m.rope_theta},
+        initializer_range=m.init_std, rope_theta=m.rope_theta,  # transformers 5 maps it to rope_parameters
         bos_token_id=spec.get("bos_id"), eos_token_id=spec.get("eos_id"), pad_token_id=spec.get("pad_id"),
         use_cache=False,
     )
@@ -405,7 +423,12 @@ def _run_hf(spec: dict, recipe, best: bool) -> dict:
         model = LlamaForCausalLM(cfg)  # whatever transformers picks by default
     attention = model.config._attn_implementation
 
-    train_ds = datasets.load_from_disk(spec["hf_data"])
+    if spec.get("hf_data"):
+        train_ds = datasets.load_from_disk(spec["hf_data"])
+        loader = "torch DataLoader (datasets, {} workers)"
+    else:
+        train_ds = _MemmapBlocks(spec["data_dir"], m.ctx_len)
+        loader = "torch DataLoader (np.memmap blocks: datasets absent, {} workers)"
     out_dir = tempfile.TemporaryDirectory(prefix="hf-bench-")
     targs = TrainingArguments(
         output_dir=out_dir.name, report_to="none", save_strategy="no", eval_strategy="no",
@@ -449,8 +472,7 @@ def _run_hf(spec: dict, recipe, best: bool) -> dict:
         "attention": attention,
         "compile": "torch_compile=True (whole model)" if best else "no",
         "optimizer": str(targs.optim.value if hasattr(targs.optim, "value") else targs.optim),
-        "loader": "torch DataLoader (datasets, 0 workers)" if targs.dataloader_num_workers == 0 else
-                  f"torch DataLoader ({targs.dataloader_num_workers} workers)",
+        "loader": loader.format(targs.dataloader_num_workers),
         "tokens_per_s": tokens / dt,
         "loss": float(LossTrainer.last_loss) if LossTrainer.last_loss is not None else None,
         "params": sum(p.numel() for p in model.parameters()),
@@ -458,6 +480,27 @@ def _run_hf(spec: dict, recipe, best: bool) -> dict:
     if device == "cuda":
         res["peak_device_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return res
+
+
+class _MemmapBlocks:
+    """Map-style dataset of ctx-token blocks of train.bin (input_ids = labels, as group_texts)."""
+
+    def __init__(self, data_dir: str, ctx: int):
+        import numpy as np
+
+        meta = json.loads((Path(data_dir) / "meta.json").read_text(encoding="utf-8"))
+        self.tokens = np.memmap(Path(data_dir) / "train.bin", dtype=np.dtype(meta.get("dtype", "uint16")).newbyteorder("<"),
+                                mode="r")
+        self.ctx, self.n = ctx, len(self.tokens) // ctx
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        import torch
+
+        block = torch.from_numpy(self.tokens[i * self.ctx:(i + 1) * self.ctx].astype("int64"))
+        return {"input_ids": block, "labels": block.clone()}
 
 
 def _run_bulba(spec: dict, recipe, mode: str) -> dict:
