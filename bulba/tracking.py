@@ -207,8 +207,14 @@ def _one_line(e: BaseException) -> str:
 # acknowledgements {"ack": n} (everything up to n is on the server).
 
 
-def _read_spool(path: Path) -> tuple[int, int, list[dict]]:
-    """(acked, last_seq, unacked records in order); a torn or garbled line is skipped."""
+# In memory, unsent records are kept as (seq, JSON line) pairs: bytes and ints are not tracked
+# by Python's garbage collector, so a big backlog during an outage does not make the training
+# loop's GC pauses longer (50k records as dicts cost ~0.3 s per full collection here).
+
+
+def _scan_spool(path: Path, after: int | None = None) -> tuple[int, int, list[tuple[int, bytes]]]:
+    """(acked, last_seq, records with seq > max(acked, after) in order as (seq, line));
+    a torn or garbled line is skipped."""
     acked, last, recs = 0, 0, {}
     if not path.exists():
         return 0, 0, []
@@ -225,24 +231,14 @@ def _read_spool(path: Path) -> tuple[int, int, list[dict]]:
                 last = max(last, acked)
             elif "seq" in r:
                 s = int(r["seq"])
-                recs[s] = r
+                recs[s] = raw if raw.endswith(b"\n") else raw + b"\n"
                 last = max(last, s)
-    pending = [recs[s] for s in sorted(recs) if s > acked]
-    return acked, last, pending
+    floor = acked if after is None else max(acked, after)
+    return acked, last, [(s, recs[s]) for s in sorted(recs) if s > floor]
 
 
-def _iter_unacked(path: Path, after: int, limit: int) -> list[dict]:
-    out = []
-    with open(path, "rb") as f:
-        for raw in f:
-            try:
-                r = json.loads(raw)
-            except ValueError:
-                continue
-            if isinstance(r, dict) and "seq" in r and int(r["seq"]) > after:
-                out.append(r)
-    out.sort(key=lambda r: r["seq"])
-    return out[:limit]
+def _read_spool(path: Path) -> tuple[int, int, list[tuple[int, bytes]]]:
+    return _scan_spool(path)
 
 
 class RunTracker:
@@ -258,6 +254,7 @@ class RunTracker:
                  max_memory_records: int = 50_000, system_metrics: bool = False,
                  system_metrics_interval: float = 10.0, quiet: bool = False,
                  _attach_only: bool = False):
+        self._pid = os.getpid()  # a forked child must not touch the parent's spool or lock
         self.finish_timeout = float(finish_timeout)
         self.http_timeout = float(http_timeout)
         self.artifact_timeout = float(artifact_timeout)
@@ -321,8 +318,8 @@ class RunTracker:
         self._acked = acked
         self._seq = last                  # last sequence number assigned (by the worker)
         self._seq_base = last             # record k put by _put gets seq _seq_base + k
-        self._pending: deque[dict] = deque(pending[: self.max_memory_records])
-        self._mem_upto = self._pending[-1]["seq"] if self._pending else acked
+        self._pending: deque[tuple[int, bytes]] = deque(pending[: self.max_memory_records])
+        self._mem_upto = self._pending[-1][0] if self._pending else acked
         self._flush_req = 0.0
         self._stop_deadline: float | None = None
         self._first_attempt_done = threading.Event()
@@ -385,12 +382,13 @@ class RunTracker:
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None,
                     timestamp_ms: int | None = None) -> None:
+        """Queue metrics (Python numbers; a CUDA tensor would force a device sync in float())."""
         ts = _now_ms() if timestamp_ms is None else int(timestamp_ms)
         st = 0 if step is None else int(step)
         m = []
         for k, v in metrics.items():
             try:
-                m.append([str(k), float(v), ts, st])
+                m.append((str(k), float(v), ts, st))
             except (TypeError, ValueError):
                 continue  # not a number: not a metric
         if m:
@@ -458,15 +456,19 @@ class RunTracker:
             self._flush_req = time.monotonic()
             self._cv.notify_all()
         self._q.put(None)  # wake the worker
-        with self._cv:
-            while self._acked < target:
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    return False
-                if not self._thread.is_alive():
-                    return False
-                self._cv.wait(0.05 if left is None else min(left, 0.05))
-        return True
+        try:
+            with self._cv:
+                while self._acked < target:
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        return False
+                    if not self._thread.is_alive():
+                        return False
+                    self._cv.wait(0.05 if left is None else min(left, 0.05))
+            return True
+        finally:
+            with self._cv:
+                self._flush_req = 0.0  # back to the normal pace (and back-off) of the worker
 
     def finish(self, status: str = "FINISHED", timeout: float | None = None) -> bool:
         """End the run; wait at most `timeout` (default `finish_timeout`) for the backlog.
@@ -474,7 +476,7 @@ class RunTracker:
         Returns True when everything reached the server; otherwise the spool stays in the
         run directory and one line on stderr gives the command that sends it later.
         """
-        if self._finished:
+        if self._finished or os.getpid() != self._pid:
             return self._synced
         self._finished = True
         self._sys_stop.set()
@@ -496,7 +498,7 @@ class RunTracker:
 
     # ---------------------------------------------------------------- internals
     def _put(self, rec: dict) -> None:
-        if self._finished and rec.get("t") != "end":
+        if (self._finished and rec.get("t") != "end") or os.getpid() != self._pid:
             return
         self._enqueued += 1
         self._q.put(rec)
@@ -574,13 +576,15 @@ class RunTracker:
                 pass
 
     # ---- worker thread
-    def _write(self, line: dict) -> None:
+    def _write(self, line: dict) -> bytes:
+        data = json.dumps(line, ensure_ascii=False).encode("utf-8") + b"\n"
         try:
-            self._spool_f.write(json.dumps(line, ensure_ascii=False).encode("utf-8") + b"\n")
+            self._spool_f.write(data)
         except OSError as e:  # disk full etc.: keep going in memory, say it once
             if not getattr(self, "_warned_disk", False):
                 self._warned_disk = True
                 _say(f"cannot write {self.spool_path}: {e}; tracking data kept in memory only")
+        return data
 
     def _drain(self, block_s: float) -> bool:
         """Move queued records into the spool (and memory); True if a None wake-up came."""
@@ -598,11 +602,12 @@ class RunTracker:
                 continue
             with self._cv:
                 self._seq += 1
-                rec["seq"] = self._seq
-                if rec["seq"] == self._mem_upto + 1 and len(self._pending) < self.max_memory_records:
-                    self._pending.append(rec)
-                    self._mem_upto = rec["seq"]
-            self._write(rec)
+                seq = rec["seq"] = self._seq
+            line = self._write(rec)
+            with self._cv:
+                if seq == self._mem_upto + 1 and len(self._pending) < self.max_memory_records:
+                    self._pending.append((seq, line))
+                    self._mem_upto = seq
             wrote = True
         if wrote:
             with contextlib.suppress(OSError):
@@ -617,7 +622,7 @@ class RunTracker:
     def _ack(self, seq: int) -> None:
         with self._cv:
             self._acked = seq
-            while self._pending and self._pending[0]["seq"] <= seq:
+            while self._pending and self._pending[0][0] <= seq:
                 self._pending.popleft()
             self._cv.notify_all()
         self._write({"ack": seq})
@@ -707,12 +712,13 @@ class RunTracker:
     def _batches(self) -> Iterable[tuple[list[dict], str]]:
         """Split the in-memory backlog (a prefix) into log_batch-sized groups, in order."""
         with self._cv:
-            recs = list(self._pending)
+            lines = [line for _, line in self._pending]
         group: list[dict] = []
         n_m = n_pt = 0
         keys_p: set = set()
         keys_g: set = set()
-        for r in recs:
+        for line in lines:
+            r = json.loads(line)
             t = r["t"]
             if t in ("m", "p", "g"):
                 add_m = len(r["m"]) if t == "m" else 0
@@ -824,9 +830,9 @@ class RunTracker:
                     if self._seq > self._acked and self._mem_upto < self._seq:
                         # memory overflowed while offline: read the rest back from the spool
                         self._spool_f.flush()
-                        recs = _iter_unacked(self.spool_path, self._acked, self.max_memory_records)
+                        recs = _scan_spool(self.spool_path, self._acked)[2][: self.max_memory_records]
                         self._pending.extend(recs)
-                        self._mem_upto = recs[-1]["seq"] if recs else self._seq
+                        self._mem_upto = recs[-1][0] if recs else self._seq
                         if not recs:
                             self._acked = self._seq
                             self._cv.notify_all()
@@ -897,6 +903,8 @@ class RunTracker:
                 elif not has_work:
                     oldest_unsent = None
                     self._first_attempt_done.set()
+                    with self._cv:
+                        self._flush_req = 0.0
                 with self._cv:
                     done = self._acked >= self._seq and self._q.empty()
                     if stop_at is not None and (done or time.monotonic() >= stop_at):

@@ -3,8 +3,8 @@
 Fixtures (pulled into every test module by tests/conftest.py):
 
 - `mlflow_server` (session): a running server on 127.0.0.1 at a free port, started once.
-  `.uri`, `.port`, `.backend_uri`, `.artifacts_dir`, `.log_path`; `.stop()` (the process
-  ends: connections are refused), `.start()` (again on the same port and store), `.pause()`
+  `.uri`, `.port`, `.backend_uri`, `.artifacts_dir`, `.log_path`; `.stop(kill=False)` (the
+  process ends, gracefully or by SIGKILL: connections are refused), `.start()` (again on the same port and store), `.pause()`
   / `.resume()` (SIGSTOP/SIGCONT: a hung server that accepts connections but never answers),
   `.running`. Tests that stop it must start it again (the `mlflow_uri` fixture also does).
 - `mlflow_uri` (function): ensures the server runs and points `MLFLOW_TRACKING_URI` (and
@@ -110,14 +110,15 @@ class MlflowServer:
         except ProcessLookupError:
             pass
 
-    def stop(self, timeout: float = 15.0) -> None:
-        """End the server (its whole process group); afterwards connections are refused."""
+    def stop(self, timeout: float = 15.0, kill: bool = False) -> None:
+        """End the server (its whole process group); afterwards connections are refused.
+        `kill=True`: SIGKILL, a crash (and quicker than uvicorn's graceful shutdown)."""
         if self.proc is None:
             return
         if self.paused:
             self._signal_group(signal.SIGCONT)
             self.paused = False
-        self._signal_group(signal.SIGTERM)
+        self._signal_group(signal.SIGKILL if kill else signal.SIGTERM)
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:

@@ -6,6 +6,7 @@ Every test leaves the session server running (other tests share it).
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -65,7 +66,8 @@ class _Trainer(threading.Thread):
 def test_outage_mid_run_replayed_exactly_once(mlflow_uri, mlflow_server, tmp_path, capsys):
     run_dir = tmp_path / "run"
     t = RunTracker("bulbagpt-test", "outage", run_dir=run_dir, params={"lr": 3e-4, "preset": "tiny"},
-                   tags={"bulba.stage": "test"}, flush_interval=0.2, http_timeout=2)
+                   tags={"bulba.stage": "test"}, flush_interval=0.2, http_timeout=2,
+                   max_memory_records=100)  # the outage overflows memory: replay reads the spool
     assert t.run_id, "server up at start: run created before the constructor returns"
     assert json.loads((run_dir / RUN_FILE).read_text())["run_id"] == t.run_id
     t.log_metrics({"ok_metric": 1.0, "bad*key": 2.0}, step=0)  # the server refuses only the bad key
@@ -74,7 +76,9 @@ def test_outage_mid_run_replayed_exactly_once(mlflow_uri, mlflow_server, tmp_pat
     try:
         time.sleep(0.5)
         assert t.flush(20)
+        a = time.monotonic()
         mlflow_server.stop()
+        stop_s = time.monotonic() - a
         time.sleep(2.0)  # the loop keeps logging against a dead server
         assert not t.online
         assert (run_dir / SPOOL_FILE).stat().st_size > 0
@@ -91,9 +95,10 @@ def test_outage_mid_run_replayed_exactly_once(mlflow_uri, mlflow_server, tmp_pat
         if not mlflow_server.running:
             mlflow_server.start()
     assert t.finish(timeout=30)
-    print(f"\n[tracking] outage: {len(trainer.steps)} steps, worst log_metrics call "
-          f"{trainer.worst * 1000:.2f} ms, backlog replayed {replay_s:.2f} s after the server was healthy "
-          f"(server restart {mlflow_server.last_start_s:.1f} s)")
+    with capsys.disabled():
+        print(f"\n[tracking] outage: {len(trainer.steps)} steps, worst log_metrics call "
+              f"{trainer.worst * 1000:.2f} ms, backlog replayed {replay_s:.2f} s after the server was healthy "
+              f"(server restart {mlflow_server.last_start_s:.1f} s, stop {stop_s:.1f} s)")
     assert trainer.worst < 0.5, f"log_metrics stalled {trainer.worst:.3f} s"
 
     uri = mlflow_server.uri
@@ -142,7 +147,7 @@ def test_server_down_at_start(mlflow_uri, mlflow_server, tmp_path, capsys):
     run_dir = tmp_path / "offline"
     run_dir.mkdir()
     (run_dir / "config.json").write_text('{"format": "bulba-run"}\n')
-    mlflow_server.stop()
+    mlflow_server.stop(kill=True)  # a crashed server
     try:
         a = time.monotonic()
         t = RunTracker("bulbagpt-test", "offline", run_dir=run_dir, params={"n_layer": 2},
@@ -168,8 +173,9 @@ def test_server_down_at_start(mlflow_uri, mlflow_server, tmp_path, capsys):
         assert started < 10
         assert (run_dir / SPOOL_FILE).exists()
         assert json.loads((run_dir / RUN_FILE).read_text())["run_id"] is None
-        print(f"\n[tracking] server down at start: constructor {started:.2f} s, worst log call "
-              f"{worst * 1000:.2f} ms, finish {finish_s:.2f} s")
+        with capsys.disabled():
+            print(f"\n[tracking] server down at start: constructor {started:.2f} s, worst log call "
+                  f"{worst * 1000:.2f} ms, finish {finish_s:.2f} s")
     finally:
         mlflow_server.start()
 
@@ -190,7 +196,9 @@ def test_server_down_at_start(mlflow_uri, mlflow_server, tmp_path, capsys):
     sync_s = time.monotonic() - a
     assert r.returncode == 0, r.stderr
     assert "synced" in r.stdout
-    print(f"[tracking] sync CLI {sync_s:.2f} s: {r.stdout.strip().splitlines()[-1]}")
+    with capsys.disabled():
+        print(f"[tracking] sync CLI {sync_s:.2f} s: {r.stdout.strip().splitlines()[-1]} "
+              f"(server restart {mlflow_server.last_start_s:.1f} s)")
 
     info = json.loads((run_dir / RUN_FILE).read_text())
     run_id = info["run_id"]
@@ -283,11 +291,13 @@ def test_dataset_input_system_metrics_and_explicit_run_id(mlflow_uri, mlflow_ser
                     system_metrics_interval=0.2, quiet=True) as t:
         t.log_input(ds, context="training")
         t.log_metric("loss", 1.0, step=0)
+        t.log_metrics({"nan_metric": float("nan"), "inf_metric": float("inf")}, step=0)
         time.sleep(0.7)
     c = _client(mlflow_server.uri)
     run = c.get_run(t.run_id)
     assert [d.dataset.digest for d in run.inputs.dataset_inputs] == ["abc123"]
     assert "system/cpu_utilization_percentage" in run.data.metrics
+    assert math.isnan(run.data.metrics["nan_metric"]) and run.data.metrics["inf_metric"] > 1e300  # MLflow clips inf
     # another process continues the run by id (e.g. from a checkpoint), in another directory
     with RunTracker("bulbagpt-test", run_id=t.run_id, run_dir=tmp_path / "b", quiet=True) as t2:
         t2.log_metric("loss", 0.5, step=1)
