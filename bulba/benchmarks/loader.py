@@ -146,7 +146,7 @@ def _hf_dataloader(bin_path: Path, dtype: str, ctx: int, args) -> float:
 # ---------------------------------------------------------------------------- RSS
 
 _RSS_PROBE = r"""
-import json, resource, sys
+import json, sys
 from bulba.data import Batches
 b = Batches(sys.argv[1], sampler="stream", batch_size=32, ctx=1024, prefetch=8, workers=2)
 it = iter(b)
@@ -154,10 +154,11 @@ for _ in range(int(sys.argv[2])):
     next(it)
 rss = {}
 for line in open("/proc/self/status"):
-    if line.startswith(("VmRSS", "RssAnon", "RssFile")):
+    if line.startswith(("VmHWM", "VmRSS", "RssAnon", "RssFile")):
         k, v = line.split(":")
         rss[k] = int(v.split()[0]) / 1024
-rss["peak"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the forking parent across exec.
+rss["peak"] = rss["VmHWM"]
 print(json.dumps(rss))
 """
 
