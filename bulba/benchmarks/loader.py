@@ -44,7 +44,8 @@ def add_arguments(p) -> None:
                    f"{CACHE}/corpus)")
     p.add_argument("--corpus", default=str(Path(__file__).resolve().parents[3] / "shared" / "corpus"),
                    help="folder with be.txt ru.txt en.txt (default: %(default)s)")
-    p.add_argument("--seconds", type=float, default=2.0, help="measuring time per row (default: %(default)s)")
+    p.add_argument("--seconds", type=float, default=3.0,
+                   help="measuring time per row, best of 3 windows (default: %(default)s)")
     p.add_argument("--workers", type=int, default=2, help="engine assembly threads (default: %(default)s)")
     p.add_argument("--big-gb", type=float, default=4.0, help="size of the large train.bin for RSS (default: 4)")
     p.add_argument("--skip-rss", action="store_true", help="skip the 10 MB / 4 GB RSS measurement")
@@ -72,18 +73,24 @@ def _dataset(args) -> Path:
     return out
 
 
-def _timed(make_iter, seconds: float, tokens_of) -> float:
-    """Tokens/s over at least `seconds` after a short warm-up (thread/worker start-up excluded)."""
+def _timed(make_iter, seconds: float, tokens_of, windows: int = 3) -> float:
+    """Best tokens/s of `windows` back-to-back windows of `seconds / windows` each, after a short
+    warm-up (thread/worker start-up excluded). The best window, for every system alike: the
+    2 shared cores here are busy with other work, which only ever slows a window down."""
     it = make_iter()
     for _ in range(3):
         next(it)
-    n, tokens, t0 = 0, 0, time.perf_counter()
-    while True:
-        tokens += tokens_of(next(it))
-        n += 1
-        dt = time.perf_counter() - t0
-        if dt >= seconds and n >= 5:
-            return tokens / dt
+    best = 0.0
+    for _ in range(windows):
+        n, tokens, t0 = 0, 0, time.perf_counter()
+        while True:
+            tokens += tokens_of(next(it))
+            n += 1
+            dt = time.perf_counter() - t0
+            if dt >= seconds / windows and n >= 5:
+                break
+        best = max(best, tokens / dt)
+    return best
 
 
 # ---------------------------------------------------------------------------- systems
