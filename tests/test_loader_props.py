@@ -144,13 +144,13 @@ def test_padding_bounds(lengths):
 
 @SETTINGS
 @given(lengths=lengths_st, sampler=st.sampled_from(["stream", "packed", "bucketed"]),
-       consumed=st.integers(0, 40), seed=st.integers(0, 1000))
-def test_resume_equivalence(lengths, sampler, consumed, seed):
+       consumed=st.integers(0, 40), seed=st.integers(0, 1000), workers=st.integers(1, 3))
+def test_resume_equivalence(lengths, sampler, consumed, seed, workers):
     """A run stopped after `consumed` batches (with one batch prefetched and lost, as under
     Lightning) and resumed from its state sees exactly the batches of an uninterrupted run."""
     with tempfile.TemporaryDirectory() as tmp:
         write_positions(Path(tmp), lengths)
-        kw = dict(sampler=sampler, batch_size=2, ctx=16, seed=seed, buckets=[4, 8, 16], prefetch=3)
+        kw = dict(sampler=sampler, batch_size=2, ctx=16, seed=seed, buckets=[4, 8, 16], prefetch=3, workers=workers)
         try:
             full = Batches(tmp, **kw)
         except UserError:

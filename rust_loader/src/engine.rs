@@ -1,6 +1,5 @@
 //! The engine: one validated token file plus one sampler plan, addressed by global position.
 use std::path::Path;
-use std::sync::Arc;
 
 use crate::batch::{assemble, Batch};
 use crate::error::{DataError, Result};
@@ -83,5 +82,80 @@ impl Engine {
     }
 }
 
-/// Engines are shared with the prefetch workers.
-pub type SharedEngine = Arc<Engine>;
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::prefetch::Prefetcher;
+    use std::io::Write;
+    use std::path::PathBuf;
+    use std::sync::Arc;
+
+    /// A split of `n_docs` documents of varying length, written as prepare.py would.
+    fn write_split(tag: &str, n_docs: u64) -> (PathBuf, PathBuf) {
+        let dir = std::env::temp_dir().join(format!("bulba-engine-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (mut tokens, mut offsets) = (Vec::new(), vec![0u64]);
+        for d in 0..n_docs {
+            let len = 2 + crate::perm::splitmix64(d) % 50;
+            tokens.extend((0..len).map(|i| ((d + i) % 100) as u16));
+            offsets.push(tokens.len() as u64);
+        }
+        let (bin, idx) = (dir.join("train.bin"), dir.join("train.idx"));
+        let bytes: Vec<u8> = tokens.iter().flat_map(|t| t.to_le_bytes()).collect();
+        std::fs::File::create(&bin).unwrap().write_all(&bytes).unwrap();
+        let bytes: Vec<u8> = offsets.iter().flat_map(|t| t.to_le_bytes()).collect();
+        std::fs::File::create(&idx).unwrap().write_all(&bytes).unwrap();
+        (bin, idx)
+    }
+
+    fn options(sampler: &str) -> Options {
+        Options {
+            dtype: Dtype::U16,
+            vocab_size: 100,
+            sampler: sampler.into(),
+            batch_size: 4,
+            ctx: 32,
+            buckets: vec![8, 16, 32],
+            token_budget: None,
+            pad_id: 0,
+            sharding: Sharding { seed: 1, shuffle: true, rank: 0, world: 1, drop_last: true },
+            expected_tokens: None,
+            expected_docs: Some(300),
+        }
+    }
+
+    #[test]
+    fn prefetched_batches_match_direct_ones_in_order() {
+        let (bin, idx) = write_split("order", 300);
+        for sampler in ["stream", "packed", "bucketed"] {
+            let engine = Arc::new(Engine::open(&bin, &idx, &options(sampler)).unwrap());
+            let start = engine.batches_per_epoch() - 2; // across an epoch boundary
+            let mut p = Prefetcher::spawn(Arc::clone(&engine), start, Some(start + 6), 3, 2);
+            for pos in start..start + 6 {
+                assert_eq!(p.next_batch().unwrap().unwrap(), engine.batch(pos).unwrap(), "{sampler} at {pos}");
+            }
+            assert!(p.next_batch().is_none());
+            // An endless prefetcher dropped while its workers wait on full queues stops them.
+            let mut p = Prefetcher::spawn(Arc::clone(&engine), 0, None, 2, 2);
+            p.next_batch().unwrap().unwrap();
+            drop(p);
+        }
+    }
+
+    #[test]
+    fn rejects_mismatches_with_meta_and_bad_options() {
+        let (bin, idx) = write_split("meta", 300);
+        let mut o = options("packed");
+        o.expected_docs = Some(301);
+        assert!(Engine::open(&bin, &idx, &o).err().unwrap().0.contains("meta.json"));
+        let mut o = options("stream");
+        o.vocab_size = 50; // ids go up to 99
+        assert!(Engine::open(&bin, &idx, &o).err().unwrap().0.contains("vocab_size 50"));
+        let mut o = options("stream");
+        o.sampler = "random".into();
+        assert!(Engine::open(&bin, &idx, &o).is_err());
+        let mut o = options("stream");
+        o.pad_id = 100;
+        assert!(Engine::open(&bin, &idx, &o).is_err());
+    }
+}

@@ -14,6 +14,7 @@ use crate::error::Result;
 pub struct Prefetcher {
     queues: Vec<Receiver<Result<Batch>>>,
     workers: Vec<JoinHandle<()>>,
+    start: u64,
     next: u64,
     stop: Option<u64>,
     failed: bool,
@@ -43,7 +44,7 @@ impl Prefetcher {
             }));
             queues.push(rx);
         }
-        Self { queues, workers: handles, next: start, stop, failed: false }
+        Self { queues, workers: handles, start, next: start, stop, failed: false }
     }
 
     /// The next batch in order; None at `stop` (or after an error was returned).
@@ -51,7 +52,8 @@ impl Prefetcher {
         if self.failed || self.stop.is_some_and(|s| self.next >= s) {
             return None;
         }
-        let queue = &self.queues[(self.next % self.queues.len() as u64) as usize];
+        // Worker w holds positions start + w + k * n: the queue follows from the offset.
+        let queue = &self.queues[((self.next - self.start) % self.queues.len() as u64) as usize];
         let item = queue.recv().ok()?;
         self.failed = item.is_err();
         self.next += 1;
