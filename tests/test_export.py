@@ -168,7 +168,18 @@ def test_type_loads_in_llama_cpp_with_parity(tiny_run, tmp_path, type_name):
     elif type_name in TOP1_BAR:
         assert rep.top1_agreement >= 0.99
     else:
-        assert rep.top1_agreement >= 0.5
+        assert rep.top1_agreement >= 0.8
+
+
+@needs_llama
+def test_verification_catches_a_wrong_rope_layout(tiny_run, tmp_path, monkeypatch):
+    """Without the Q/K permutation the file loads but computes nonsense: the check must fail it."""
+    import bulba.gguf_export as ge
+
+    monkeypatch.setattr(ge, "permute_rotate_half", lambda w, n_head: w)
+    with pytest.raises(UserError, match="FAIL"):
+        _export(str(tiny_run), "f32", tmp_path / "bad.gguf")
+    assert _leftovers(tmp_path) == []
 
 
 def test_gguf_metadata_and_tensors(tiny_run, tmp_path):
