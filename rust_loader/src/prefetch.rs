@@ -9,7 +9,7 @@ use std::thread::JoinHandle;
 
 use crate::batch::Batch;
 use crate::engine::Engine;
-use crate::error::Result;
+use crate::error::{DataError, Result};
 
 pub struct Prefetcher {
     queues: Vec<Receiver<Result<Batch>>>,
@@ -54,7 +54,8 @@ impl Prefetcher {
         }
         // Worker w holds positions start + w + k * n: the queue follows from the offset.
         let queue = &self.queues[((self.next - self.start) % self.queues.len() as u64) as usize];
-        let item = queue.recv().ok()?;
+        // A worker only hangs up early by panicking (a bug): report it rather than end quietly.
+        let item = queue.recv().unwrap_or_else(|_| Err(DataError::new("a batch worker thread stopped unexpectedly")));
         self.failed = item.is_err();
         self.next += 1;
         Some(item)
