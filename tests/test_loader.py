@@ -242,3 +242,31 @@ def test_too_little_data_and_bad_arguments(data, tmp_path):
     shutil.rmtree(d)
     with pytest.raises(UserError):
         Batches(d)
+
+
+def _rss_file_mb() -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith("RssFile"):
+            return int(line.split()[1]) / 1024
+    pytest.skip("no RssFile in /proc/self/status")
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/status"), reason="Linux /proc needed")
+def test_rss_stays_flat_over_a_large_file(tmp_path):
+    """Random windows over a file larger than the release threshold must not leave the file
+    mapped into this process (RSS growing towards the file size)."""
+    d = write_dataset(tmp_path, make_docs([1000] * 10, vocab_size=1000))
+    one = (d / "train.bin").read_bytes()
+    reps = (160 << 20) // len(one) + 1  # 160 MB of tokens: above the 64 MB threshold
+    (d / "train.bin").write_bytes(one * reps)
+    n = len(one) // 2
+    idx = np.concatenate([[0], np.arange(1, reps + 1, dtype=np.uint64) * n]).astype("<u8")
+    idx.tofile(d / "train.idx")
+    meta = json.loads((d / "meta.json").read_text())
+    meta["splits"]["train"] = {"tokens": n * reps, "documents": reps}
+    (d / "meta.json").write_text(json.dumps(meta))
+    before = _rss_file_mb()
+    it = iter(Batches(d, batch_size=32, ctx=1024, workers=2))
+    for _ in range(200):  # 6400 random windows: most of the file without the release
+        next(it)
+    assert _rss_file_mb() - before < 64
