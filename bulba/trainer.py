@@ -72,75 +72,59 @@ def early_global_rank() -> int:
 
 
 class Tracker:
-    """The one place training talks to MLflow (swap for bulba.tracking's resilient API here).
-
-    Every call is best-effort: a tracking failure prints one warning and training goes on;
-    metrics are also appended to out_dir/metrics.jsonl so nothing is lost.
-    """
+    """The one place training talks to MLflow: bulba.tracking.RunTracker (queued, spooled to
+    out_dir/mlflow_spool.jsonl, replayed after an outage; `python -m bulba.tracking sync
+    OUT_DIR` sends what a dead server never got). Metrics also go to out_dir/metrics.jsonl, the
+    plain local record the tests and quick scripts read."""
 
     def __init__(self, enabled: bool, metrics_file: Path | None):
         self.enabled = enabled
-        self.run_id: str | None = None
-        self._mlflow = None
-        self._warned = False
+        self._rt = None
         self._metrics_file = metrics_file
         self._fh = open(metrics_file, "a", encoding="utf-8") if metrics_file else None
 
-    def _fail(self, what: str, e: Exception):
-        if not self._warned:
-            print(f"warning: MLflow {what} failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                  f"training continues, metrics are kept in {self._metrics_file}", file=sys.stderr, flush=True)
-            self._warned = True
+    @property
+    def run_id(self) -> str | None:
+        return self._rt.run_id if self._rt is not None else None
 
-    def start(self, experiment: str, run_name: str | None, run_id: str | None) -> str | None:
+    def start(self, experiment: str, run_name: str | None, run_dir: Path, run_id: str | None,
+              tags: dict, params: dict | None) -> str | None:
         if not self.enabled:
             return None
-        try:
-            from .tracking import setup_mlflow
+        from .tracking import RunTracker
 
-            mlflow = setup_mlflow(experiment)
-            if run_id:
-                run = mlflow.start_run(run_id=run_id, log_system_metrics=True)
-            else:
-                run = mlflow.start_run(run_name=run_name, log_system_metrics=True)
-            self._mlflow, self.run_id = mlflow, run.info.run_id
-        except Exception as e:  # noqa: BLE001 - tracking must never stop training
-            self._fail("start_run", e)
-        return self.run_id
-
-    def _call(self, what, fn, *a, **kw):
-        if self._mlflow is None:
-            return
-        try:
-            fn(*a, **kw)
-        except Exception as e:  # noqa: BLE001
-            self._fail(what, e)
-
-    def params(self, d: dict):
-        items = list(d.items())
-        for i in range(0, len(items), 90):  # MLflow takes at most 100 params per call
-            self._call("log_params", self._mlflow and self._mlflow.log_params, dict(items[i:i + 90]))
+        # resume=True + run_dir: a run dir holding mlflow_run.json continues that run (same id).
+        self._rt = RunTracker(experiment, run_name, run_dir=run_dir, run_id=run_id, tags=tags, params=params,
+                              resume=True, system_metrics=True)
+        return self._rt.run_id
 
     def tags(self, d: dict):
-        self._call("set_tags", self._mlflow and self._mlflow.set_tags, {k: str(v) for k, v in d.items()})
+        if self._rt is not None:
+            self._rt.set_tags({k: str(v) for k, v in d.items()})
 
     def metrics(self, d: dict, step: int):
         if self._fh is not None:
             self._fh.write(json.dumps({"step": step, "time": time.time(), **d}) + "\n")
             self._fh.flush()
-        clean = {k: float(v) for k, v in d.items() if v is not None and math.isfinite(float(v))}
-        self._call("log_metrics", self._mlflow and self._mlflow.log_metrics, clean, step=step, synchronous=False)
+        if self._rt is not None:
+            clean = {k: float(v) for k, v in d.items() if v is not None and math.isfinite(float(v))}
+            self._rt.log_metrics(clean, step=step)
 
     def artifact(self, path: Path, artifact_path: str | None = None):
-        self._call("log_artifact", self._mlflow and self._mlflow.log_artifact, str(path), artifact_path)
+        if self._rt is not None:
+            self._rt.log_artifact(str(path), artifact_path)
+
+    def log_input(self, dataset, context: str):
+        if self._rt is not None:
+            self._rt.log_input(dataset, context=context)
 
     def end(self, status: str = "FINISHED"):
         if self._fh is not None:
             self._fh.close()
             self._fh = None
-        if self._mlflow is not None:
-            self._call("end_run", self._mlflow.end_run, status=status)
-            self._mlflow = None
+        if self._rt is not None:
+            self._rt.finish(status)
+            self._rt = None
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -295,7 +279,7 @@ def _signal_handlers(module):
     return old
 
 
-def _make_checkpointer(recipe: Recipe, get_run_id):
+def _make_checkpointer(recipe: Recipe, get_run_id, on_save=None):
     root = Path(recipe.out_dir) / "checkpoints"
 
     def save(module, reason: str) -> Path | None:
@@ -313,6 +297,8 @@ def _make_checkpointer(recipe: Recipe, get_run_id):
                  if module._trainer is not None else 1,
                  "recipe": recipe.to_dict()},
                 keep=recipe.train.ckpt_keep)
+            if on_save is not None:
+                on_save()
             print(f"checkpoint ({reason}): {path} [{time.perf_counter() - t0:.1f}s]", flush=True)
         if strategy is not None and module.trainer.world_size > 1:
             with contextlib.suppress(Exception):
@@ -368,23 +354,23 @@ def train(recipe: Recipe, *, module_hook=None, enable_tracking: bool = True) -> 
         out.mkdir(parents=True, exist_ok=True)
         (out / "checkpoints").mkdir(exist_ok=True)
         tracker = Tracker(enable_tracking, out / "metrics.jsonl")
-        new_run = run_id is None
+        new_run = run_id is None and not (out / "mlflow_run.json").exists()
+        commit = git_commit()
+        tags = {"bulba.stage": "train", "bulba.git_commit": commit,
+                "mlflow.source.git.commit": commit.removesuffix("-dirty"),
+                "bulba.dataset_digest": data.dataset_digest or "unknown",
+                "bulba.prepare_run_id": data.meta.get("mlflow_run_id") or "none",
+                "bulba.data_dir": str(data.dir.resolve()), "bulba.params": n_params,
+                "bulba.preset": recipe.name, "bulba.precision": precision,
+                "bulba.accelerator": accelerator, "bulba.out_dir": str(out.resolve())}
         run_id = tracker.start(recipe.tracking.experiment, recipe.tracking.run_name or f"{recipe.name}-{out.name}",
-                               run_id) or run_id
+                               out, run_id, tags, flatten(recipe.to_dict()) if new_run else None) or run_id
         shutil.copyfile(data.dir / "tokenizer.json", out / ".tmp-tokenizer.json")
         os.replace(out / ".tmp-tokenizer.json", out / "tokenizer.json")
         write_json(out / "config.json", run_config(recipe, data, run_id))
         recipe_yaml = yaml.safe_dump(recipe.to_dict(), sort_keys=False, allow_unicode=True)
         write_text(out / "recipe.yaml", recipe_yaml)
         if new_run:
-            tracker.params(flatten(recipe.to_dict()))
-            tracker.tags({"bulba.stage": "train", "bulba.git_commit": git_commit(),
-                          "mlflow.source.git.commit": git_commit().removesuffix("-dirty"),
-                          "bulba.dataset_digest": data.dataset_digest or "unknown",
-                          "bulba.prepare_run_id": data.meta.get("mlflow_run_id") or "none",
-                          "bulba.data_dir": str(data.dir.resolve()), "bulba.params": n_params,
-                          "bulba.preset": recipe.name, "bulba.precision": precision,
-                          "bulba.accelerator": accelerator, "bulba.out_dir": str(out.resolve())})
             tracker.artifact(out / "recipe.yaml")
             tracker.artifact(out / "tokenizer.json")
             _log_dataset(tracker, data)
@@ -392,7 +378,20 @@ def train(recipe: Recipe, *, module_hook=None, enable_tracking: bool = True) -> 
             step0 = loaded["state"]["train"]["step"] if loaded else 0
             write_text(out / f"recipe-resume-{step0:08d}.yaml", recipe_yaml)
             tracker.artifact(out / f"recipe-resume-{step0:08d}.yaml")
-            tracker.tags({f"bulba.resumed_at_step_{step0}": git_commit()})
+            tracker.tags({f"bulba.resumed_at_step_{step0}": commit})
+
+    written_id = [run_id]
+
+    def current_run_id():
+        return (tracker.run_id if tracker else None) or run_id
+
+    def refresh_config():
+        # The MLflow run id may only become known after start (server slow or down): put it
+        # into config.json as soon as it is, so export.py links to the right run.
+        rid = current_run_id()
+        if rank0 and rid and rid != written_id[0]:
+            write_json(out / "config.json", run_config(recipe, data, rid))
+            written_id[0] = rid
 
     # ---- the module
     from tokenizers import Tokenizer
@@ -401,7 +400,7 @@ def train(recipe: Recipe, *, module_hook=None, enable_tracking: bool = True) -> 
     module = BulbaModule(recipe, batches_factory=make_batches_factory(recipe, data, pin=accelerator == "cuda"),
                          sink=tracker.metrics if tracker else None, tokenizer=tok,
                          bos_id=data.bos_id, eos_id=data.eos_id,
-                         checkpointer=_make_checkpointer(recipe, lambda: run_id))
+                         checkpointer=_make_checkpointer(recipe, current_run_id, refresh_config))
     if loaded is not None:
         module.model.load_state_dict(loaded["model"])
         module._pending_optimizer = loaded["optimizer"]
@@ -481,6 +480,8 @@ def train(recipe: Recipe, *, module_hook=None, enable_tracking: bool = True) -> 
                    "losses": module.losses, "run_id": run_id, "out_dir": str(out), "params": n_params,
                    "seconds": time.perf_counter() - t_start, "nan_skips": module.state.nan_skips}
         if rank0:
+            run_id = (tracker.run_id if tracker else None) or run_id  # known late if the server was down
+            summary["run_id"] = run_id
             _write_final(out, module, recipe, data, run_id, tracker)
         status = "FINISHED"
         return summary
@@ -507,8 +508,6 @@ def _write_rank_log(out: Path, module, trainer):
 
 def _log_dataset(tracker: Tracker, data):
     """Link the prepare run's dataset as an MLflow dataset input (best effort)."""
-    if tracker._mlflow is None:
-        return
     try:
         import numpy as np
         from mlflow.data.meta_dataset import MetaDataset
@@ -518,10 +517,10 @@ def _log_dataset(tracker: Tracker, data):
         # Same name, digest and schema as prepare.py logs: MLflow shows both runs on one dataset.
         schema = Schema([TensorSpec(np.dtype(data.dtype), (-1,), "tokens")])
         ds = MetaDataset(source=LocalArtifactDatasetSource(str(data.dir.resolve())), name=data.dir.name,
-                         digest=data.dataset_digest or "unknown", schema=schema)
-        tracker._call("log_input", tracker._mlflow.log_input, ds, context="training")
-    except Exception as e:  # noqa: BLE001 - the tag carries the same information
-        tracker._fail("log_input", e)
+                         digest=(data.dataset_digest or "unknown")[:36], schema=schema)  # MLflow's limit
+        tracker.log_input(ds, context="training")
+    except Exception as e:  # noqa: BLE001 - the tag bulba.dataset_digest carries the same link
+        print(f"warning: could not log the dataset input to MLflow ({e})", file=sys.stderr)
 
 
 def _write_final(out: Path, module, recipe: Recipe, data, run_id, tracker):
