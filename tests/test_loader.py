@@ -270,3 +270,10 @@ def test_rss_stays_flat_over_a_large_file(tmp_path):
     for _ in range(200):  # 6400 random windows: most of the file without the release
         next(it)
     assert _rss_file_mb() - before < 64
+
+
+def test_empty_split_is_a_clear_error(tmp_path):
+    d = write_dataset(tmp_path, make_docs([30] * 50), val_docs=[])
+    with pytest.raises(UserError) as e:
+        Batches(d, split="val", batch_size=2, ctx=16, infinite=False, drop_last=False)
+    one_line_error(e, "val.bin", "0 windows")

@@ -222,7 +222,7 @@ impl TokenFile {
 pub fn read_index(path: &Path, n_tokens: u64, expected_docs: Option<u64>, keep: bool) -> Result<(u64, Vec<u64>)> {
     let file = File::open(path).map_err(|e| DataError::at(path, format!("cannot open: {e}")))?;
     let bytes = file.metadata().map_err(|e| DataError::at(path, e))?.len();
-    if bytes % 8 != 0 || bytes < 16 {
+    if bytes % 8 != 0 || bytes < 8 {
         return Err(DataError::at(path, format!("size {bytes} bytes is not (n_docs + 1) uint64 offsets: truncated or corrupt")));
     }
     let count = bytes / 8;
@@ -321,5 +321,7 @@ mod tests {
         }
         let p = write(&d, "short.idx", &[0; 12]);
         assert!(read_index(&p, 0, None, false).is_err());
+        let p = write(&d, "empty.idx", &idx(&[0]));
+        assert_eq!(read_index(&p, 0, Some(0), true).unwrap(), (0, vec![0]));
     }
 }
