@@ -339,14 +339,29 @@ def _open_local(run_dir: Path, weights: Path, source: str, tmp: str | None) -> S
 
 
 def load_torch_model(src: Source):
-    """The PyTorch reference model (fp32) for verification and HF parity."""
+    """The PyTorch reference model (fp32) for verification and HF parity.
+
+    Built on the meta device and given the loaded tensors (assign=True), so memory is one
+    copy of the weights, not a random init plus the checkpoint.
+    """
+    import torch
     from safetensors.torch import load_file
 
-    from .model import Llama
+    from .model import Llama, rope_cache
 
-    model = Llama(src.model)
     state = {k: v.float() for k, v in load_file(str(src.weights)).items()}
-    model.load_state_dict(state, strict=True)
+    with torch.device("meta"):
+        model = Llama(src.model)
+    model.load_state_dict(state, strict=True, assign=True)
+    cos, sin = rope_cache(src.model)
+    for name, buf in list(model.named_buffers()):
+        if buf.is_meta:  # non-persistent buffers (the RoPE tables) are not in the checkpoint
+            if name in ("rope_cos", "rope_sin"):
+                model.register_buffer(name, cos if name == "rope_cos" else sin, persistent=False)
+            else:  # a buffer we do not know how to rebuild: build the model the plain way
+                model = Llama(src.model)
+                model.load_state_dict(state, strict=True)
+                break
     model.eval()
     return model
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from .atomic import TMP_PREFIX, _fsync_dir, write_text
 from .errors import UserError
 from .export_source import open_source, remove_quietly
-from .gguf_export import LLAMA_CPP_TYPES, check_type, quantize_with_llama_cpp, write_gguf
+from .gguf_export import LLAMA_CPP_TYPES, all_types, check_type, quantize_with_llama_cpp, write_gguf
 
 
 @dataclass
@@ -92,7 +92,11 @@ def export(source: str, type_name: str, out: str | os.PathLike, *, register: str
             say(f"warning: {e}; exporting without an MLflow run")
             mlflow = False
 
+    if type_name not in all_types():  # before any download or heavy work
+        raise UserError(f"unknown type '{type_name}'; valid types: {', '.join(all_types())}")
+
     src = open_source(source)
+    made_dir = None if out.parent.exists() else next(p for p in [out.parent, *out.parent.parents] if p.parent.exists())
     tmp = out.parent / f"{TMP_PREFIX}{out.name}.{os.getpid()}"
     tmp_f32 = out.parent / f"{TMP_PREFIX}{out.stem}.f32.{os.getpid()}.gguf"
     try:
@@ -176,6 +180,17 @@ def export(source: str, type_name: str, out: str | os.PathLike, *, register: str
                 say(f"MLflow export run {res.mlflow['run_id']}"
                     + (f", registered {res.mlflow['model_uri']}" if "model_uri" in res.mlflow else ""))
         return res
+    except BaseException:
+        remove_quietly(tmp, tmp_f32)
+        if made_dir is not None:  # a directory we created for a failed export: remove it if empty
+            for d in [out.parent, *out.parent.parents]:
+                try:
+                    d.rmdir()
+                except OSError:
+                    break
+                if d == made_dir:
+                    break
+        raise
     finally:
         remove_quietly(tmp, tmp_f32)
         src.cleanup()

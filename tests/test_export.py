@@ -341,7 +341,7 @@ def test_cli_errors_are_one_line_exit_2(tiny_run, tmp_path):
     assert line.count("\n") == 0 and line.startswith("error: unknown type 'q3_z'") and "q8_0" in line and "f16" in line
     r = _cli(tmp_path / "nope", "--type", "f16", "--out", out, "--no-mlflow")
     assert r.returncode == 2 and "does not exist" in r.stderr and r.stderr.count("\n") == 1
-    assert not out.parent.exists() or _leftovers(out.parent) == []
+    assert not out.parent.exists()
 
 
 def _copy_run(tiny_run: Path, dst: Path) -> Path:
@@ -357,8 +357,7 @@ def test_bad_inputs_leave_nothing(tiny_run, tmp_path, case):
 
     run = _copy_run(tiny_run, tmp_path / "run")
     outdir = tmp_path / "out"
-    outdir.mkdir()
-    out = outdir / "m.gguf"
+    out = outdir / "new" / "m.gguf"  # a folder export.py creates, and must remove on failure
     type_name, force, expect = "q8_0", False, ""
     if case == "no-weights":
         (run / "final.safetensors").unlink()
@@ -386,6 +385,7 @@ def test_bad_inputs_leave_nothing(tiny_run, tmp_path, case):
         save_file(sd, str(run / "final.safetensors"))
         expect = "NaN/Inf"
     elif case == "exists":
+        out.parent.mkdir(parents=True)
         out.write_bytes(b"keep me")
         expect = "exists; pass --force"
     elif case == "rows":
@@ -405,7 +405,10 @@ def test_bad_inputs_leave_nothing(tiny_run, tmp_path, case):
         _export(str(run), type_name, out, force=force)
     msg = str(e.value)
     assert expect in msg and "\n" not in msg, msg
-    assert _leftovers(outdir) == (["m.gguf"] if case == "exists" else [])
+    if case == "exists":
+        assert _leftovers(out.parent) == ["m.gguf"]
+    else:
+        assert not outdir.exists(), _leftovers(outdir)
     if case == "exists":
         assert out.read_bytes() == b"keep me"
 
