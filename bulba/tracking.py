@@ -49,7 +49,7 @@ acknowledged is sent again with the same timestamps, and MLflow stores identical
 points (key, step, timestamp, value) once. Our HTTP calls run with no urllib3 retries and
 a short timeout (`http_timeout`) — only in the tracker's thread, other MLflow users in the
 process keep MLflow's defaults — and failed sends are retried with exponential backoff
-(0.5 s doubling to 5 s). Memory stays bounded (`max_memory_records` unsent records; beyond
+(0.5 s doubling to 2 s). Memory stays bounded (`max_memory_records` unsent records; beyond
 that they live only in the spool and are read back on reconnect).
 
 If the server cannot be reached at start, the run is created on reconnect (with the
@@ -897,7 +897,7 @@ class RunTracker:
                             self._warned_offline = True
                         self.online = False
                         next_try = time.monotonic() + backoff
-                        backoff = min(backoff * 2, 5.0)
+                        backoff = min(backoff * 2, 2.0)
                     finally:
                         self._first_attempt_done.set()
                 elif not has_work:
