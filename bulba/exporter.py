@@ -109,6 +109,8 @@ def export(source: str, type_name: str, out: str | os.PathLike, *, register: str
             write_gguf(src, "f32", tmp_f32, name)
             quantize_with_llama_cpp(tmp_f32, tmp, type_name)
             remove_quietly(tmp_f32)
+            with open(tmp, "rb") as f:  # llama.cpp does not fsync; we rename only durable files
+                os.fsync(f.fileno())
         else:
             write_gguf(src, type_name, tmp, name)
         res.seconds["write_s"] = time.perf_counter() - t0
