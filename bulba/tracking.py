@@ -322,6 +322,7 @@ class RunTracker:
         self._mem_upto = self._pending[-1][0] if self._pending else acked
         self._flush_req = 0.0
         self._stop_deadline: float | None = None
+        self._hard_deadline: float | None = None
         self._first_attempt_done = threading.Event()
         self._run_ready = threading.Event()
         if info.get("run_id"):
@@ -471,7 +472,8 @@ class RunTracker:
                 self._flush_req = 0.0  # back to the normal pace (and back-off) of the worker
 
     def finish(self, status: str = "FINISHED", timeout: float | None = None) -> bool:
-        """End the run; wait at most `timeout` (default `finish_timeout`) for the backlog.
+        """End the run; wait at most `timeout` (default `finish_timeout`) for an unreachable
+        server (while the server takes data, e.g. a big artifact, the upload goes on).
 
         Returns True when everything reached the server; otherwise the spool stays in the
         run directory and one line on stderr gives the command that sends it later.
@@ -519,12 +521,21 @@ class RunTracker:
             self._lock_f.close()
 
     def _close(self, timeout: float) -> None:
+        # `timeout` bounds the wait for an unreachable server. While the server takes data
+        # (e.g. a large final checkpoint upload) we keep going, up to a hard cap.
         deadline = time.monotonic() + max(0.0, timeout)
+        hard = deadline + 5 * self.artifact_timeout
         with self._cv:
             self._stop_deadline = deadline
+            self._hard_deadline = hard
             self._cv.notify_all()
         self._q.put(None)
-        self._thread.join(max(0.0, deadline - time.monotonic()) + self.artifact_timeout + 5)
+        said = False
+        while self._thread.is_alive() and time.monotonic() < hard + self.artifact_timeout:
+            self._thread.join(0.2)
+            if not said and self._thread.is_alive() and time.monotonic() > deadline + 5 and not self.quiet:
+                _say(f"still sending to {self.tracking_uri} ({self.backlog} records left)")
+                said = True
         left = self.backlog
         self._synced = left == 0 and not self._thread.is_alive()
         with contextlib.suppress(Exception):
@@ -842,7 +853,9 @@ class RunTracker:
             for group, kind in self._batches():
                 self._send_group(group, kind)
                 self._ack(group[-1]["seq"])
-                if stop_at is not None and time.monotonic() > stop_at:
+                self.online = True
+                hard = self._hard_deadline
+                if hard is not None and time.monotonic() > hard:
                     return
                 # keep the spool moving while a long replay runs
                 self._drain(0)
@@ -879,7 +892,7 @@ class RunTracker:
                         with _http_limits(self.http_timeout):
                             self._ensure_run()
                         self._send_backlog(stop_at)
-                        if not self.online and self._warned_offline and not self.quiet:
+                        if self._warned_offline and not self.quiet:
                             _say(f"tracking server is back; backlog sent to run {self.run_id}")
                         self._warned_offline = False
                         self.online = True
@@ -907,9 +920,12 @@ class RunTracker:
                         self._flush_req = 0.0
                 with self._cv:
                     done = self._acked >= self._seq and self._q.empty()
-                    if stop_at is not None and (done or time.monotonic() >= stop_at):
-                        self._drain(0)  # nothing queued may stay outside the spool
-                        return
+                    hard = self._hard_deadline
+                now = time.monotonic()
+                if stop_at is not None and (done or (now >= stop_at and not self.online)
+                                            or (hard is not None and now >= hard)):
+                    self._drain(0)  # nothing queued may stay outside the spool
+                    return
             except Exception as e:  # a bug here must never take training down
                 self.last_error = _one_line(e)
                 time.sleep(0.5)
@@ -937,7 +953,7 @@ def _finish_forgotten() -> None:
 # python -m bulba.tracking sync RUN_DIR
 
 
-def sync(run_dir: str | os.PathLike, tracking_uri: str | None = None, timeout: float = 300.0,
+def sync(run_dir: str | os.PathLike, tracking_uri: str | None = None, timeout: float = 20.0,
          end_status: str | None = None, quiet: bool = False) -> tuple[bool, RunTracker]:
     """Send a run directory's spooled records; returns (everything sent, tracker)."""
     run_dir = Path(run_dir)
@@ -965,7 +981,9 @@ def _main(argv: list[str] | None = None) -> int:
     s.add_argument("run_dir", metavar="RUN_DIR", help="run directory holding mlflow_run.json and mlflow_spool.jsonl")
     s.add_argument("--tracking-uri", help="send to this tracking URI instead of the one recorded in the run "
                                           "(e.g. the same server at a new address)")
-    s.add_argument("--timeout", type=float, default=300.0, help="give up after this many seconds (default: %(default)s)")
+    s.add_argument("--timeout", type=float, default=20.0,
+                   help="give up after this many seconds without reaching the server; while it takes "
+                        "data the sync goes on (default: %(default)s)")
     s.add_argument("--end-status", choices=["FINISHED", "FAILED", "KILLED"],
                    help="also mark the run ended with this status (for a run whose process died)")
     st = sub.add_parser("status", help="show a run directory's tracking state")
