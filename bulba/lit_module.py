@@ -50,11 +50,22 @@ class Outcome:
     samples: list = field(default_factory=list)
 
 
-def lr_at(step: int, t) -> float:
-    """Linear warmup to train.lr over warmup_steps, then cosine decay to min_lr at max_steps."""
+def planned_steps(recipe: Recipe, world_size: int = 1) -> int:
+    """Steps the schedule spans: train.max_steps, or fewer when the token budget ends first
+    (budget / token slots per step; padding makes the real count a little later, and the lr
+    then stays at min_lr)."""
+    t = recipe.train
+    if t.max_tokens is None:
+        return t.max_steps
+    per_step = t.batch_size * t.grad_accum * recipe.model.ctx_len * world_size
+    return max(1, min(t.max_steps, math.ceil(t.max_tokens / per_step)))
+
+
+def lr_at(step: int, t, total_steps: int | None = None) -> float:
+    """Linear warmup to train.lr over warmup_steps, then cosine decay to min_lr at the last step."""
     if t.warmup_steps and step < t.warmup_steps:
         return t.lr * (step + 1) / t.warmup_steps
-    span = max(1, t.max_steps - t.warmup_steps)
+    span = max(1, (total_steps or t.max_steps) - t.warmup_steps)
     progress = min(1.0, (step - t.warmup_steps) / span)
     return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1.0 + math.cos(math.pi * progress))
 
@@ -96,6 +107,10 @@ class BulbaModule(L.LightningModule):
     def train_dataloader(self):
         # Built here, after launch, when the rank and world size are final. Not a DataLoader:
         # the Rust engine's iterable, started at the micro-batch the last checkpoint consumed.
+        saved = getattr(self, "resumed_world_size", None)
+        if saved is not None and saved != self.trainer.world_size and self.global_rank == 0:
+            print(f"warning: resuming a run checkpointed with {saved} processes on {self.trainer.world_size}: "
+                  "training continues, but the data order differs from an uninterrupted run", flush=True)
         return self._batches_factory("train", self.global_rank, self.trainer.world_size, self.state.consumed)
 
     def configure_optimizers(self):
@@ -183,7 +198,7 @@ class BulbaModule(L.LightningModule):
         t = self.recipe.train
         opt = self.optimizers()
         st = self.state
-        lr = lr_at(st.step, t)
+        lr = lr_at(st.step, t, planned_steps(self.recipe, self.trainer.world_size))
         for g in opt.param_groups:
             g["lr"] = lr
         params = [p for p in self.model.parameters() if p.grad is not None]

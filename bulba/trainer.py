@@ -290,13 +290,19 @@ def _make_checkpointer(recipe: Recipe, get_run_id, on_save=None):
         path = None
         if module.global_rank == 0:
             t0 = time.perf_counter()
-            path = ckpt.save_checkpoint(
-                root, st.step, model_sd, opt_sd,
-                {"reason": reason, "train": dataclasses.asdict(st), "mlflow_run_id": get_run_id(),
-                 "sampler": {"consumed": st.consumed}, "world_size": module.trainer.world_size
-                 if module._trainer is not None else 1,
-                 "recipe": recipe.to_dict()},
-                keep=recipe.train.ckpt_keep)
+            try:
+                world = module.trainer.world_size if module._trainer is not None else 1
+                path = _save(st, model_sd, opt_sd, reason, world)
+            except OSError as e:
+                prev = ckpt.latest_checkpoint(root)
+                msg = (f"cannot write checkpoint step {st.step} in {root} ({e.strerror or e}); "
+                       f"the previous checkpoint {prev or '(none)'} is intact")
+                if reason != "interval":
+                    raise UserError(msg + "; free space and resume with resume=auto") from None
+                # Interval checkpoint: keep training (the weights in memory are fine), try
+                # again at the next interval, and say so.
+                print(f"warning: {msg}; training continues", file=sys.stderr, flush=True)
+                return None
             if on_save is not None:
                 on_save()
             print(f"checkpoint ({reason}): {path} [{time.perf_counter() - t0:.1f}s]", flush=True)
@@ -304,6 +310,11 @@ def _make_checkpointer(recipe: Recipe, get_run_id, on_save=None):
             with contextlib.suppress(Exception):
                 strategy.barrier("checkpoint")
         return path
+
+    def _save(st, model_sd, opt_sd, reason, world):
+        state = {"reason": reason, "train": dataclasses.asdict(st), "mlflow_run_id": get_run_id(),
+                 "sampler": {"consumed": st.consumed}, "world_size": world, "recipe": recipe.to_dict()}
+        return ckpt.save_checkpoint(root, st.step, model_sd, opt_sd, state, keep=recipe.train.ckpt_keep)
 
     return save
 
@@ -404,6 +415,7 @@ def train(recipe: Recipe, *, module_hook=None, enable_tracking: bool = True) -> 
     if loaded is not None:
         module.model.load_state_dict(loaded["model"])
         module._pending_optimizer = loaded["optimizer"]
+        module.resumed_world_size = loaded["state"].get("world_size")
         ts = loaded["state"]["train"]
         for k, v in ts.items():
             setattr(module.state, k, v)
@@ -532,8 +544,12 @@ def _write_final(out: Path, module, recipe: Recipe, data, run_id, tracker):
         raise TrainingFault(f"final weights contain NaN/Inf ({', '.join(bad[:3])}); not writing final.safetensors")
     V = recipe.model.vocab_size
     assert sd["tok_embeddings.weight"].shape[0] == V
-    with atomic_open(out / "final.safetensors", "wb") as f:
-        f.write(save(sd, metadata={"format": "pt", "bulba.step": str(module.state.step)}))
+    try:
+        with atomic_open(out / "final.safetensors", "wb") as f:
+            f.write(save(sd, metadata={"format": "pt", "bulba.step": str(module.state.step)}))
+    except OSError as e:
+        raise UserError(f"cannot write {out / 'final.safetensors'} ({e.strerror or e}); the final checkpoint "
+                        f"in {out / 'checkpoints'} holds the same weights") from None
     write_json(out / "config.json", run_config(recipe, data, run_id))
     print(f"wrote {out / 'final.safetensors'} ({len(sd)} tensors, step {module.state.step})", flush=True)
     if tracker:

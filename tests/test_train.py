@@ -242,3 +242,38 @@ def test_nan_skip_skips_the_step_and_finishes(train_data, tmp_path):
     from safetensors.torch import load_file
 
     assert all(torch.isfinite(v).all() for v in load_file(str(out / "final.safetensors")).values())
+
+
+# --------------------------------------------------------------------------- disk full
+
+
+def test_disk_full_during_checkpoint_keeps_previous(train_data, tmp_path, monkeypatch):
+    import errno
+
+    from bulba import checkpoint as ckpt
+
+    real = ckpt.save_file
+
+    def full(tensors, filename, metadata=None):
+        if "step-00000004" in filename or ".tmp-step-00000004" in filename:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(ckpt, "save_file", full)
+    out = tmp_path / "run"
+    r = _recipe(train_data, out, "train.max_steps=6", "train.val_every=0", "train.ckpt_every=2",
+                "train.ckpt_keep=0")
+    # step 4 (an interval checkpoint) fails: a warning, training goes on; step 6 (final) works
+    s = train(r, enable_tracking=False)
+    assert s["step"] == 6 and (out / "final.safetensors").is_file()
+    names = [p.name for p in ckpt.complete_checkpoints(out / "checkpoints")]
+    assert names == ["step-00000002", "step-00000006"]
+    assert not list((out / "checkpoints").glob(".tmp-*"))
+    # the final checkpoint failing is an error; the previous checkpoint stays loadable
+    out2 = tmp_path / "run2"
+    r2 = _recipe(train_data, out2, "train.max_steps=4", "train.val_every=0", "train.ckpt_every=2",
+                 "train.ckpt_keep=0")
+    with pytest.raises(UserError, match="No space left on device.*step-00000002 is intact"):
+        train(r2, enable_tracking=False)
+    assert not (out2 / "final.safetensors").exists()
+    assert ckpt.load_checkpoint(out2 / "checkpoints" / "step-00000002")["state"]["train"]["step"] == 2
