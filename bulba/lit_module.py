@@ -116,11 +116,12 @@ class BulbaModule(L.LightningModule):
     def configure_optimizers(self):
         t = self.recipe.train
         kwargs = dict(lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8)
-        if self.device.type == "cuda":
-            kwargs["fused"] = True  # one kernel for the whole update
-        else:
-            kwargs["foreach"] = True
-        opt = torch.optim.AdamW(param_groups(self.model, t.weight_decay), **kwargs)
+        # Fused: one kernel for the whole update on CUDA, and on CPU too (torch >= 2.4), where
+        # it is ~30x faster than the foreach path measured here (2 cores, tiny).
+        try:
+            opt = torch.optim.AdamW(param_groups(self.model, t.weight_decay), fused=True, **kwargs)
+        except (RuntimeError, TypeError, ValueError):  # a device/dtype without a fused kernel
+            opt = torch.optim.AdamW(param_groups(self.model, t.weight_decay), foreach=True, **kwargs)
         if self._pending_optimizer is not None:
             opt.load_state_dict(self._pending_optimizer)
             self._pending_optimizer = None
@@ -201,12 +202,17 @@ class BulbaModule(L.LightningModule):
         lr = lr_at(st.step, t, planned_steps(self.recipe, self.trainer.world_size))
         for g in opt.param_groups:
             g["lr"] = lr
-        params = [p for p in self.model.parameters() if p.grad is not None]
         max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         if hasattr(self.trainer.strategy.model, "clip_grad_norm_"):  # FSDP: norm over all shards
             grad_norm = self.trainer.strategy.model.clip_grad_norm_(max_norm)
+            clip_here = False
         else:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+            # Our own clip: the norm first (needed on the host anyway for the NaN verdict),
+            # then a multiply by a Python float. torch's clip_grad_norm_ multiplies by a 0-d
+            # tensor, which on CPU takes a slow path (~150x slower than by a float, measured).
+            grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+            clip_here = True
         loss = self._loss_acc / t.grad_accum
         self._loss_acc = None
         # One host sync per step: the verdict must be known before the weights move. Gradients
@@ -216,6 +222,8 @@ class BulbaModule(L.LightningModule):
         gn = float(grad_norm)
         finite = math.isfinite(gn) and math.isfinite(loss_v)
         if finite:
+            if clip_here and gn > max_norm:
+                torch._foreach_mul_(grads, max_norm / (gn + 1e-6))
             opt.step()
             st.nan_streak = 0
         else:
