@@ -246,6 +246,7 @@ def _scan_file(path: Path, h, check_text: bool) -> tuple[int, bool, str]:
 
 _BE = re.compile("[ўЎіІ]")
 _RU = re.compile("[иИщЩъЪ]")
+_DECISIVE = re.compile("[ўЎіІиИщЩъЪ]")
 _CYR = re.compile("[\u0400-\u04ff]")
 _LAT = re.compile("[A-Za-z]")
 LANGUAGES = ["be", "ru", "en", "code", "other"]
@@ -263,10 +264,9 @@ def guess_language(text: str, default: str | None) -> str:
         if ncyr >= nlat:
             return "be" if nbe > nru else "ru"
         return "en"
-    if _BE.search(text):
-        return "be"
-    if _RU.search(text):
-        return "ru"
+    m = _DECISIVE.search(text)  # one scan settles most documents
+    if m:
+        return "be" if m.group() in "ўЎіІ" else "ru"
     if _CYR.search(text):
         return default if default in ("be", "ru") else "ru"
     if _LAT.search(text):

@@ -5,9 +5,11 @@ Stages (each streams the corpus; memory is bounded by the block size, not the co
    any heavy work, so a bad file fails in seconds, not after an hour of encoding;
 2. train the tokenizer (or load `--tokenizer`) on a weighted sample capped by
    `--tokenizer-max-mb`;
-3. encode: blocks of documents go through the Rust `encode_batch` (all cores, GIL released,
-   overlapped with reading the next block) and are appended to `train.bin`/`val.bin` and
-   their `.idx`, all inside a temporary directory renamed into place only when complete;
+3. encode: the parent reads blocks of documents (~`--block-mb`) and hands them to worker
+   processes (`bulba.encoding.encode_block`: split key, weights, statistics, token ids via
+   `DocumentEncoder`), at most two blocks per worker in flight; results come back in order
+   as compact arrays and are appended to `train.bin`/`val.bin` and their `.idx`, all inside
+   a temporary directory renamed into place only when complete;
 4. meta.json (written last) and the MLflow run, which never fails the prepare.
 
 Split: a document goes to val when a keyed hash of its text falls below `--val-fraction`, so
@@ -18,8 +20,8 @@ measures every source at its natural size); weights shape only train.
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import hashlib
+from collections import deque
 import json
 import math
 import os
@@ -36,9 +38,10 @@ import numpy as np
 
 from . import corpus as C
 from .atomic import TMP_PREFIX, atomic_dir
+from .encoding import Keyer, encode_block, init_worker
 from .errors import UserError
 from .tokenizer import BOS, DEFAULT_VOCAB, EOS, SPECIAL_TOKENS, check_tokenizer, check_vocab_size, \
-    encoder_for_documents, load_tokenizer, train_tokenizer
+    load_tokenizer, train_tokenizer
 
 FORMAT = "bulba-tokens"
 VERSION = 1
@@ -59,7 +62,9 @@ class PrepareConfig:
     force: bool = False
     mlflow: bool = True
     experiment: str = DEFAULT_EXPERIMENT
-    block_mb: float = 1.0
+    block_mb: float = 0.5
+    encoder: str = "cached"  # "cached" (DocumentEncoder's fast path) or "tokenizers" (Rust encode_batch)
+    workers: int | None = None  # encoding processes; None: one per CPU for big corpora, 0 for small
     progress: bool | None = None  # None: only on a terminal
     quiet: bool = False
 
@@ -94,29 +99,6 @@ def check_output(out: Path, force: bool) -> None:
         raise UserError(f"cannot write --out {out}: {e.strerror or e} ({probe})") from None
 
 
-# ---------------------------------------------------------------------------- hashing
-
-
-class Keyer:
-    """Two uniform numbers in [0,1) per document from a keyed BLAKE2b of its text:
-    one decides the split, the other the fractional part of a weight."""
-
-    def __init__(self, seed: int):
-        self.key = f"bulba-split-{seed}".encode()
-
-    def __call__(self, raw: bytes) -> tuple[float, float]:
-        d = hashlib.blake2b(raw, digest_size=16, key=self.key).digest()
-        return int.from_bytes(d[:8], "little") / 2**64, int.from_bytes(d[8:], "little") / 2**64
-
-
-def copies_in_pass(weight: float, k: int, u: float) -> bool:
-    """Is a train document written in pass k? floor(w) full passes, then a u < frac(w) share."""
-    full = math.floor(weight)
-    if k < full:
-        return True
-    return k == full and u < weight - full
-
-
 # ---------------------------------------------------------------------------- tokenizer input
 
 
@@ -137,7 +119,8 @@ def training_texts(sources: list[C.Source], cfg: PrepareConfig, bar=None) -> Ite
             out = []
             for d in docs:
                 raw = d.encode()
-                n = math.floor(m) + (keyer(raw)[1] < m - math.floor(m))
+                frac = m - math.floor(m)
+                n = math.floor(m) + (frac > 0 and keyer.weight(raw) < frac)
                 if n:
                     out.extend([d] * n)
                     fed += n * len(raw)
@@ -164,18 +147,20 @@ class SplitWriter:
         self.tokens = 0
         self.documents = 0
 
-    def write(self, id_lists: list[list[int]]) -> None:
-        if not id_lists:
-            return
-        lens = np.fromiter(map(len, id_lists), dtype=np.int64, count=len(id_lists))
-        n = int(lens.sum())
-        flat = np.fromiter(chain.from_iterable(id_lists), dtype=self.dtype, count=n)
-        data = flat.tobytes()
+    def write(self, flat: np.ndarray, lengths: np.ndarray, mask: np.ndarray) -> int:
+        """Append the documents of (flat, lengths) selected by the boolean `mask`."""
+        lens = lengths[mask]
+        if lens.size == 0:
+            return 0
+        data = flat if lens.size == lengths.size else flat[np.repeat(mask, lengths)]
+        data = data.astype(self.dtype).tobytes()
         self.bin.write(data)
         self.sha.update(data)
         self.idx.write((np.cumsum(lens) + self.tokens).astype("<u8").tobytes())
+        n = int(lens.sum())
         self.tokens += n
-        self.documents += len(id_lists)
+        self.documents += int(lens.size)
+        return n
 
     def close(self) -> dict:
         for f in (self.bin, self.idx):
@@ -192,90 +177,106 @@ class Stats:
     sources: list[dict] = field(default_factory=list)
     languages: dict = field(default_factory=dict)
     min_u: float = 1.0
-    text_bytes: int = 0
-
-    def add_lang(self, lang: str, docs: int, words: int, tokens: int, nbytes: int) -> None:
-        a = self.languages.setdefault(lang, {"documents": 0, "words": 0, "tokens": 0, "bytes": 0})
-        a["documents"] += docs
-        a["words"] += words
-        a["tokens"] += tokens
-        a["bytes"] += nbytes
+    workers_rss_mb: dict = field(default_factory=dict)  # worker pid → its peak RSS
 
 
-def encode_corpus(sources: list[C.Source], tok, folder: Path, val_threshold: float, cfg: PrepareConfig,
-                  dtype) -> tuple[dict, Stats]:
-    """Stream every source through the tokenizer into FOLDER/{train,val}.{bin,idx}."""
-    enc = encoder_for_documents(tok)
-    keyer = Keyer(cfg.seed)
+class BlockRunner:
+    """Runs `encode_block` over jobs, in order, in `n` spawned worker processes (0: here),
+    with at most 2 blocks per worker in flight so memory stays bounded."""
+
+    def __init__(self, n: int, tokenizer_json: str, fast: bool, seed: int):
+        self.n = n
+        self.pool = None
+        if n > 0:
+            import multiprocessing as mp
+
+            self.pool = mp.get_context("spawn").Pool(n, initializer=init_worker, initargs=(tokenizer_json, fast, seed))
+        else:
+            init_worker(tokenizer_json, fast, seed)
+
+    def run(self, jobs: Iterable[tuple]) -> Iterator[tuple]:
+        """jobs yield (tag, job); results come back as (tag, result) in the same order."""
+        if self.pool is None:
+            for tag, job in jobs:
+                yield tag, encode_block(job)
+            return
+        pending: deque = deque()
+        for tag, job in jobs:
+            pending.append((tag, self.pool.apply_async(encode_block, (job,))))
+            if len(pending) >= 2 * self.n:
+                t, r = pending.popleft()
+                yield t, r.get()
+        while pending:
+            t, r = pending.popleft()
+            yield t, r.get()
+
+    def close(self, ok: bool = True) -> None:
+        if self.pool is not None:
+            if ok:
+                self.pool.close()
+            else:
+                self.pool.terminate()
+            self.pool.join()
+            self.pool = None
+
+
+def resolve_workers(cfg: PrepareConfig, total_bytes: int) -> int:
+    if cfg.workers is not None:
+        return max(0, cfg.workers)
+    if total_bytes < 16e6:  # starting processes costs more than it saves
+        return 0
+    return max(1, min((os.cpu_count() or 1) - 1, 16))  # the parent reads and writes on one core
+
+
+def encode_corpus(sources: list[C.Source], tokenizer_json: str, folder: Path, val_threshold: float,
+                  cfg: PrepareConfig, dtype) -> tuple[dict, Stats]:
+    """Stream every source, block by block, through the workers into FOLDER/{train,val}.{bin,idx}."""
     train, val = SplitWriter(folder, "train", dtype), SplitWriter(folder, "val", dtype)
     stats = Stats()
     block = int(cfg.block_mb * 1e6)
-    total = sum(s.nbytes * max(1.0, s.weight) for s in sources) or None
-    bar = _bar(total, "encoding", cfg)
-    pending: cf.Future | None = None
-    pending_job = None
+    total = sum(s.nbytes * max(1.0, s.weight) for s in sources)
+    bar = _bar(total or None, "encoding", cfg)
+    src_stats = []
+    for s in sources:
+        src_stats.append({"name": s.name, "path": s.location, "kind": s.kind, "weight": s.weight,
+                          "documents": 0, "tokens": 0, "words": 0, "bytes": 0, "language": s.language,
+                          "train_tokens": 0, "val_tokens": 0, "sha256": s.sha256})
+    stats.sources = src_stats
 
-    def finish(fut, job):  # write one encoded block; runs while the next one encodes
-        ids = [e.ids for e in fut.result()]
-        k, src_stats, is_val, langs, words, nbytes = job
-        if k == 0:
-            ntok = [len(x) - 2 for x in ids]
-            for lang, w, t, b in zip(langs, words, ntok, nbytes):
-                stats.add_lang(lang, 1, w, t, b)
-            src_stats["documents"] += len(ids)
-            src_stats["words"] += sum(words)
-            src_stats["tokens"] += sum(ntok)
-            src_stats["bytes"] += sum(nbytes)
-            src_stats["val_tokens"] += sum(len(x) for x, v in zip(ids, is_val) if v is True)
-        # is_val: True → val, False → train, None → encoded for the statistics only
-        tr = [x for x, v in zip(ids, is_val) if v is False]
-        src_stats["train_tokens"] += sum(map(len, tr))
-        val.write([x for x, v in zip(ids, is_val) if v is True])
-        train.write(tr)
-        if bar is not None:
-            bar.update(sum(nbytes))
-
-    with cf.ThreadPoolExecutor(max_workers=1) as pool:
-        for s in sources:
-            src_stats = {"name": s.name, "path": s.location, "kind": s.kind, "weight": s.weight,
-                         "documents": 0, "tokens": 0, "words": 0, "bytes": 0, "language": s.language,
-                         "train_tokens": 0, "val_tokens": 0, "sha256": s.sha256}
-            stats.sources.append(src_stats)
-            for k in range(max(1, math.ceil(s.weight))):
+    def jobs():
+        for i, s in enumerate(sources):
+            for k in range(max(1, math.ceil(s.weight))):  # pass k writes the k-th copy of each document
                 for docs in C.iter_documents(s, cfg.text_field, block):
-                    sel, is_val, langs, words, nbytes = [], [], [], [], []
-                    for d in docs:
-                        raw = d.encode()
-                        u_split, u_w = keyer(raw)
-                        if k == 0:
-                            stats.min_u = min(stats.min_u, u_split)
-                        v = u_split < val_threshold
-                        if v and k > 0:
-                            continue
-                        if not v and not copies_in_pass(s.weight, k, u_w):
-                            if k > 0:
-                                continue
-                            # pass 0 still encodes it once for the statistics, written nowhere
-                            v = None
-                        sel.append(d)
-                        is_val.append(v)
-                        if k == 0:
-                            langs.append("code" if s.kind == "code" else C.guess_language(d, s.language))
-                            words.append(len(d.split()))
-                        nbytes.append(len(raw))
-                    if not sel:
-                        continue
-                    if k == 0:
-                        stats.text_bytes += sum(nbytes)
-                    fut = pool.submit(enc.encode_batch_fast, sel)
-                    if pending is not None:
-                        finish(pending, pending_job)
-                    pending, pending_job = fut, (k, src_stats, is_val, langs, words, nbytes)
-            if pending is not None:  # finish per source so its counts are complete
-                finish(pending, pending_job)
-                pending = None
-    if bar is not None:
-        bar.close()
+                    yield (i, k), (docs, k, s.weight, val_threshold, s.language, s.kind == "code")
+
+    runner = BlockRunner(resolve_workers(cfg, total), tokenizer_json, cfg.encoder == "cached", cfg.seed)
+    ok = False
+    try:
+        for (i, k), r in runner.run(jobs()):
+            st = src_stats[i]
+            flat, lengths, dest = r["flat"], r["lengths"], r["dest"]
+            st["train_tokens"] += train.write(flat, lengths, dest == 0)
+            st["val_tokens"] += val.write(flat, lengths, dest == 1)
+            if k == 0:
+                stats.min_u = min(stats.min_u, r["min_u"])
+                if "lang_docs" in r:
+                    for j in np.flatnonzero(r["lang_docs"]):
+                        a = stats.languages.setdefault(C.LANGUAGES[j], {"documents": 0, "words": 0, "tokens": 0, "bytes": 0})
+                        for key in ("documents", "words", "tokens", "bytes"):
+                            a[key] += int(r["lang_" + ("docs" if key == "documents" else key)][j])
+                    st["documents"] += int(r["lang_docs"].sum())
+                    st["words"] += int(r["lang_words"].sum())
+                    st["tokens"] += int(r["lang_tokens"].sum())
+                    st["bytes"] += int(r["lang_bytes"].sum())
+            stats.workers_rss_mb[r["pid"]] = max(stats.workers_rss_mb.get(r["pid"], 0.0), r["rss_mb"])
+            if bar is not None:
+                bar.update(r["nbytes"])
+        ok = True
+    finally:
+        runner.close(ok)
+        if bar is not None:
+            bar.close()
+    stats.workers_rss_mb.pop(os.getpid(), None)  # in-process: already this process's RSS
     return {"train": train.close(), "val": val.close()}, stats
 
 
@@ -359,14 +360,16 @@ def prepare(cfg: PrepareConfig) -> dict:
 
     with atomic_dir(out) as tmp:
         tok.save(str(tmp / "tokenizer.json"))
-        splits, stats = encode_corpus(sources, tok, tmp, cfg.val_fraction, cfg, dtype)
+        tokenizer_json = tok.to_str()
+        del tok  # the workers build their own encoder: keeps this process small
+        splits, stats = encode_corpus(sources, tokenizer_json, tmp, cfg.val_fraction, cfg, dtype)
         ndocs = splits["train"]["documents"] + splits["val"]["documents"]
         if sum(s["documents"] for s in stats.sources) == 0:
             raise UserError(f"empty corpus: the inputs ({', '.join(cfg.inputs)}) hold no text")
         if cfg.val_fraction > 0 and splits["val"]["documents"] == 0 and ndocs >= 2:
             # A tiny corpus can miss val by chance: move the document with the smallest key
             # there, still deterministically, and write the streams again.
-            splits, stats = encode_corpus(sources, tok, tmp, math.nextafter(stats.min_u, 1.0), cfg, dtype)
+            splits, stats = encode_corpus(sources, tokenizer_json, tmp, math.nextafter(stats.min_u, 1.0), cfg, dtype)
         if splits["train"]["documents"] == 0:
             raise UserError("the train split is empty: give more text, lower --val-fraction, or raise the weights")
         t_enc = time.time()
@@ -399,6 +402,7 @@ def prepare(cfg: PrepareConfig) -> dict:
         if run is not None:
             _finish_mlflow(tmp)
     meta["_seconds"] = time.time() - t0
+    meta["_workers_peak_rss_mb"] = sum(stats.workers_rss_mb.values())
     if not cfg.quiet:
         print(summary(meta, out))
     return meta

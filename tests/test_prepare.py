@@ -148,6 +148,20 @@ def test_deterministic_and_force(tmp_path):
     assert json.loads((tmp_path / "a" / "meta.json").read_text())["dataset_digest"] == c2["dataset_digest"]
 
 
+def test_workers_and_encoders_agree(tmp_path, corpus_dir):
+    """Worker processes, in-process encoding and the plain `tokenizers` encoder write
+    byte-identical datasets."""
+    c = write_corpus(tmp_path)
+    inputs = [c, corpus_dir / "be.txt"]
+    a = run_prepare(inputs, tmp_path / "a", workers=0, block_mb=0.1)
+    tok = tmp_path / "a" / "tokenizer.json"
+    b = run_prepare(inputs, tmp_path / "b", workers=2, block_mb=0.1, tokenizer=tok)
+    r = run_prepare(inputs, tmp_path / "r", workers=0, encoder="tokenizers", tokenizer=tok)
+    assert a["dataset_digest"] == b["dataset_digest"] == r["dataset_digest"]
+    assert a["sources"] == b["sources"] == r["sources"]
+    assert a["languages"] == b["languages"]
+
+
 def test_small_corpus_still_gets_val(tmp_path):
     c = write_corpus(tmp_path)
     meta = run_prepare([c / "en.txt"], tmp_path / "out", val_fraction=0.001)
@@ -159,7 +173,7 @@ def test_interrupted_prepare_leaves_nothing(tmp_path, monkeypatch):
 
     c = write_corpus(tmp_path)
 
-    def boom(self, id_lists):
+    def boom(self, *args):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(P.SplitWriter, "write", boom)

@@ -84,3 +84,32 @@ def test_document_encoder_same_ids(prepared_data, corpus_dir):
     ids = enc.encode("a <|eot_id|> b").ids
     assert tok.token_to_id("<|eot_id|>") not in ids
     assert tok.decode(ids[1:-1], skip_special_tokens=False) == "a <|eot_id|> b"
+
+
+@pytest.mark.parametrize("lang", ["be", "ru", "en"])
+def test_cached_encoder_matches_tokenizers_every_line(prepared_data, corpus_dir, lang):
+    """prepare's fast encoder (Python regex + id cache) writes exactly the ids that HF
+    `tokenizers` gives, on every line of the real corpus."""
+    from bulba.tokenizer import DocumentEncoder
+
+    tok = load_tokenizer(prepared_data / "tokenizer.json")
+    lines = [unicodedata.normalize("NFC", x) for x in corpus_lines(corpus_dir, lang)]
+    fast = DocumentEncoder(tok, fast=True)
+    got = [ids for i in range(0, len(lines), 5000) for ids in fast.encode(lines[i:i + 5000])]
+    want = [e.ids for e in encoder_for_documents(tok).encode_batch_fast(lines)]
+    assert got == want
+    assert fast.fast_docs > 0.99 * len(lines)
+
+
+def test_cached_encoder_unicode_sweep():
+    """Every 61st code point, in contexts that expose how the regex classifies it: same ids as
+    `tokenizers`. Characters the two regex engines classify differently (newer Unicode
+    letters such as U+088F) are detected and routed to the Rust encoder."""
+    from bulba.tokenizer import DocumentEncoder
+
+    tok = train_tokenizer(iter(SMALL_TEXT), vocab_size=400)
+    cps = [c for c in range(0, 0x110000, 61) if not 0xD800 <= c < 0xE000] + [0x88F, 0x17F, 0x212A, 0xFB05]
+    docs = [unicodedata.normalize("NFC", f"a{chr(c)}b {chr(c)}{chr(c)}1 x'{chr(c)} 12{chr(c)}\n{chr(c)}  ") for c in cps]
+    enc = DocumentEncoder(tok, fast=True)
+    assert enc.encode(docs) == [e.ids for e in encoder_for_documents(tok).encode_batch_fast(docs)]
+    assert "\u088f" in enc.unsafe and enc.rust_docs >= 1
