@@ -38,6 +38,10 @@ RunTracker API (stable; used by train.py, prepare and export)
     parent_run_id: nest the run under that run in the UI (tag mlflow.parentRunId).
     system_metrics: sample CPU/RAM/RSS/GPU memory every system_metrics_interval s as
         `system/...` metrics (MLflow's names), through the same non-blocking queue.
+    skip_logged_steps: when continuing a run from its run_dir after a crash, drop metric
+        points whose step is <= the highest step already logged for that key (training
+        resumed from an older checkpoint repeats those steps; without this they appear
+        twice in MLflow's history).
 
 How it works: every call only puts a record on a queue (microseconds). A background thread
 appends each record to `RUN_DIR/mlflow_spool.jsonl` (a write-ahead log with sequence
@@ -83,7 +87,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from .atomic import write_json
+from .atomic import write_bytes, write_json
 from .errors import UserError, run_cli
 
 DEFAULT_EXPERIMENT = "bulbagpt"
@@ -241,6 +245,29 @@ def _read_spool(path: Path) -> tuple[int, int, list[tuple[int, bytes]]]:
     return _scan_spool(path)
 
 
+def _logged_steps(path: Path) -> dict[str, int]:
+    """Highest step logged per metric key in this spool (its compaction summaries included)."""
+    steps: dict[str, int] = {}
+    if not path.exists():
+        return steps
+    with open(path, "rb") as f:
+        for raw in f:
+            if b'"steps"' not in raw and b'"t": "m"' not in raw:
+                continue
+            try:
+                r = json.loads(raw)
+            except ValueError:
+                continue
+            if not isinstance(r, dict):
+                continue
+            items = r.get("steps", {}).items() if "steps" in r else \
+                ((m[0], m[3]) for m in r.get("m", ()) if r.get("t") == "m")
+            for k, st in items:
+                if st > steps.get(k, -1):
+                    steps[k] = st
+    return steps
+
+
 class RunTracker:
     """One MLflow run, logged from a background thread; see the module docstring."""
 
@@ -252,8 +279,8 @@ class RunTracker:
                  start_timeout: float = 10.0, finish_timeout: float = 30.0, http_timeout: float = 3.0,
                  artifact_timeout: float = 120.0, flush_interval: float = 1.0,
                  max_memory_records: int = 50_000, system_metrics: bool = False,
-                 system_metrics_interval: float = 10.0, quiet: bool = False,
-                 _attach_only: bool = False):
+                 system_metrics_interval: float = 10.0, skip_logged_steps: bool = False,
+                 quiet: bool = False, _attach_only: bool = False):
         self._pid = os.getpid()  # a forked child must not touch the parent's spool or lock
         self.finish_timeout = float(finish_timeout)
         self.http_timeout = float(http_timeout)
@@ -311,6 +338,14 @@ class RunTracker:
         self.tracking_uri = info["tracking_uri"]
         self.experiment = info["experiment"]
         self._resumed_run = (not _attach_only) and info.get("run_id") is not None
+        # After a crash, training resumes from its last checkpoint and logs the steps between
+        # that checkpoint and the crash again; with skip_logged_steps those repeats are dropped
+        # (per key, steps <= the highest step this run directory's spool has seen).
+        self._prev_steps: dict[str, int] = {}
+        if self.spool_path.exists():
+            self._prev_steps = _logged_steps(self.spool_path)
+        self._skip_upto = self._prev_steps if skip_logged_steps else {}
+        self._steps_seen = dict(self._prev_steps)  # worker only
 
         # state shared with the worker (guarded by _cv)
         self._cv = threading.Condition()
@@ -387,9 +422,13 @@ class RunTracker:
         ts = _now_ms() if timestamp_ms is None else int(timestamp_ms)
         st = 0 if step is None else int(step)
         m = []
+        skip = self._skip_upto
         for k, v in metrics.items():
+            k = str(k)
+            if skip and st <= skip.get(k, -1):
+                continue  # already logged before the crash this run resumed from
             try:
-                m.append((str(k), float(v), ts, st))
+                m.append((k, float(v), ts, st))
             except (TypeError, ValueError):
                 continue  # not a number: not a metric
         if m:
@@ -568,7 +607,7 @@ class RunTracker:
             return
         proc = psutil.Process()
         psutil.cpu_percent(None)
-        step = 0
+        step = self._prev_steps.get("system/cpu_utilization_percentage", -1) + 1  # a resumed run goes on
         while not self._sys_stop.wait(interval):
             try:
                 vm = psutil.virtual_memory()
@@ -614,6 +653,11 @@ class RunTracker:
             with self._cv:
                 self._seq += 1
                 seq = rec["seq"] = self._seq
+            if rec["t"] == "m":
+                seen = self._steps_seen
+                for k, _, _, st in rec["m"]:
+                    if st > seen.get(k, -1):
+                        seen[k] = st
             line = self._write(rec)
             with self._cv:
                 if seq == self._mem_upto + 1 and len(self._pending) < self.max_memory_records:
@@ -643,15 +687,17 @@ class RunTracker:
     def _maybe_compact(self) -> None:
         """Everything acknowledged and the spool is big: start it afresh (keeps the seq base)."""
         with self._cv:
-            if self._acked != self._seq or not self._q.empty():
+            if self._acked != self._seq:  # records still queued get later seqs: they are not in the file yet
                 return
         try:
             if self._spool_f.tell() < (4 << 20):
                 return
-            self._spool_f.truncate(0)
-            self._spool_f.seek(0)
-            self._write({"ack": self._acked})
-            self._spool_f.flush()
+            # a fresh spool holding only the summary, swapped in atomically; it keeps the highest
+            # step per key, which skip_logged_steps needs after a crash
+            line = json.dumps({"ack": self._acked, "steps": self._steps_seen}, ensure_ascii=False)
+            write_bytes(self.spool_path, line.encode("utf-8") + b"\n")
+            old, self._spool_f = self._spool_f, open(self.spool_path, "ab")
+            old.close()
         except OSError:
             pass
 

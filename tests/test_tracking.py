@@ -223,7 +223,8 @@ def test_server_down_at_start(mlflow_uri, mlflow_server, tmp_path, capsys):
 
 def test_resume_same_run_after_crash(mlflow_uri, mlflow_server, tmp_path):
     """A process that died without finish(): the next tracker on the run dir continues the
-    same run and sends what the dead one had only spooled."""
+    same run, sends what the dead one had only spooled, and (skip_logged_steps) does not log
+    the steps repeated since the checkpoint a second time."""
     run_dir = tmp_path / "run"
     code = (
         "import os, sys; from bulba.tracking import RunTracker\n"
@@ -237,9 +238,9 @@ def test_resume_same_run_after_crash(mlflow_uri, mlflow_server, tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == -9, r.stderr
     run_id = r.stdout.strip()
-    t = RunTracker("bulbagpt-test", "crash", run_dir=run_dir, quiet=True)
+    t = RunTracker("bulbagpt-test", "crash", run_dir=run_dir, quiet=True, skip_logged_steps=True)
     assert t.run_id == run_id
-    for s in range(30, 40):
+    for s in range(20, 40):  # resumed from a checkpoint at step 20: steps 20..29 come again
         t.log_metric("loss", float(s), step=s)
     assert t.finish(timeout=30)
     _assert_exactly_once(mlflow_server.uri, run_id, "loss", list(range(40)), float)
