@@ -32,7 +32,8 @@ RunTracker API (stable; used by train.py, prepare and export)
                parent_run_id=None, run_id=None, description=None, resume=True, tracking_uri=None,
                start_timeout=10.0, finish_timeout=30.0, http_timeout=3.0,
                artifact_timeout=120.0, flush_interval=1.0, max_memory_records=50_000,
-               system_metrics=False, system_metrics_interval=10.0, quiet=False)
+               system_metrics=False, system_metrics_interval=10.0, skip_logged_steps=False,
+               quiet=False)
 
     run_id: continue this existing run instead of creating one (e.g. from a checkpoint).
     parent_run_id: nest the run under that run in the UI (tag mlflow.parentRunId).
@@ -49,8 +50,9 @@ numbers) and sends the backlog in order with `MlflowClient.log_batch` (metrics, 
 tags batched up to MLflow's limits; artifacts and the end status in their place). Each
 delivered batch appends an `{"ack": seq}` line, so a crash, a dead server or a later
 `sync` resumes exactly after the last delivered record; a batch that was delivered but not
-acknowledged is sent again with the same timestamps, and MLflow stores identical metric
-points (key, step, timestamp, value) once. Our HTTP calls run with no urllib3 retries and
+acknowledged is sent again with the same timestamps, and MLflow's SQL stores (SQLite,
+PostgreSQL, MySQL; embedded or behind `mlflow server`) store identical metric points
+(key, step, timestamp, value) once. Our HTTP calls run with no urllib3 retries and
 a short timeout (`http_timeout`) — only in the tracker's thread, other MLflow users in the
 process keep MLflow's defaults — and failed sends are retried with exponential backoff
 (0.5 s doubling to 2 s). Memory stays bounded (`max_memory_records` unsent records; beyond
@@ -58,8 +60,9 @@ that they live only in the spool and are read back on reconnect).
 
 If the server cannot be reached at start, the run is created on reconnect (with the
 original start time, tags and a `bulba.client_id` tag that prevents duplicates) and its id
-is written to `RUN_DIR/mlflow_run.json`. `finish()` waits at most `finish_timeout` for the
-backlog; what is left stays in the spool and one line on stderr says how to send it:
+is written to `RUN_DIR/mlflow_run.json`. `finish()` waits at most `finish_timeout` for an
+unreachable server (uploads that progress may take longer); what is left stays in the spool
+and one line on stderr says how to send it:
 
     python -m bulba.tracking sync RUN_DIR
 
