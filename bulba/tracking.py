@@ -372,6 +372,7 @@ class RunTracker:
         self._synced = False
         self._warned_offline = False
         self._enqueued = 0
+        self._put_lock = threading.Lock()
         self._client = None
         self._create_attempted = False
 
@@ -533,7 +534,7 @@ class RunTracker:
         return self
 
     def __exit__(self, et, ev, tb) -> None:
-        if et is None:
+        if et is None or (issubclass(et, SystemExit) and ev.code in (None, 0)):
             self.finish("FINISHED")
         elif issubclass(et, KeyboardInterrupt):
             self.finish("KILLED")
@@ -544,8 +545,9 @@ class RunTracker:
     def _put(self, rec: dict) -> None:
         if (self._finished and rec.get("t") != "end") or os.getpid() != self._pid:
             return
-        self._enqueued += 1
-        self._q.put(rec)
+        with self._put_lock:  # the training loop and the system-metrics thread both log
+            self._enqueued += 1
+            self._q.put(rec)
 
     def _load_info(self) -> dict | None:
         try:
@@ -578,8 +580,13 @@ class RunTracker:
             if not said and self._thread.is_alive() and time.monotonic() > deadline + 5 and not self.quiet:
                 _say(f"still sending to {self.tracking_uri} ({self.backlog} records left)")
                 said = True
-        left = self.backlog
-        self._synced = left == 0 and not self._thread.is_alive()
+        with self._cv:
+            left = max(0, self._seq - self._acked) + self._q.qsize()  # None wake-ups at most overcount
+            all_sent = self._acked >= self._seq
+        alive = self._thread.is_alive()
+        self._synced = all_sent and not alive and self._q.empty()
+        if not self._synced:
+            left = max(left, 1)
         with contextlib.suppress(Exception):
             self._spool_f.flush()
             os.fsync(self._spool_f.fileno())
