@@ -23,6 +23,20 @@ from . import corpus as C
 _STATE: dict = {}
 
 
+def peak_rss_mb() -> float:
+    """Peak RSS of this process's own address space (VmHWM). `ru_maxrss` is not that: a
+    child started by fork+exec inherits its parent's peak, which would charge the parent's
+    memory to every worker."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
 class Keyer:
     """Deterministic uniform numbers in [0,1) per document, from its text and the seed: a
     CRC-32 for the split (fast; the usual choice for hash-based splits) and, only when a
@@ -51,11 +65,9 @@ def copies_in_pass(weight: float, k: int, u) -> bool:
 
 def init_worker(tokenizer_json: str, fast: bool, seed: int) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
-    from tokenizers import Tokenizer
-
     from .tokenizer import DocumentEncoder
 
-    _STATE["enc"] = DocumentEncoder(Tokenizer.from_str(tokenizer_json), fast=fast)
+    _STATE["enc"] = DocumentEncoder(tokenizer_json, fast=fast)
     _STATE["keyer"] = Keyer(seed)
 
 
@@ -97,7 +109,7 @@ def encode_block(job: tuple) -> dict:
         "dest": np.asarray(dest, dtype=np.int8),
         "nbytes": int(sum(nbytes)),
         "min_u": min_u,
-        "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+        "rss_mb": peak_rss_mb(),
         "pid": os.getpid(),
     }
     if k == 0 and sel:

@@ -16,7 +16,6 @@ itself spell a special token.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -130,16 +129,16 @@ def encoder_for_documents(tok: Tokenizer) -> Tokenizer:
       happens to contain "<|eot_id|>" cannot inject a control token into training data;
     - the post-processor wraps each document in BOS ... EOS (the contract's document format).
     """
-    d = json.loads(tok.to_str())
-    d["normalizer"] = None
-    d["post_processor"] = {
-        "type": "TemplateProcessing",
-        "single": [{"SpecialToken": {"id": BOS, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
-                   {"SpecialToken": {"id": EOS, "type_id": 0}}],
-        "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
-        "special_tokens": {t: {"id": t, "ids": [tok.token_to_id(t)], "tokens": [t]} for t in (BOS, EOS)},
-    }
-    enc = Tokenizer.from_str(json.dumps(d))
+    return _as_document_encoder(Tokenizer.from_str(tok.to_str()))
+
+
+def _as_document_encoder(enc: Tokenizer) -> Tokenizer:
+    """Turn a fresh copy of the tokenizer into the document encoder, in place (no JSON
+    round trip through Python objects: that alone would double the peak memory)."""
+    enc.normalizer = None
+    bos, eos = enc.token_to_id(BOS), enc.token_to_id(EOS)
+    enc.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A {EOS}", pair=f"{BOS} $A {EOS} $B:1 {EOS}:1", special_tokens=[(BOS, bos), (EOS, eos)])
     enc.encode_special_tokens = True
     return enc
 
@@ -167,11 +166,15 @@ class DocumentEncoder:
     that splits differently (or when `regex` is missing) go through the Rust encoder.
     """
 
-    def __init__(self, tok: Tokenizer, cache_size: int = 1 << 18, fast: bool = True):
-        self.rust = encoder_for_documents(tok)
-        self.bos, self.eos = tok.token_to_id(BOS), tok.token_to_id(EOS)
+    def __init__(self, tok: Tokenizer | str, cache_size: int = 1 << 17, fast: bool = True):
+        # From a JSON string, only the encoder is ever built (a 32k tokenizer is ~35 MB).
+        if isinstance(tok, str):
+            self.rust = _as_document_encoder(Tokenizer.from_str(tok))
+        else:
+            self.rust = encoder_for_documents(tok)
+        self.bos, self.eos = self.rust.token_to_id(BOS), self.rust.token_to_id(EOS)
         self.cache_size = cache_size
-        self.cache: dict[str, list[int]] = {}
+        self.cache: dict[str, tuple[int, ...]] = {}
         self.known: set[str] = set()
         self.unsafe: set[str] = set()
         self._unsafe_re = None
@@ -239,8 +242,8 @@ class DocumentEncoder:
             ids = [self.bos]
             for p in pieces:
                 t = cache.get(p)
-                if t is None:
-                    t = cache[p] = [x.id for x in tokenize(p.encode().decode("latin-1").translate(bytemap))]
+                if t is None:  # tuples: the cache is most of this process's memory
+                    t = cache[p] = tuple([x.id for x in tokenize(p.encode().decode("latin-1").translate(bytemap))])
                 ids += t
         ids.append(self.eos)
         return ids

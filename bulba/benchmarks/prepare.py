@@ -6,12 +6,14 @@ original corpus. Then each system turns that same text file into token ids on di
 the same tokenizer, each in its own subprocess so peak RSS is its own:
 
 - bulba-prepare: `prepare.py FILE --tokenizer tokenizer.json` (scan, NFC, encode in
-  blocks, write train/val .bin/.idx and meta.json; no MLflow);
+  blocks in worker processes, write train/val .bin/.idx and meta.json; no MLflow); its
+  peak RSS is the parent's plus every worker's;
 - hf-datasets-map: `datasets.load_dataset("text")`, `.map(tokenizer, batched=True)` with
   the same tokenizer as a transformers fast tokenizer, then `np.concatenate` of the ids
   and one `.tofile` (the usual nanoGPT-style recipe).
 
-mb_per_s is MB of input text per second of wall time, including reading and writing.
+mb_per_s is MB of input text per second of wall time, including reading and writing;
+cpu_seconds counts all threads and child processes (a fairer figure on a shared machine).
 """
 
 from __future__ import annotations
@@ -90,6 +92,7 @@ def run(args) -> list[dict]:
             results[system] = res
             rows.append({"name": system, "mb_per_s": nbytes / 1e6 / res["seconds"], "peak_rss_mb": res["peak_rss_mb"],
                          "seconds": res["seconds"], "tokens_per_s": res["text_tokens"] / res["seconds"],
+                         "cpu_seconds": res["cpu_s"], "mb_per_cpu_s": nbytes / 1e6 / res["cpu_s"],
                          "tokens": res["text_tokens"]})
             print(f"{system}: {rows[-1]['mb_per_s']:.2f} MB/s, peak RSS {res['peak_rss_mb']:.0f} MB", file=sys.stderr)
             shutil.rmtree(out, ignore_errors=True)
@@ -99,7 +102,9 @@ def run(args) -> list[dict]:
             b, h = results["bulba-prepare"], results["hf-datasets-map"]
             EXTRA["speedup"] = round(h["seconds"] / b["seconds"], 2)
             EXTRA["rss_ratio"] = round(b["peak_rss_mb"] / h["peak_rss_mb"], 3)
-            EXTRA["same_text_tokens"] = b["text_tokens"] == h["text_tokens"]
+            EXTRA["cpu_ratio"] = round(h["cpu_s"] / b["cpu_s"], 2)
+            # prepare strips each line's outer whitespace; the baseline keeps it
+            EXTRA["token_count_difference"] = f"{(b['text_tokens'] - h['text_tokens']) / h['text_tokens']:+.5%}"
     finally:
         shutil.rmtree(work, ignore_errors=True)  # the big file never outlives the run
     return rows
@@ -109,16 +114,16 @@ def run(args) -> list[dict]:
 
 
 def _peak_rss_mb() -> float:
-    import resource
+    from bulba.encoding import peak_rss_mb  # VmHWM: ru_maxrss would include bench.py's own peak
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    return peak_rss_mb()
 
 
 def _cpu_s() -> float:
     import resource
 
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
+    return sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
+                                                  resource.getrusage(resource.RUSAGE_CHILDREN)))
 
 
 def worker_bulba(text: str, tok: str, out: str) -> dict:
@@ -129,7 +134,9 @@ def worker_bulba(text: str, tok: str, out: str) -> dict:
     seconds = time.perf_counter() - t0
     docs = meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"]
     tokens = meta["splits"]["train"]["tokens"] + meta["splits"]["val"]["tokens"]
-    return {"seconds": seconds, "text_tokens": tokens - 2 * docs, "peak_rss_mb": _peak_rss_mb(), "cpu_s": _cpu_s() - c0}
+    # the encoding workers are separate processes: their peaks count too
+    rss = _peak_rss_mb() + meta["_workers_peak_rss_mb"]
+    return {"seconds": seconds, "text_tokens": tokens - 2 * docs, "peak_rss_mb": rss, "cpu_s": _cpu_s() - c0}
 
 
 def worker_hf(text: str, tok: str, out: str) -> dict:
