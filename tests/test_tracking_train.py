@@ -33,6 +33,7 @@ def _last_step(out: Path) -> int:
     return max((r["step"] for r in _records(out) if "train/loss" in r), default=-1)
 
 
+@pytest.mark.slow
 def test_train_survives_server_outage(train_data, mlflow_uri, mlflow_server, tmp_path):
     out = tmp_path / "run"
     steps = 120
