@@ -129,6 +129,7 @@ def test_hung_server_costs_no_stall_and_no_duplicates(mlflow_uri, mlflow_server,
         time.sleep(0.3)
         mlflow_server.pause()
         time.sleep(2.5)
+        assert t.last_error == "no answer (timeout)", t.last_error  # 1 s, not MLflow's 120 s default
         assert not t.flush(0.5)
         mlflow_server.resume()
         assert t.flush(30), t.last_error
