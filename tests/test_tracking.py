@@ -16,7 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from bulba.tracking import RUN_FILE, SPOOL_FILE, RunTracker
+pytest.importorskip("mlflow")
+
+from bulba.tracking import RUN_FILE, SPOOL_FILE, RunTracker  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

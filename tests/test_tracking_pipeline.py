@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from _fx_train import TINY
+pytest.importorskip("mlflow")
+
+from _fx_train import TINY  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT.parent / "shared" / "corpus"

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from _fx_train import ROOT, TINY, train_data  # noqa: F401 (fixture)
+pytest.importorskip("mlflow")
+
+from _fx_train import ROOT, TINY, train_data  # noqa: E402,F401 (fixture)
 
 
 def _records(out: Path) -> list[dict]:
