@@ -26,6 +26,7 @@ class ExportResult:
     sha256: str
     seconds: dict = field(default_factory=dict)
     verdict: str | None = None
+    report: object | None = None  # bulba.verify.Report
     hf_out: Path | None = None
     hf: dict | None = None
     modelfile: Path | None = None
@@ -125,7 +126,7 @@ def export(source: str, type_name: str, out: str | os.PathLike, *, register: str
             model = load_torch_model(src)
             report = verify_gguf(tmp, src, type_name, model=model)
             res.seconds["verify_s"] = time.perf_counter() - t1
-            res.verdict = report.verdict
+            res.verdict, res.report = report.verdict, report
             print(report.verdict, flush=True)
             if not report.passed:
                 raise UserError(report.verdict)

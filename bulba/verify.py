@@ -5,8 +5,12 @@ On a mixed Russian / Belarusian / English / code sample (the project's own text)
 - f32: per position, max |logit difference| <= 1e-3 x that position's logit scale
   (max |logit| of the PyTorch row), and the greedy 32-token continuation is identical;
 - f16 / bf16 / q8_0: the top-1 token agrees on >= 99% of positions;
-- other types (4-6 bit): figures are reported; the bar is lower and only catches a broken
-  file (wrong layout gives near-chance agreement), since their rounding is large by design.
+- other types (4-6 bit): their rounding alone moves a small model's near-tied top-1 (a tiny
+  model trained a few steps lost 8% top-1 to q4_0 in PyTorch itself), so the bar there is
+  file fidelity: PyTorch running the GGUF's own dequantized weights and llama.cpp agree on
+  top-1 for >= 95% of positions (llama.cpp also rounds activations to 8 bits for these
+  types). A wrong layout or metadata gives near-chance agreement. Figures against the
+  original weights are reported for every type.
 llama.cpp runs with an F32 K/V cache and no flash attention (see bulba.llamacpp), so the
 figures measure the weights' format only.
 """
@@ -32,7 +36,7 @@ SAMPLE = unicodedata.normalize("NFC", (
 
 REL_LOGIT_TOL = 1e-3  # f32: max |diff| / logit scale, on every position
 TOP1_BAR = {"f16": 0.99, "bf16": 0.99, "q8_0": 0.99}
-LOOSE_TOP1_BAR = 0.8  # 4-6 bit types: only a broken file falls below this
+FIDELITY_TOP1_BAR = 0.95  # 4-6 bit types: llama.cpp vs PyTorch on the dequantized file
 GREEDY_TOKENS = 32
 GREEDY_PROMPT = 16
 
@@ -48,6 +52,8 @@ class Report:
     max_abs_logit_diff: float = float("nan")
     max_rel_logit_diff: float = float("nan")
     top1_agreement: float = float("nan")
+    fidelity_top1: float | None = None  # 4-6 bit: llama.cpp vs PyTorch with the file's own weights
+    fidelity_max_rel_diff: float | None = None
     greedy_match: bool | None = None
     greedy_tokens: int = 0
     seconds: float = 0.0
@@ -61,7 +67,7 @@ class Report:
         for k, v in asdict(self).items():
             if isinstance(v, bool):
                 out[k] = float(v)
-            elif isinstance(v, (int, float)) and v is not None and not (isinstance(v, float) and np.isnan(v)):
+            elif isinstance(v, (int, float)) and not (isinstance(v, float) and np.isnan(v)):
                 out[k] = float(v)
         return out
 
@@ -123,6 +129,13 @@ def verify_gguf(gguf_path, src, type_name: str, model=None, text: str = SAMPLE) 
             cpp_gen = llm.greedy(prompt, GREEDY_TOKENS)
             rep.greedy_tokens = next((i for i, (a, b) in enumerate(zip(ref_gen, cpp_gen)) if a != b), GREEDY_TOKENS)
             rep.greedy_match = ref_gen == cpp_gen
+    if type_name != "f32" and type_name not in TOP1_BAR:
+        deq = dequantized_model(gguf_path, src)
+        with torch.no_grad():
+            ref_q = deq(torch.tensor([ids]))[0].float().numpy()
+        del deq
+        fid = compare_logits(ref_q, got)
+        rep.fidelity_top1, rep.fidelity_max_rel_diff = fid["top1_agreement"], fid["max_rel_logit_diff"]
     if not np.isfinite(got).all():
         rep.problems.append("llama.cpp produced NaN/Inf logits")
     if type_name == "f32":
@@ -130,14 +143,39 @@ def verify_gguf(gguf_path, src, type_name: str, model=None, text: str = SAMPLE) 
             rep.problems.append(f"max logit difference {rep.max_rel_logit_diff:.2e} of the logit scale > {REL_LOGIT_TOL:g}")
         if not rep.greedy_match:
             rep.problems.append(f"greedy continuation diverges at token {rep.greedy_tokens} of {GREEDY_TOKENS}")
-    else:
-        bar = TOP1_BAR.get(type_name, LOOSE_TOP1_BAR)
-        if not rep.top1_agreement >= bar:
-            rep.problems.append(f"top-1 agreement {rep.top1_agreement:.1%} < {bar:.0%}")
+    elif type_name in TOP1_BAR:
+        if not rep.top1_agreement >= TOP1_BAR[type_name]:
+            rep.problems.append(f"top-1 agreement {rep.top1_agreement:.1%} < {TOP1_BAR[type_name]:.0%}")
+    elif not rep.fidelity_top1 >= FIDELITY_TOP1_BAR:
+        rep.problems.append(f"top-1 agreement with the file's own (dequantized) weights "
+                            f"{rep.fidelity_top1:.1%} < {FIDELITY_TOP1_BAR:.0%}")
     rep.passed = not rep.problems
     rep.seconds = time.perf_counter() - t0
     rep.verdict = verdict_line(rep)
     return rep
+
+
+def dequantized_model(gguf_path, src):
+    """The PyTorch model with the weights as stored in the GGUF (dequantized, Q/K un-permuted)."""
+    import gguf
+    import torch
+
+    from .export_source import load_torch_model
+    from .gguf_export import tensor_plan
+
+    cfg = src.model
+    to_ours = {g: s for g, s, _ in tensor_plan(src)}
+    state = {}
+    for t in gguf.GGUFReader(str(gguf_path)).tensors:
+        w = gguf.quants.dequantize(t.data, t.tensor_type).reshape([int(x) for x in reversed(t.shape)])
+        if t.name.endswith(("attn_q.weight", "attn_k.weight")):
+            n = cfg.n_head if t.name.endswith("attn_q.weight") else cfg.n_kv_head
+            # inverse of permute_rotate_half: interleaved pairs back to rotate-half halves
+            w = w.reshape(n, w.shape[0] // n // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+        state[to_ours[t.name]] = torch.tensor(np.asarray(w, dtype=np.float32))  # a copy: reader data is read-only
+    model = load_torch_model(src)
+    model.load_state_dict(state, strict=True)
+    return model
 
 
 def verdict_line(rep: Report) -> str:
@@ -146,6 +184,8 @@ def verdict_line(rep: Report) -> str:
                f"top-1 {rep.top1_agreement:.1%}")
     if rep.greedy_match is not None:
         figures += f", greedy {rep.greedy_tokens}/{GREEDY_TOKENS}"
+    if rep.fidelity_top1 is not None:
+        figures += f"; vs its dequantized weights: top-1 {rep.fidelity_top1:.1%}"
     head = "PASS" if rep.passed else "FAIL"
     tail = "" if rep.passed else " -- " + "; ".join(rep.problems)
     return f"verify {rep.type} in llama.cpp: {head}: {figures}{tail}"
