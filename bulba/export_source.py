@@ -22,6 +22,7 @@ from .config import ModelConfig, model_config_from_dict
 from .errors import UserError
 
 WEIGHTS_NAME = "final.safetensors"
+CHECKPOINT_WEIGHTS = "model.safetensors"  # runs/<run>/checkpoints/step-N/
 CONFIG_NAME = "config.json"
 TOKENIZER_NAME = "tokenizer.json"
 
@@ -288,12 +289,21 @@ def open_source(source: str) -> Source:
             raise UserError(f"source {source} does not exist; give a run directory, a {WEIGHTS_NAME} or runs:/<run_id>")
         if p.is_dir():
             run_dir, weights = p, p / WEIGHTS_NAME
+            if not weights.exists() and (p / CHECKPOINT_WEIGHTS).exists():  # a checkpoints/step-N folder
+                weights = p / CHECKPOINT_WEIGHTS
             if not weights.exists():
-                raise UserError(f"run directory {p} has no {WEIGHTS_NAME}: training has not finished (or use a checkpoint's .safetensors)")
+                steps = sorted((p / "checkpoints").glob(f"step-*/{CHECKPOINT_WEIGHTS}"))
+                hint = f", or export its newest checkpoint {steps[-1]}" if steps else ""
+                raise UserError(f"run directory {p} has no {WEIGHTS_NAME}: training has not finished{hint}")
         else:
             if p.suffix != ".safetensors":
                 raise UserError(f"source {source} is not a .safetensors file or run directory")
             run_dir, weights = p.parent, p
+        # A checkpoint's weights sit two levels below the run's config.json and tokenizer.json.
+        for up in [run_dir, *list(run_dir.parents)[:2]]:
+            if (up / CONFIG_NAME).exists():
+                run_dir = up
+                break
     try:
         return _open_local(run_dir, weights, source, tmp)
     except BaseException:
@@ -304,8 +314,6 @@ def open_source(source: str) -> Source:
 
 def _open_local(run_dir: Path, weights: Path, source: str, tmp: str | None) -> Source:
     cfg_path = run_dir / CONFIG_NAME
-    if not cfg_path.exists() and weights.parent != run_dir:
-        cfg_path = weights.parent / CONFIG_NAME
     config = _load_json(cfg_path, f"every run directory has config.json beside {WEIGHTS_NAME}")
     if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
         raise UserError(f"{cfg_path} has no 'model' section (expected the bulba-run format of docs/contracts.md)")

@@ -424,3 +424,14 @@ def test_k_quant_rows_need_256(tiny_run):
     with pytest.raises(UserError, match="multiples of 256.*n_embd=320"):
         check_type("q4_k_m", src)
     check_type("q8_0", src)  # 320 = 10 x 32: fine for q8_0
+
+
+def test_checkpoint_source(tiny_run, tmp_path):
+    """A checkpoint's model.safetensors exports with the run's config and tokenizer two levels up."""
+    ckpts = sorted((tiny_run / "checkpoints").glob("step-*/model.safetensors"))
+    if not ckpts:
+        pytest.skip("no checkpoint in this run (hand-built fixture)")
+    res = _export(str(ckpts[-1]), "f16", tmp_path / "ck.gguf", verify=False)
+    from bulba.gguf_export import read_back
+
+    assert read_back(res.out)["kv"]["general.name"] == tiny_run.name
