@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -96,7 +97,6 @@ def _vm_hwm_mb() -> float:
 def _in_memory_export(run_dir: str, type_name: str, out: str) -> None:
     """Baseline: load everything, convert everything, add_tensor everything, then write."""
     import gguf
-    import numpy as np
     from safetensors.torch import load_file
 
     from ..export_source import open_source
@@ -141,13 +141,14 @@ EXTRA: dict = {}
 
 
 def run(args) -> list[dict]:
+    from ..export_source import expected_shapes
+
     cfg, where = model_config(args.recipe)
     with tempfile.TemporaryDirectory(prefix="bench-export-", dir=args.workdir) as tmp:
         run_dir = Path(tmp) / "zubr-random"
         t0 = time.perf_counter()
         make_random_run(run_dir, cfg)
-        n_params = sum(int(__import__("numpy").prod(s)) for s in __import__(
-            "bulba.export_source", fromlist=["expected_shapes"]).expected_shapes(cfg).values())
+        n_params = sum(math.prod(s) for s in expected_shapes(cfg).values())
         src_mb = (run_dir / "final.safetensors").stat().st_size / 1e6
         EXTRA.update({"model": f"{args.recipe} ({where}): {n_params / 1e6:.0f}M parameters, "
                                f"{cfg.n_layer} layers, n_embd {cfg.n_embd}, ffn {cfg.ffn_hidden}, vocab {cfg.vocab_size}",
