@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cached: Python regex + per-piece id cache (same ids, ~3x less CPU); "
                         "tokenizers: HF encode_batch for every document (default %(default)s)")
     p.add_argument("--workers", type=int, default=None,
-                   help="encoding processes (default: CPUs - 1 when the corpus is over 16 MB, else 0 = in-process)")
+                   help="encoding processes (default: CPUs - 1 for a corpus over 16 MB on 3+ CPUs, else 0 = in-process)")
     p.add_argument("--block-mb", type=float, default=0.5,
                    help="text per encoding block; memory use is a few times this (default %(default)s)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,

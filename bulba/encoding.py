@@ -14,9 +14,8 @@ import math
 import os
 import resource
 import zlib
+from array import array
 from itertools import chain
-
-import numpy as np
 
 from . import corpus as C
 
@@ -76,7 +75,8 @@ def encode_block(job: tuple) -> dict:
 
     Returns, for the documents written in pass k, in order: `flat` ids (uint32), `lengths`,
     `dest` (1 val, 0 train, -1 encoded for statistics only); and in pass 0 per-language sums
-    (`lang_docs`, `lang_words`, `lang_tokens`, `lang_bytes`, indexed like C.LANGUAGES)."""
+    (`lang_docs`, `lang_words`, `lang_tokens`, `lang_bytes`, indexed like C.LANGUAGES).
+    Arrays are `array.array`s (ids "I", lengths "q", dest "b")."""
     docs, k, weight, val_threshold, default_lang, is_code = job
     enc, keyer = _STATE["enc"], _STATE["keyer"]
     sel, dest, langs, words, nbytes = [], [], [], [], []
@@ -102,21 +102,24 @@ def encode_block(job: tuple) -> dict:
             langs.append(code_id if is_code else C.LANG_ID[C.guess_language(d, default_lang)])
             words.append(len(d.split()))
     ids = enc.encode(sel) if sel else []
-    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    # stdlib arrays, not numpy: workers stay ~15 MB smaller; the parent views them with numpy
+    lengths = array("q", map(len, ids))
     out = {
-        "flat": np.fromiter(chain.from_iterable(ids), dtype=np.uint32, count=int(lengths.sum())),
+        "flat": array("I", chain.from_iterable(ids)),
         "lengths": lengths,
-        "dest": np.asarray(dest, dtype=np.int8),
-        "nbytes": int(sum(nbytes)),
+        "dest": array("b", dest),
+        "nbytes": sum(nbytes),
         "min_u": min_u,
         "rss_mb": peak_rss_mb(),
         "pid": os.getpid(),
     }
     if k == 0 and sel:
-        lang = np.asarray(langs, dtype=np.int64)
         n = len(C.LANGUAGES)
-        out["lang_docs"] = np.bincount(lang, minlength=n)
-        out["lang_words"] = np.bincount(lang, weights=words, minlength=n).astype(np.int64)
-        out["lang_tokens"] = np.bincount(lang, weights=lengths - 2, minlength=n).astype(np.int64)
-        out["lang_bytes"] = np.bincount(lang, weights=nbytes, minlength=n).astype(np.int64)
+        docs_, words_, tokens_, bytes_ = [0] * n, [0] * n, [0] * n, [0] * n
+        for lang, w, t, b in zip(langs, words, lengths, nbytes):
+            docs_[lang] += 1
+            words_[lang] += w
+            tokens_[lang] += t - 2
+            bytes_[lang] += b
+        out.update(lang_docs=docs_, lang_words=words_, lang_tokens=tokens_, lang_bytes=bytes_)
     return out

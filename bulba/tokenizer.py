@@ -166,7 +166,7 @@ class DocumentEncoder:
     that splits differently (or when `regex` is missing) go through the Rust encoder.
     """
 
-    def __init__(self, tok: Tokenizer | str, cache_size: int = 1 << 17, fast: bool = True):
+    def __init__(self, tok: Tokenizer | str, cache_size: int = 1 << 16, fast: bool = True):
         # From a JSON string, only the encoder is ever built (a 32k tokenizer is ~35 MB).
         if isinstance(tok, str):
             self.rust = _as_document_encoder(Tokenizer.from_str(tok))
