@@ -96,11 +96,13 @@ class BulbaModule(L.LightningModule):
         self._pending_optimizer: dict | None = None
         self._stop_request: str | None = None  # set from signal handlers; acted on at step boundaries
         self._micro = 0
+        self._step_tokens = 0
         self._loss_acc = None
         self._t_last = None
         self._window = {"tokens": 0, "pad": 0, "cells": 0, "steps": 0, "t0": None}
         self.fingerprints: list[str] = []  # sha256 of the first input_ids seen (data-shard checks)
         self.losses: dict[int, float] = {}
+        self.final_eval = True  # validate and sample at the last step (benchmark() turns it off)
 
     # ------------------------------------------------------------------ setup
 
@@ -180,6 +182,7 @@ class BulbaModule(L.LightningModule):
         self.manual_backward(loss / t.grad_accum)
         det = loss.detach()
         self._loss_acc = det if self._loss_acc is None else self._loss_acc + det
+        self._step_tokens += batch["n_tokens"]
         w = self._window
         w["tokens"] += batch["n_tokens"]
         w["pad"] += batch["n_pad"]
@@ -231,6 +234,8 @@ class BulbaModule(L.LightningModule):
             st.nan_streak += 1
         opt.zero_grad(set_to_none=True)
         step = st.step + 1
+        if not finite:
+            self._step_tokens = 0
         world = self.trainer.world_size
         if not finite:
             msg = (f"non-finite {'loss' if not math.isfinite(loss_v) else 'gradient norm'} at step {step} "
@@ -249,21 +254,26 @@ class BulbaModule(L.LightningModule):
                 print(f"warning: {msg}; update skipped (train.nan_policy=skip)", flush=True)
         st.step = step
         st.consumed += t.grad_accum
-        st.tokens += self._window["tokens"] * world  # shards are the same size on every rank
+        st.tokens += self._step_tokens * world  # labelled tokens; every rank's shard is alike
+        self._step_tokens = 0
         self.losses[step] = loss_v
         self._maybe_log(step, loss_v, gn, lr)
-        if t.val_every and step % t.val_every == 0 and step < t.max_steps:
+        last = step >= t.max_steps or (t.max_tokens is not None and st.tokens >= t.max_tokens)
+        if t.val_every and step % t.val_every == 0 and not last:
             self._validate(step)
-        if t.sample_every and step % t.sample_every == 0 and step < t.max_steps:
+        if t.sample_every and step % t.sample_every == 0 and not last:
             self._sample(step)
-        if self._checkpointer and t.ckpt_every and step % t.ckpt_every == 0 and step < t.max_steps:
+        if self._checkpointer and t.ckpt_every and step % t.ckpt_every == 0 and not last:
             self._checkpointer(self, "interval")
-        if step >= t.max_steps:
-            self.outcome.reason = "done"
+        if last:
+            self.outcome.reason = "done" if step >= t.max_steps else "max_tokens"
             self.trainer.should_stop = True
-        elif t.max_tokens is not None and st.tokens >= t.max_tokens:
-            self.outcome.reason = "max_tokens"
-            self.trainer.should_stop = True
+            # The final evaluation happens here, still inside fit: on the training device,
+            # under autocast, with the process group alive (after fit Lightning tears down).
+            if self.final_eval:
+                if t.val_batches:
+                    self._validate(step)
+                self._sample(step)
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         ddp = self._ddp_module()

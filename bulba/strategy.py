@@ -57,6 +57,14 @@ def apply_speed_mode(model: Llama, mode: str, device: torch.device) -> dict:
         block.attention.backend = backend
     compiled = mode in ("compile", "both")
     if compiled:
+        # Every block runs the same code; with dynamo inlining nn.Modules (torch >= 2.5) they
+        # share one graph, but on versions that guard on the module instance each block is a
+        # recompile: leave room for all of them (the default limit, 8, is below zubr's 12).
+        import torch._dynamo.config as dcfg
+
+        for name in ("recompile_limit", "cache_size_limit"):
+            if hasattr(dcfg, name):
+                setattr(dcfg, name, max(getattr(dcfg, name), 2 * len(model.layers) + 8))
         for block in model.layers:
             if isinstance(block, Block) and getattr(block, "_compiled_call_impl", None) is None:
                 # nn.Module.compile compiles in place: parameter names (and so state_dict,

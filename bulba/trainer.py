@@ -479,14 +479,8 @@ def train(recipe: Recipe, *, module_hook=None, enable_tracking: bool = True) -> 
                                 f"{path}. Lower train.lr or set train.nan_policy=skip and resume with resume=auto")
         if oc.reason == "running":
             raise RuntimeError("training ended before train.max_steps (the data iterator ran dry?)")
-        # ---- finished: validation, samples, final checkpoint and weights
-        val = module.evaluate() if recipe.train.val_batches else None
-        if val is not None and tracker:
-            tracker.metrics({"val/loss": val, "val/ppl": math.exp(min(val, 50))}, module.state.step)
-        if rank0 and val is not None:
-            print(f"final val loss {val:.4f}", flush=True)
-        if rank0:
-            module._sample(module.state.step)
+        # ---- finished (the final validation and samples ran at the last step): checkpoint, weights
+        val = oc.last_val
         module._checkpointer(module, "final")
         summary = {"step": module.state.step, "tokens": module.state.tokens, "val_loss": val,
                    "losses": module.losses, "run_id": run_id, "out_dir": str(out), "params": n_params,
@@ -581,6 +575,7 @@ def benchmark(recipe: Recipe, steps: int = 20, warmup: int = 5) -> dict:
         torch.set_num_threads(t.threads)
     L.seed_everything(recipe.seed, verbose=False)
     module = BulbaModule(recipe, batches_factory=make_batches_factory(recipe, data, pin=accelerator == "cuda"))
+    module.final_eval = False
     times: list[float] = []
     orig_step = module._optimizer_step
 
@@ -601,11 +596,16 @@ def benchmark(recipe: Recipe, steps: int = 20, warmup: int = 5) -> dict:
                         num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False)
     trainer.fit(module)
-    timed = times[warmup:]
-    dt = timed[-1] - times[warmup - 1] if warmup else timed[-1] - times[0]
-    n = len(timed) if warmup else len(timed) - 1
-    tok = n * t.batch_size * t.grad_accum * recipe.model.ctx_len
-    tps = tok / dt
+    # Per-step durations of the timed steps; the median resists the noise of a shared machine.
+    stamps = times[max(warmup - 1, 0):]
+    durations = sorted(b - a for a, b in zip(stamps, stamps[1:]))
+    n = len(durations)
+    if n == 0:
+        raise UserError("benchmark: need at least one timed step after warm-up")
+    median = durations[n // 2] if n % 2 else 0.5 * (durations[n // 2 - 1] + durations[n // 2])
+    per_step = t.batch_size * t.grad_accum * recipe.model.ctx_len
+    tps = per_step / median
+    tps_mean = per_step * n / sum(durations)
     import resource
 
     return {
@@ -613,5 +613,5 @@ def benchmark(recipe: Recipe, steps: int = 20, warmup: int = 5) -> dict:
         "tokens_per_s": tps, "mfu": flops.mfu(recipe.model, tps, device, recipe.model.ctx_len),
         "peak_device_mb": torch.cuda.max_memory_allocated() / 2**20 if accelerator == "cuda" else None,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
-        "step_time_s": dt / n, "final_loss": module.losses.get(module.state.step), "params": flops.param_count(recipe.model),
+        "tokens_per_s_mean": tps_mean, "step_time_s": median, "steps_timed": n, "final_loss": module.losses.get(module.state.step), "params": flops.param_count(recipe.model),
     }
