@@ -396,6 +396,7 @@ def _worker(spec_path: str, out_path: str) -> None:
 def _run_hf(spec: dict, recipe, best: bool) -> dict:
     import torch
     import transformers
+    from torch.optim.optimizer import register_optimizer_step_post_hook
     from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
     transformers.logging.set_verbosity_error()
@@ -462,7 +463,12 @@ def _run_hf(spec: dict, recipe, best: bool) -> dict:
             return loss
 
     trainer = LossTrainer(model=model, args=targs, train_dataset=train_ds, callbacks=[timer])
-    trainer.train()
+    seen = {}
+    hook = register_optimizer_step_post_hook(lambda opt, a, kw: seen.setdefault("opt", opt))
+    try:
+        trainer.train()
+    finally:
+        hook.remove()
     if len(timer.ends) < total:
         raise RuntimeError(f"HF Trainer ran {len(timer.ends)} steps, expected {total}")
     dt = timer.ends[total - 1] - timer.ends[warmup - 1]
@@ -471,7 +477,7 @@ def _run_hf(spec: dict, recipe, best: bool) -> dict:
         "precision": "bf16-mixed" if bf16 else "fp32",
         "attention": attention,
         "compile": "torch_compile=True (whole model)" if best else "no",
-        "optimizer": str(targs.optim.value if hasattr(targs.optim, "value") else targs.optim),
+        "optimizer": f"{_optimizer_name(seen.get('opt'))} (optim={getattr(targs.optim, 'value', targs.optim)})",
         "loader": loader.format(targs.dataloader_num_workers),
         "tokens_per_s": tokens / dt,
         "loss": float(LossTrainer.last_loss) if LossTrainer.last_loss is not None else None,
@@ -508,17 +514,24 @@ def _run_bulba(spec: dict, recipe, mode: str) -> dict:
     Rust batch engine, `warmup + steps` optimizer steps, no run directory or tracking."""
     import torch
 
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
     from ..trainer import benchmark
 
     recipe.train.mode = mode
     recipe.train.accelerator = spec["device"]
-    r = benchmark(recipe, steps=spec["steps"], warmup=spec["warmup"])
+    seen = {}
+    hook = register_optimizer_step_post_hook(lambda opt, a, kw: seen.setdefault("opt", opt))
+    try:
+        r = benchmark(recipe, steps=spec["steps"], warmup=spec["warmup"])
+    finally:
+        hook.remove()
     cuda = spec["device"] == "cuda"
     res = {
         "precision": r.get("precision"),
         "attention": r.get("attention"),
         "compile": "blocks (Inductor, dynamic=False)" if mode in ("compile", "both") else "no",
-        "optimizer": "AdamW fused" if cuda else "AdamW foreach",
+        "optimizer": _optimizer_name(seen.get("opt")),
         "loader": f"Rust engine (bulba.data, prefetch {recipe.data.prefetch})",
         "tokens_per_s": r["tokens_per_s"],
         "mfu": r.get("mfu"),
@@ -530,8 +543,16 @@ def _run_bulba(spec: dict, recipe, mode: str) -> dict:
         res["peak_device_mb"] = r.get("peak_device_mb")
     if mode == "both" and r.get("attention") != "flash":
         res["note"] = "flash-attn n/a here: compile + SDPA"
-    del torch
     return res
+
+
+def _optimizer_name(opt) -> str:
+    """What actually stepped: the optimizer's class and its implementation (fused / foreach)."""
+    if opt is None:
+        return "?"
+    d = opt.defaults
+    impl = "fused" if d.get("fused") else "foreach" if d.get("foreach") else "for-loop" if d.get("foreach") is False else "default"
+    return f"{type(opt).__name__} {impl}"
 
 
 if __name__ == "__main__":
