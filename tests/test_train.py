@@ -303,3 +303,21 @@ def test_corrupt_checkpoint_on_resume_is_exit_2_and_kept(train_data, tmp_path):
     with pytest.raises(UserError, match="step-00000002 is corrupt.*delete that directory"):
         train(_recipe(train_data, out, "train.max_steps=3", "resume=auto"), enable_tracking=False)
     assert last.exists() and (out / "final.safetensors").exists()  # nothing destroyed
+
+
+@pytest.mark.slow  # the tracker waits finish_timeout (30 s) for a server that never comes back
+def test_dead_tracking_server_training_finishes_metrics_spooled(train_data, tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "run"
+    t0 = time.time()
+    p = run_train(["tiny", f"data.dir={train_data}", f"out_dir={out}", *TINY, "train.max_steps=3",
+                   "train.val_every=0", "train.ckpt_every=0"], {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"})
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert time.time() - t0 < 150
+    assert (out / "final.safetensors").is_file() and sorted(losses_from(out)) == [1, 2, 3]
+    spool = (out / "mlflow_spool.jsonl").read_text()
+    assert "train/loss" in spool and "bulba.tracking sync" in p.stderr
