@@ -49,9 +49,10 @@ def main(argv=None):
         train(recipe, enable_tracking=not args.no_mlflow)
     except Interrupted as e:
         where = f"checkpoint {e.checkpoint}" if e.checkpoint else "no checkpoint (not rank 0)"
-        print(f"stopped by {e.signame}; {where}; continue with: python train.py {args.recipe} "
-              f"{' '.join(a for a in args.overrides if not a.startswith('resume='))} resume=auto".rstrip(),
-              file=sys.stderr)
+        again = [args.recipe, *(a for a in args.overrides if not a.startswith("resume=")), "resume=auto"]
+        if args.no_mlflow:
+            again.append("--no-mlflow")
+        print(f"stopped by {e.signame}; {where}; continue with: python train.py {' '.join(again)}", file=sys.stderr)
         return 143 if e.signame == "SIGTERM" else 130
     return 0
 
