@@ -13,6 +13,9 @@ On one train.bin (by default the shared be/ru/en corpus, prepared once into a ca
   10 MB and a 4 GB train.bin (tiled from the corpus in a temp folder, deleted afterwards).
 
 Goals: >= 10x np-memmap, >= 50x the DataLoader, RSS growth between the sizes < 64 MB.
+Throughput is the best of 3 windows per row (`tokens_per_s`), and also tokens per CPU-second
+of all the system's threads and worker processes (`tokens_per_cpu_s`), which the load of
+other work on shared cores does not distort; `x_*` and `x_*_cpu` are the ratios.
 """
 
 from __future__ import annotations
