@@ -48,12 +48,6 @@ def modelfile_text(gguf_name: str, tok) -> str:
     )
 
 
-def _file_mode() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
 def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -140,7 +134,6 @@ def export(source: str, type_name: str, out: str | os.PathLike, *, register: str
         _fsync_dir(out.parent)
         res.modelfile = out.with_suffix(".Modelfile")
         write_text(res.modelfile, modelfile_text(out.name, src.tokenizer))
-        os.chmod(res.modelfile, _file_mode())  # atomic temp files are created 0600
         say(f"{out} (sha256 {res.sha256[:16]}...), Ollama: ollama create {name} -f {res.modelfile}")
 
         if hf_out is not None:

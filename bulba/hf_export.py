@@ -148,23 +148,11 @@ def write_hf(src: Source, out_dir: str | Path, dtype: str = "f32", force: bool =
         (tmp / "tokenizer.json").write_text(_tokenizer_json(src), encoding="utf-8")
         (tmp / "tokenizer_config.json").write_text(
             json.dumps(tokenizer_config(src), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        _readable(tmp)
         (tmp / "special_tokens_map.json").write_text(json.dumps({
             "bos_token": src.tokenizer.bos, "eos_token": src.tokenizer.eos,
             **({"pad_token": src.tokenizer.tokens[src.tokenizer.pad_id]} if src.tokenizer.pad_id is not None else {}),
         }, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
     return out_dir
-
-
-def _readable(folder: Path) -> None:
-    """mkdtemp makes the folder 0700: give it the usual umask permissions (others read it)."""
-    import os
-
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(folder, 0o777 & ~umask)
-    for f in folder.iterdir():
-        os.chmod(f, 0o666 & ~umask)
 
 
 def hf_logits(hf_dir: str | Path, input_ids):
