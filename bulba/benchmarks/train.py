@@ -126,7 +126,11 @@ def _prepared_data(args) -> Path:
 def _hf_dataset(data_dir: Path, meta: dict, ctx: int, cache: Path) -> Path | None:
     """The same training tokens as an HF `datasets` dataset on disk: blocks of `ctx` tokens with
     labels = input_ids (what run_clm's group_texts produces), memory-mapped when loaded."""
-    out = cache / f"hf-{meta.get('dataset_digest', 'nodigest')[:16]}-ctx{ctx}"
+    import hashlib
+
+    st = (data_dir / "train.bin").stat()
+    key = meta.get("dataset_digest") or hashlib.sha256(f"{data_dir.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()
+    out = cache / f"hf-{key[:16]}-ctx{ctx}"
     if (out / "dataset_info.json").is_file():
         return out
     import numpy as np
@@ -240,8 +244,12 @@ def run(args) -> list[dict]:
                 + ("as a `datasets` dataset on disk" if hf_data else "read through np.memmap (datasets not installed)")
                 + ", labels = input_ids)",
         "device": _device_line(device),
-        "mfu": "6*N*T + attention FLOPs (bulba.flops) / device dense bf16 peak, for every row (fp32 rows too)",
+        "mfu": "6*N*T + attention FLOPs per token (bulba.flops) x tokens/s / the device's dense bf16 peak "
+               f"({_peak_line(device)}), for every row (fp32 rows too)",
         "peak_rss_mb": "peak resident set of the row's own process (ru_maxrss), imports and data included",
+        "seconds, host_load": "wall time of the row's process (start-up, compilation, all steps); the host's "
+                              f"1-minute load average when it ended ({os.cpu_count()} CPUs: a load above that "
+                              "means other work shared the cores and the row's tokens/s is low by that much)",
         "versions": _versions(),
     })
     return out
@@ -284,6 +292,16 @@ def _device_line(device: str) -> str:
     return f"CPU: {name}, {torch.get_num_threads()} torch threads; peak device memory = host RSS on CPU (no column)"
 
 
+def _peak_line(device: str) -> str:
+    try:
+        from .. import flops
+
+        peak, what = flops.device_peak_flops(device)
+        return f"{what}: {peak / 1e12:.3g} TFLOP/s"
+    except Exception as e:  # noqa: BLE001 - the table still prints
+        return f"peak unknown: {e}"
+
+
 def _versions() -> str:
     out = []
     for mod in ("torch", "transformers", "accelerate", "lightning", "datasets", "flash_attn"):
@@ -320,6 +338,7 @@ def _run_row(row: str, spec: dict, tmp: Path, timeout: float) -> dict:
             os.killpg(p.pid, signal.SIGKILL)
             p.wait()
     wall = time.perf_counter() - t0
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     if rc == 0 and out_path.is_file():
         res = json.loads(out_path.read_text(encoding="utf-8"))
     else:
@@ -329,6 +348,7 @@ def _run_row(row: str, spec: dict, tmp: Path, timeout: float) -> dict:
         sys.stderr.write(f"[bench train] {row} failed; last lines:\n" + "\n".join(lines[-15:]) + "\n")
     res["name"] = row
     res["seconds"] = wall
+    res["host_load"] = load
     status = res.get("note") or f"{res.get('tokens_per_s', 0):,.0f} tokens/s"
     print(f"[bench train] {row}: {status} ({wall:.0f} s)", file=sys.stderr, flush=True)
     return res
@@ -344,6 +364,7 @@ def _table_row(r: dict, device: str) -> dict:
         row[k] = r.get(k)
     row["loss"] = r.get("loss")
     row["seconds"] = r.get("seconds")
+    row["host_load"] = r.get("host_load")
     row["note"] = r.get("note", "")
     return row
 
