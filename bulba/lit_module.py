@@ -48,6 +48,8 @@ class Outcome:
     fault: str | None = None
     last_val: float | None = None
     samples: list = field(default_factory=list)
+    checkpointed: bool = False  # the checkpoint for this ending was written (inside fit)
+    checkpoint: object = None  # its path (global rank 0)
 
 
 def planned_steps(recipe: Recipe, world_size: int = 1) -> int:
@@ -245,9 +247,9 @@ class BulbaModule(L.LightningModule):
                     msg += f"; {st.nan_streak} non-finite steps in a row (train.nan_max_skips)"
                 # The weights are still those of step `st.step` (this update was not applied):
                 # the checkpoint written on the way out is from before the fault.
-                self.outcome.reason, self.outcome.fault = "fault", msg
-                self.trainer.should_stop = True
+                self.outcome.fault = msg
                 self._log({"train/nan_skipped": st.nan_skips}, step)
+                self._finish("fault", "fault")
                 return
             self._log({"train/nan_skipped": st.nan_skips}, step)
             if self.global_rank == 0:
@@ -266,14 +268,14 @@ class BulbaModule(L.LightningModule):
         if self._checkpointer and t.ckpt_every and step % t.ckpt_every == 0 and not last:
             self._checkpointer(self, "interval")
         if last:
-            self.outcome.reason = "done" if step >= t.max_steps else "max_tokens"
-            self.trainer.should_stop = True
-            # The final evaluation happens here, still inside fit: on the training device,
-            # under autocast, with the process group alive (after fit Lightning tears down).
+            # The final evaluation and checkpoint happen here, still inside fit: on the training
+            # device, under autocast, with the process group alive (after fit Lightning tears
+            # down, and FSDP needs every rank to gather the full weights).
             if self.final_eval:
                 if t.val_batches:
                     self._validate(step)
                 self._sample(step)
+            self._finish("done" if step >= t.max_steps else "max_tokens", "final")
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         ddp = self._ddp_module()
@@ -285,9 +287,17 @@ class BulbaModule(L.LightningModule):
                 flag = flag.to(self.device)
                 torch.distributed.all_reduce(flag)
             if flag.item() > 0:
-                self.outcome.reason = "signal"
                 self.outcome.signal = self._stop_request or "signal on another rank"
-                self.trainer.should_stop = True
+                self._finish("signal", self.outcome.signal)
+
+    def _finish(self, reason: str, ckpt_reason: str):
+        """End training at this step boundary: stop the loop and write the checkpoint (every
+        rank takes part, rank 0 writes)."""
+        self.outcome.reason = reason
+        self.trainer.should_stop = True
+        if self._checkpointer is not None:
+            self.outcome.checkpoint = self._checkpointer(self, ckpt_reason)
+            self.outcome.checkpointed = True
 
     # ------------------------------------------------------------------ logging
 

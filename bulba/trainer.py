@@ -279,14 +279,30 @@ def _signal_handlers(module):
     return old
 
 
+def full_state(module) -> tuple[dict, dict | None]:
+    """(model state dict, optimizer state dict) with full, unsharded tensors on global rank 0.
+
+    Single device and DDP: the local module (identical on every rank). FSDP: Lightning gathers
+    the full weights (a collective: every rank must call this); the sharded optimizer state is
+    not saved, so an FSDP resume restarts the AdamW moments (said in docs/training.md)."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    strategy = module.trainer.strategy if module._trainer is not None else None
+    if isinstance(strategy, FSDPStrategy):
+        sd = strategy.lightning_module_state_dict()
+        return {k.removeprefix("model."): v for k, v in sd.items() if k.startswith("model.")}, None
+    opt = getattr(module, "raw_optimizer", None)
+    return module.model.state_dict(), (opt.state_dict() if opt is not None else None)
+
+
 def _make_checkpointer(recipe: Recipe, get_run_id, on_save=None):
     root = Path(recipe.out_dir) / "checkpoints"
 
     def save(module, reason: str) -> Path | None:
         st = module.state
         strategy = module.trainer.strategy if module._trainer is not None else None
-        model_sd = module.model.state_dict()
-        opt_sd = module.raw_optimizer.state_dict() if getattr(module, "raw_optimizer", None) else None
+        model_sd, opt_sd = full_state(module)
+        module._last_model_sd = model_sd if module.global_rank == 0 else None  # for final.safetensors
         path = None
         if module.global_rank == 0:
             t0 = time.perf_counter()
@@ -331,6 +347,9 @@ def train(recipe: Recipe, *, module_hook=None, enable_tracking: bool = True) -> 
     resume_from = check_out_dir(recipe) if rank0 else (
         ckpt.latest_checkpoint(Path(recipe.out_dir) / "checkpoints") if recipe.resume == "auto" else None)
     accelerator = resolve_accelerator(recipe)
+    if recipe.train.strategy == "fsdp" and accelerator != "cuda":
+        raise UserError("train.strategy=fsdp needs CUDA GPUs (torch's FSDP has no CPU backend); "
+                        "use train.strategy=ddp on CPU")
     precision = resolve_precision(recipe, accelerator)
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
@@ -470,18 +489,20 @@ def train(recipe: Recipe, *, module_hook=None, enable_tracking: bool = True) -> 
                           "bulba.compiled": strategy.resolved["compiled"]})
         _write_rank_log(out, module, trainer)
         if oc.reason == "signal":
-            path = module._checkpointer(module, oc.signal or "signal")
+            # Normally written inside fit at the step boundary; Lightning's own SIGTERM path can
+            # raise before our hook sees the signal, then it is written here (same state: the
+            # counters only move at step boundaries).
+            path = oc.checkpoint if oc.checkpointed else module._checkpointer(module, oc.signal or "signal")
             status = "KILLED"
             raise Interrupted(oc.signal or "signal", path)
         if oc.reason == "fault":
-            path = module._checkpointer(module, "fault")
+            path = oc.checkpoint
             raise TrainingFault(f"{oc.fault}; stopped, no final weights written; checkpoint from before the fault: "
                                 f"{path}. Lower train.lr or set train.nan_policy=skip and resume with resume=auto")
         if oc.reason == "running":
             raise RuntimeError("training ended before train.max_steps (the data iterator ran dry?)")
         # ---- finished (the final validation and samples ran at the last step): checkpoint, weights
         val = oc.last_val
-        module._checkpointer(module, "final")
         summary = {"step": module.state.step, "tokens": module.state.tokens, "val_loss": val,
                    "losses": module.losses, "run_id": run_id, "out_dir": str(out), "params": n_params,
                    "seconds": time.perf_counter() - t_start, "nan_skips": module.state.nan_skips}
@@ -532,7 +553,8 @@ def _log_dataset(tracker: Tracker, data):
 def _write_final(out: Path, module, recipe: Recipe, data, run_id, tracker):
     from safetensors.torch import save
 
-    sd = {k: v.detach().float().cpu().contiguous().clone() for k, v in module.model.state_dict().items()}
+    src = getattr(module, "_last_model_sd", None) or module.model.state_dict()  # the final checkpoint's
+    sd = {k: v.detach().float().cpu().contiguous().clone() for k, v in src.items()}
     bad = [k for k, v in sd.items() if not torch.isfinite(v).all()]
     if bad:
         raise TrainingFault(f"final weights contain NaN/Inf ({', '.join(bad[:3])}); not writing final.safetensors")
