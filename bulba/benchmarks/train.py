@@ -60,6 +60,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda when available")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="extra recipe override for every row, e.g. model.n_layer=2 (repeatable)")
+    p.add_argument("--threads", type=int, help="CPU threads for every row (OMP_NUM_THREADS; default: torch's own choice)")
     p.add_argument("--row-timeout", type=float, default=1800.0, help="seconds before a row is given up (default: %(default)s)")
     p.add_argument("--cache-dir", help="where prepared benchmark data is kept (default: ~/.cache/bulbagpt/bench)")
     # read by common.add_common_arguments, which is added after us: a default table file
@@ -176,12 +177,16 @@ def _positive(name: str, v):
 def run(args) -> list[dict]:
     from ..config import load_recipe
 
-    for name in ("steps", "batch_size", "ctx"):
+    for name in ("steps", "batch_size", "ctx", "threads"):
         _positive(name.replace("_", "-"), getattr(args, name))
     if args.warmup is not None and args.warmup < 1:
         raise UserError(f"--warmup must be at least 1 (compilation and first-step costs happen there), got {args.warmup}")
     rows = _resolve_rows(args.rows)
     device = _device(args.device)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)  # so the notes (threads, CPU peak) describe the rows
     preset = args.preset or ("tiny" if device == "cpu" else "krolik")
     steps = args.steps or (20 if device == "cpu" else 50)
     warmup = args.warmup or (5 if device == "cpu" else 10)
@@ -211,6 +216,7 @@ def run(args) -> list[dict]:
         "preset": preset, "overrides": overrides, "device": device, "steps": steps, "warmup": warmup,
         "data_dir": str(data_dir), "hf_data": str(hf_data) if hf_data else None,
         "bos_id": meta.get("bos_id"), "eos_id": meta.get("eos_id"), "pad_id": meta.get("pad_id"),
+        "threads": args.threads,
     }
     results = []
     with tempfile.TemporaryDirectory(prefix="bulba-bench-train-") as tmp:
@@ -322,6 +328,8 @@ def _run_row(row: str, spec: dict, tmp: Path, timeout: float) -> dict:
     t0 = time.perf_counter()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
                TOKENIZERS_PARALLELISM="false")
+    if spec.get("threads"):
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(spec["threads"])
     with open(log_path, "w") as log:
         # own process group: on timeout the row goes with its helpers (Inductor compile workers)
         p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
