@@ -7,12 +7,13 @@ Stages (each streams the corpus; memory is bounded by the block size, not the co
    `--tokenizer-max-mb`;
 3. encode: the parent reads blocks of documents (~`--block-mb`) and hands them to worker
    processes (`bulba.encoding.encode_block`: split key, weights, statistics, token ids via
-   `DocumentEncoder`), at most two blocks per worker in flight; results come back in order
-   as compact arrays and are appended to `train.bin`/`val.bin` and their `.idx`, all inside
-   a temporary directory renamed into place only when complete;
+   `DocumentEncoder`), at most two blocks per worker in flight — or runs that itself on
+   small corpora and on 2 CPUs; results come back in order as compact arrays and are
+   appended to `train.bin`/`val.bin` and their `.idx`, all inside a temporary directory
+   renamed into place only when complete;
 4. meta.json (written last) and the MLflow run, which never fails the prepare.
 
-Split: a document goes to val when a keyed hash of its text falls below `--val-fraction`, so
+Split: a document goes to val when a seeded hash of its text falls below `--val-fraction`, so
 the split is deterministic, identical documents always land on the same side, and repeats
 made by weights can never leak from train into val. Val holds each document once (it
 measures every source at its natural size); weights shape only train.
@@ -21,16 +22,15 @@ measures every source at its natural size); weights shape only train.
 from __future__ import annotations
 
 import hashlib
-from collections import deque
 import json
 import math
 import os
 import sys
 import tempfile
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from itertools import chain
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -64,7 +64,7 @@ class PrepareConfig:
     experiment: str = DEFAULT_EXPERIMENT
     block_mb: float = 0.5
     encoder: str = "cached"  # "cached" (DocumentEncoder's fast path) or "tokenizers" (Rust encode_batch)
-    workers: int | None = None  # encoding processes; None: one per CPU for big corpora, 0 for small
+    workers: int | None = None  # encoding processes; None: see resolve_workers; 0: in-process
     progress: bool | None = None  # None: only on a terminal
     quiet: bool = False
 
@@ -325,7 +325,7 @@ def prepare(cfg: PrepareConfig) -> dict:
     sources, skipped = C.resolve_inputs(cfg.inputs)
     for s in sources:
         C.scan_source(s)
-    if sum(s.nbytes for s in sources) == 0:
+    if sum(s.nbytes for s in sources) == 0 and not any(s.kind == "hf-hub" for s in sources):
         raise UserError(f"empty corpus: the inputs ({', '.join(cfg.inputs)}) hold no text")
     if skipped and not cfg.quiet:
         warn(f"skipped {skipped} file(s) of unknown type inside the input directories")
