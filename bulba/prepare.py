@@ -182,7 +182,9 @@ class Stats:
 
 class BlockRunner:
     """Runs `encode_block` over jobs, in order, in `n` spawned worker processes (0: here),
-    with at most 2 blocks per worker in flight so memory stays bounded."""
+    with at most 2 blocks per worker in flight so memory stays bounded. ("spawn" re-imports
+    the caller's main module: scripts calling `prepare()` with workers need the usual
+    `if __name__ == "__main__":` guard, as prepare.py has.)"""
 
     def __init__(self, n: int, tokenizer_json: str, fast: bool, seed: int):
         self.n = n
