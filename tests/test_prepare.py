@@ -213,3 +213,14 @@ def test_mlflow_down_does_not_fail(tmp_path, monkeypatch, capsys):
     assert meta["mlflow_run_id"] is None
     assert (tmp_path / "out" / "meta.json").is_file()
     assert "MLflow logging failed" in capsys.readouterr().err
+
+
+def test_demo_corpus(tmp_path):
+    """The shipped demo corpus prepares as scripts/demo.py runs it: four languages, exact vocab."""
+    demo = Path(__file__).resolve().parents[1] / "demo" / "corpus"
+    meta = run_prepare([demo], tmp_path / "demo", vocab_size=2048)
+    assert meta["vocab_size"] == 2048
+    assert {"be", "ru", "en", "code"} <= set(meta["languages"])
+    assert meta["splits"]["val"]["documents"] >= 1
+    be = next(s for s in meta["sources"] if s["name"].endswith("be.txt"))
+    assert be["language"] == "be" and be["bytes"] > 8000
