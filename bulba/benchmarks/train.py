@@ -62,6 +62,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="extra recipe override for every row, e.g. model.n_layer=2 (repeatable)")
     p.add_argument("--threads", type=int, help="CPU threads for every row (OMP_NUM_THREADS; default: torch's own choice)")
     p.add_argument("--row-timeout", type=float, default=1800.0, help="seconds before a row is given up (default: %(default)s)")
+    p.add_argument("--time-budget", type=float,
+                   help="seconds for all rows together: rows are cut to what is left, and rows that would start "
+                        "with under 20 s left are skipped (stated in the table); the table is always written")
     p.add_argument("--cache-dir", help="where prepared benchmark data is kept (default: ~/.cache/bulbagpt/bench)")
     # read by common.add_common_arguments, which is added after us: a default table file
     p.set_defaults(md="bench_results/train.md")
@@ -219,15 +222,24 @@ def run(args) -> list[dict]:
         "threads": args.threads,
     }
     results = []
+    t_start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="bulba-bench-train-") as tmp:
-        for row in rows:
+        # the longest compile (HF's whole model) runs last, so a --time-budget cuts it, not ours
+        for row in sorted(rows, key=lambda r: r == "hf-trainer-best"):
             na = _not_applicable(row, device)
+            timeout = args.row_timeout
+            if args.time_budget is not None and not na:
+                left = args.time_budget - (time.monotonic() - t_start)
+                if left < 20:
+                    na = f"skipped: --time-budget {args.time_budget:.0f} s used up"
+                timeout = min(timeout, left)
             if na:
                 print(f"[bench train] {row}: {na}", file=sys.stderr, flush=True)
                 results.append({"name": row, "note": na})
             else:
-                results.append(_run_row(row, spec, Path(tmp), args.row_timeout))
+                results.append(_run_row(row, spec, Path(tmp), timeout))
 
+    results.sort(key=lambda r: ROWS.index(r["name"]))
     base = next((r for r in results if r["name"] == "hf-trainer-default" and r.get("tokens_per_s")), None)
     for r in results:
         if base and r.get("tokens_per_s"):
