@@ -295,7 +295,7 @@ def full_state(module) -> tuple[dict, dict | None]:
     return module.model.state_dict(), (opt.state_dict() if opt is not None else None)
 
 
-def _make_checkpointer(recipe: Recipe, get_run_id, on_save=None):
+def _make_checkpointer(recipe: Recipe, get_run_id, on_save=None, dataset_digest: str | None = None):
     root = Path(recipe.out_dir) / "checkpoints"
 
     def save(module, reason: str) -> Path | None:
@@ -329,6 +329,7 @@ def _make_checkpointer(recipe: Recipe, get_run_id, on_save=None):
 
     def _save(st, model_sd, opt_sd, reason, world):
         state = {"reason": reason, "train": dataclasses.asdict(st), "mlflow_run_id": get_run_id(),
+                 "dataset_digest": dataset_digest,
                  "sampler": {"consumed": st.consumed}, "world_size": world, "recipe": recipe.to_dict()}
         return ckpt.save_checkpoint(root, st.step, model_sd, opt_sd, state, keep=recipe.train.ckpt_keep)
 
@@ -361,6 +362,7 @@ def train(recipe: Recipe, *, module_hook=None, enable_tracking: bool = True) -> 
         if loaded["state"]["train"]["step"] >= recipe.train.max_steps:
             raise UserError(f"{out} is already at step {loaded['state']['train']['step']} >= "
                             f"train.max_steps={recipe.train.max_steps}; raise train.max_steps to train further")
+        _check_resume(resume_from, loaded["state"], recipe, data, rank0)
 
     # ---- model (same init on every rank: seeded before construction)
     L.seed_everything(recipe.seed, verbose=False)
@@ -430,7 +432,8 @@ def train(recipe: Recipe, *, module_hook=None, enable_tracking: bool = True) -> 
     module = BulbaModule(recipe, batches_factory=make_batches_factory(recipe, data, pin=accelerator == "cuda"),
                          sink=tracker.metrics if tracker else None, tokenizer=tok,
                          bos_id=data.bos_id, eos_id=data.eos_id,
-                         checkpointer=_make_checkpointer(recipe, current_run_id, refresh_config))
+                         checkpointer=_make_checkpointer(recipe, current_run_id, refresh_config,
+                                                                 data.dataset_digest))
     if loaded is not None:
         module.model.load_state_dict(loaded["model"])
         module._pending_optimizer = loaded["optimizer"]
@@ -522,6 +525,26 @@ def train(recipe: Recipe, *, module_hook=None, enable_tracking: bool = True) -> 
                         f.write(json.dumps(s, ensure_ascii=False) + "\n")
                 tracker.artifact(out / "samples.jsonl")
             tracker.end(status)
+
+
+def _check_resume(path: Path, state: dict, recipe: Recipe, data, rank0: bool) -> None:
+    """A checkpoint continues only the same model; data or batch changes are allowed, said."""
+    saved = state.get("recipe") or {}
+    old_model, new_model = saved.get("model") or {}, dataclasses.asdict(recipe.model)
+    diff = [f"{k} {old_model[k]!r} -> {new_model[k]!r}" for k in new_model
+            if k in old_model and old_model[k] != new_model[k] and k != "init_std"]
+    if diff:
+        raise UserError(f"cannot resume from {path}: the model changed ({', '.join(diff)}); "
+                        "restore those model.* values or start a new out_dir")
+    changed = [f"{sec}.{k}" for sec, keys in (("data", ("sampler", "dir")), ("train", ("batch_size", "grad_accum")))
+               for k in keys if (saved.get(sec) or {}).get(k) != getattr(getattr(recipe, sec), k)]
+    if saved.get("seed") != recipe.seed:
+        changed.append("seed")
+    if state.get("dataset_digest") not in (None, data.dataset_digest):
+        changed.append("dataset (digest)")
+    if changed and rank0:
+        print(f"warning: resuming with changed {', '.join(changed)}: training continues, but the batches "
+              "differ from those the uninterrupted run would have seen", file=sys.stderr, flush=True)
 
 
 def _write_rank_log(out: Path, module, trainer):

@@ -303,6 +303,13 @@ def test_corrupt_checkpoint_on_resume_is_exit_2_and_kept(train_data, tmp_path):
     with pytest.raises(UserError, match="step-00000002 is corrupt.*delete that directory"):
         train(_recipe(train_data, out, "train.max_steps=3", "resume=auto"), enable_tracking=False)
     assert last.exists() and (out / "final.safetensors").exists()  # nothing destroyed
+    # the previous checkpoint resumes, but only the same model
+    import shutil
+
+    shutil.rmtree(out / "checkpoints" / "step-00000002")
+    with pytest.raises(UserError, match=r"the model changed \(n_layer 2 -> 3\)"):
+        train(_recipe(train_data, out, "train.max_steps=3", "resume=auto", "model.n_layer=3"),
+              enable_tracking=False)
 
 
 @pytest.mark.slow  # the tracker waits finish_timeout (30 s) for a server that never comes back
