@@ -258,9 +258,10 @@ def run(args) -> list[dict]:
                      f"weight decay {t.weight_decay}, grad clip {t.grad_clip}",
         "data": f"{data_dir} ({meta.get('splits', {}).get('train', {}).get('tokens', '?')} train tokens, "
                 f"digest {str(meta.get('dataset_digest', '?'))[:12]}); contiguous windows of ctx tokens "
-                f"(bulba: sampler=stream, Rust engine; HF: blocks of ctx from the same train.bin "
-                + ("as a `datasets` dataset on disk" if hf_data else "read through np.memmap (datasets not installed)")
-                + ", labels = input_ids)",
+                "(bulba: sampler=stream, Rust engine"
+                + (("; HF: blocks of ctx from the same train.bin "
+                    + ("as a `datasets` dataset on disk" if hf_data else "read through np.memmap (datasets not installed)")
+                    + ", labels = input_ids") if HF_ROWS & set(rows) else "") + ")",
         "device": _device_line(device),
         "mfu": "6*N*T + attention FLOPs per token (bulba.flops) x tokens/s / the device's dense bf16 peak "
                f"({_peak_line(device)}), for every row (fp32 rows too)",
