@@ -466,6 +466,7 @@ def train(recipe: Recipe, *, module_hook=None, enable_tracking: bool = True) -> 
     logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*Your `IterableDataset` has `__len__`.*")
+    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")  # Lightning vs torch 2.10+
     trainer = L.Trainer(
         accelerator="gpu" if accelerator == "cuda" else "cpu",
         devices=devices,
