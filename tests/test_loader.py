@@ -70,14 +70,43 @@ def test_packed_rows_hold_whole_documents(data):
     assert sorted(seen) == sorted(tuple(doc) for doc in docs if len(doc) <= 128)
 
 
-def test_zero_copy_arrays(data):
+@pytest.mark.parametrize("sampler", ["stream", "packed", "bucketed"])
+def test_zero_copy_arrays(data, sampler):
     d, _ = data
-    x = next(iter(Batches(d, batch_size=2, ctx=32)))
+    b = Batches(d, sampler=sampler, batch_size=2, ctx=32, buckets=[16, 32])
+    it = iter(b)
+    x, y = next(it), next(it)
     for key in KEYS:
         arr = x[key]
-        # Owned by the Rust allocation (numpy's base object), not a numpy copy.
+        # Views of the Rust buffer (numpy's base object), not a numpy copy.
         assert not arr.flags["OWNDATA"] and arr.base is not None and arr.flags["C_CONTIGUOUS"]
-        assert arr.flags["WRITEABLE"]  # torch.from_numpy without a warning
+    for key in ("input_ids", "labels"):
+        assert x[key].flags["WRITEABLE"]  # torch.from_numpy without a warning
+        assert not np.shares_memory(x[key], y[key])
+    if sampler == "stream":
+        # Full windows: positions, ids and segments are the same for every batch, shared and read-only.
+        for key in ("position_ids", "seq_ids", "cu_seqlens"):
+            assert x[key] is y[key] and not x[key].flags["WRITEABLE"]
+    else:
+        for key in ("position_ids", "seq_ids"):
+            assert x[key].flags["WRITEABLE"] and not np.shares_memory(x[key], y[key])
+
+
+@pytest.mark.parametrize("sampler", ["stream", "packed", "bucketed"])
+def test_held_batches_keep_their_contents(data, sampler):
+    """Buffers are reused once Python drops a batch: batches still held must not change."""
+    d, _ = data
+    b = Batches(d, sampler=sampler, batch_size=2, ctx=32, buckets=[16, 32], prefetch=2, workers=2)
+    it = iter(b)
+    held = {}
+    for p in range(3 * b.batches_per_epoch):
+        x = next(it)
+        if p % 5 == 0:
+            held[p] = x  # the others are dropped at once and their buffers reused
+    for p, x in held.items():
+        want = b.batch(p)
+        for key in KEYS:
+            np.testing.assert_array_equal(x[key], want[key])
 
 
 def test_deterministic_given_seed_and_epoch(data):

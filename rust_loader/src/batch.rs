@@ -1,121 +1,507 @@
 //! Batch assembly: turns a [`BatchSpec`] into the arrays of docs/contracts.md ("Batches").
+//!
+//! Assembly is bound by memory bandwidth (a B=32, T=1024 batch is 512 KB of int32), so:
+//! * all arrays of a batch live in one buffer taken from a [`Pool`] and given back when Python
+//!   drops the batch: no allocation, no page faults, and the buffer is usually still in cache;
+//! * a `stream` batch whose rows are all full windows (all but an epoch's padded tail)
+//!   stores only `input_ids` and `labels`: its `position_ids` (arange), `seq_ids` (0) and
+//!   `cu_seqlens` are the same for every such batch of that shape ([`window_constants`]);
+//! * documents that are neighbours in the file and in a row (packed rows keep their documents
+//!   in file order) are converted as one run, not one by one;
+//! * a row holding one document (bucketed) is written with fixed-width, branch-free loops
+//!   over the whole row instead of a copy plus four padding fills.
+use std::sync::{Mutex, PoisonError};
+
 use crate::error::Result;
-use crate::plan::BatchSpec;
-use crate::tokens::TokenFile;
+use crate::plan::{BatchSpec, Segment};
+use crate::tokens::{TokenFile, Word, Words};
 
 /// Label of positions without a loss (padding, the last token of a document).
 pub const IGNORE: i32 = -100;
 
-/// Segments whose memory is touched together before copying (see `TokenFile::touch`).
+/// Runs whose memory is touched together before copying (see `TokenFile::touch`).
 const TOUCH_AHEAD: usize = 16;
 
-/// One assembled batch; row-major `[rows, cols]` arrays, handed to numpy without a copy.
+/// Short documents are written in chunks of this many values, the last one running past the
+/// document's end (the next document, the row's padding or the next row overwrites that);
+/// chunks of a constant width compile to a few vector instructions instead of a `memcpy`
+/// call and a remainder loop per document.
+const CHUNK: usize = 16;
+
+/// Values after each array in a batch's buffer that the last row's chunks may run into.
+pub const SLACK: usize = CHUNK;
+
+/// Free buffers kept for reuse; more than the batches in flight are simply freed.
+const POOL_MAX: usize = 64;
+
+/// Buffers of finished batches, reused by the next ones.
+#[derive(Debug, Default)]
+pub struct Pool {
+    free: Mutex<Vec<Vec<i32>>>,
+}
+
+impl Pool {
+    /// A buffer of `len` values (contents unspecified: assembly writes every one).
+    pub fn take(&self, len: usize) -> Vec<i32> {
+        let v = self.free.lock().unwrap_or_else(PoisonError::into_inner).pop();
+        let mut v = v.unwrap_or_default();
+        if v.len() >= len {
+            v.truncate(len);
+        } else {
+            v.resize(len, 0);
+        }
+        v
+    }
+
+    pub fn give(&self, v: Vec<i32>) {
+        let mut free = self.free.lock().unwrap_or_else(PoisonError::into_inner);
+        if free.len() < POOL_MAX {
+            free.push(v);
+        }
+    }
+}
+
+/// One assembled batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Batch {
     pub rows: usize,
     pub cols: usize,
-    pub input_ids: Vec<i32>,
-    pub labels: Vec<i32>,
-    pub position_ids: Vec<i32>,
-    pub seq_ids: Vec<i32>,
+    /// Row-major `[rows, cols]` arrays one after another: input_ids, labels, and unless
+    /// `windows` also position_ids and seq_ids.
+    pub data: Vec<i32>,
+    /// Every row is one full window (no padding, no document boundary): position_ids, seq_ids
+    /// and cu_seqlens are [`window_constants`] and not stored.
+    pub windows: bool,
     /// Cumulative segment lengths over the flattened batch; padding is its own segment.
-    pub cu_seqlens: Vec<i32>,
+    /// Empty when `windows`.
+    pub cu: Vec<i32>,
     pub max_seqlen: usize,
     /// Positions with a label.
     pub n_tokens: usize,
     pub n_pad: usize,
 }
 
-pub fn assemble(spec: &BatchSpec, tokens: &TokenFile, pad_id: i32) -> Result<Batch> {
-    let (rows, cols) = (spec.n_rows(), spec.cols);
-    let size = rows * cols;
-    // Every array is written once, front to back (no fill-then-overwrite).
-    let mut b = Batch {
-        rows,
-        cols,
-        input_ids: Vec::with_capacity(size),
-        labels: Vec::with_capacity(size),
-        position_ids: Vec::with_capacity(size),
-        seq_ids: Vec::with_capacity(size),
-        cu_seqlens: Vec::with_capacity(rows * 2 + 1),
-        max_seqlen: 0,
-        n_tokens: 0,
-        n_pad: 0,
-    };
-    b.cu_seqlens.push(0);
-    let all = spec.segments();
-    let mut seen = 0usize;
-    for segments in spec.rows() {
-        let row_end = b.input_ids.len() + cols;
-        for (doc, seg) in segments.iter().enumerate() {
-            if seen.is_multiple_of(TOUCH_AHEAD) {
-                let next = &all[seen..all.len().min(seen + TOUCH_AHEAD)];
-                tokens.touch(next.iter().flat_map(|s| [s.start as usize, (s.start + u64::from(s.len)) as usize - 1]));
-            }
-            seen += 1;
-            let (start, len) = (seg.start as usize, seg.len as usize);
-            let from = b.input_ids.len();
-            tokens.extend_into(start, len, &mut b.input_ids)?;
-            // Labels are the inputs shifted by one within the segment, then the token after the
-            // segment, unless the document ends there.
-            b.labels.extend_from_slice(&b.input_ids[from + 1..]);
-            b.labels.push(if seg.ends_doc { IGNORE } else { tokens.token(start + len)? });
-            b.n_tokens += len - usize::from(seg.ends_doc);
-            b.position_ids.extend(0..len as i32);
-            b.seq_ids.extend(std::iter::repeat_n(doc as i32, len));
-            b.cu_seqlens.push(b.input_ids.len() as i32);
-            b.max_seqlen = b.max_seqlen.max(len);
-        }
-        let pad = row_end - b.input_ids.len();
-        if pad > 0 {
-            b.input_ids.resize(row_end, pad_id);
-            b.labels.resize(row_end, IGNORE);
-            b.position_ids.resize(row_end, 0);
-            b.seq_ids.resize(row_end, -1);
-            b.cu_seqlens.push(row_end as i32);
-            b.max_seqlen = b.max_seqlen.max(pad);
-            b.n_pad += pad;
+impl Batch {
+    fn size(&self) -> usize {
+        self.rows * self.cols
+    }
+
+    /// Distance between the arrays in `data`: `rows * cols` values and `SLACK` more.
+    pub fn stride(&self) -> usize {
+        self.size() + SLACK
+    }
+
+    /// Array `k` of `data` (0 input_ids, 1 labels, 2 position_ids, 3 seq_ids; 2 and 3 only
+    /// when not `windows`).
+    pub fn array(&self, k: usize) -> &[i32] {
+        &self.data[k * self.stride()..k * self.stride() + self.size()]
+    }
+
+    pub fn input_ids(&self) -> &[i32] {
+        self.array(0)
+    }
+
+    pub fn labels(&self) -> &[i32] {
+        self.array(1)
+    }
+
+    pub fn position_ids(&self) -> Vec<i32> {
+        if self.windows {
+            window_constants(self.rows, self.cols).0
+        } else {
+            self.array(2).to_vec()
         }
     }
-    Ok(b)
+
+    pub fn seq_ids(&self) -> Vec<i32> {
+        if self.windows {
+            window_constants(self.rows, self.cols).1
+        } else {
+            self.array(3).to_vec()
+        }
+    }
+
+    pub fn cu_seqlens(&self) -> Vec<i32> {
+        if self.windows {
+            window_constants(self.rows, self.cols).2
+        } else {
+            self.cu.clone()
+        }
+    }
+}
+
+/// position_ids, seq_ids and cu_seqlens of a batch of `rows` full windows of `cols` tokens.
+pub fn window_constants(rows: usize, cols: usize) -> (Vec<i32>, Vec<i32>, Vec<i32>) {
+    let pos = (0..rows).flat_map(|_| 0..cols as i32).collect();
+    let cu = (0..=rows).map(|r| (r * cols) as i32).collect();
+    (pos, vec![0; rows * cols], cu)
+}
+
+/// Assembles `spec`; `iota` is `0, 1, 2, …` of at least `spec.cols + 2 * 16` values.
+pub fn assemble(spec: &BatchSpec, tokens: &TokenFile, pad_id: i32, iota: &[i32], pool: &Pool) -> Result<Batch> {
+    match tokens.words() {
+        Words::U16(w) => Assembler { tokens, words: w, pad_id, iota }.run(spec, pool),
+        Words::U32(w) => Assembler { tokens, words: w, pad_id, iota }.run(spec, pool),
+    }
+}
+
+struct Assembler<'a, W> {
+    tokens: &'a TokenFile,
+    words: &'a [W],
+    pad_id: i32,
+    iota: &'a [i32],
+}
+
+/// Converts `src` into `out` (same length). Ids were checked against the vocabulary when
+/// read (`TokenFile::range`).
+#[inline(always)]
+fn convert<W: Word>(src: &[W], out: &mut [i32]) {
+    for (o, &t) in out.iter_mut().zip(src) {
+        *o = t.id() as i32;
+    }
+}
+
+impl<W: Word> Assembler<'_, W> {
+    fn run(&self, spec: &BatchSpec, pool: &Pool) -> Result<Batch> {
+        let (rows, cols) = (spec.n_rows(), spec.cols);
+        let n = rows * cols;
+        let windows = spec.windows
+            && n > 0
+            && spec.segments().len() == rows
+            && spec.rows().all(|r| r.len() == 1 && r[0].len as usize == cols && !r[0].ends_doc);
+        let mut data = pool.take(if windows { 2 } else { 4 } * (n + SLACK));
+        let mut b = Batch { rows, cols, data: Vec::new(), windows, cu: Vec::new(), max_seqlen: 0, n_tokens: 0, n_pad: 0 };
+        let result = if windows { self.windows(spec, &mut data, &mut b) } else { self.general(spec, &mut data, &mut b) };
+        if let Err(e) = result {
+            pool.give(data);
+            return Err(e);
+        }
+        b.data = data;
+        Ok(b)
+    }
+
+    fn touch(&self, segs: &[Segment]) {
+        self.tokens.touch(segs.iter().flat_map(|s| [s.start as usize, (s.start + u64::from(s.len)) as usize]));
+    }
+
+    /// Full windows: each row's tokens and the one after them, converted once.
+    fn windows(&self, spec: &BatchSpec, data: &mut [i32], b: &mut Batch) -> Result<()> {
+        let (n, cols) = (b.rows * b.cols, b.cols);
+        let (ids, labels) = data.split_at_mut(n + SLACK);
+        let segs = spec.segments();
+        for (r, seg) in segs.iter().enumerate() {
+            if r % TOUCH_AHEAD == 0 {
+                self.touch(&segs[r..segs.len().min(r + TOUCH_AHEAD)]);
+            }
+            let start = seg.start as usize;
+            let src = self.tokens.range(self.words, start, cols + 1)?;
+            let (ids, labels) = (&mut ids[r * cols..(r + 1) * cols], &mut labels[r * cols..(r + 1) * cols]);
+            convert(&src[..cols], ids);
+            labels[..cols - 1].copy_from_slice(&ids[1..]);
+            labels[cols - 1] = src[cols].id() as i32;
+        }
+        b.max_seqlen = cols;
+        b.n_tokens = n;
+        Ok(())
+    }
+
+    fn general(&self, spec: &BatchSpec, data: &mut [i32], b: &mut Batch) -> Result<()> {
+        let (n, cols) = (b.rows * b.cols, b.cols);
+        let (ids, rest) = data.split_at_mut(n + SLACK);
+        let (labels, rest) = rest.split_at_mut(n + SLACK);
+        let (pos, seq) = rest.split_at_mut(n + SLACK);
+        let mut out = Out { ids, labels, pos, seq };
+        let mut cu = Vec::with_capacity(spec.segments().len() + b.rows + 1);
+        cu.push(0);
+        let all = spec.segments();
+        let (mut seen, mut touched) = (0usize, 0usize);
+        // Rows in order: a row's chunks may run into the next row, which overwrites them.
+        for (r, segs) in spec.rows().enumerate() {
+            let row = r * cols..(r + 1) * cols;
+            if seen >= touched {
+                touched = all.len().min(seen + TOUCH_AHEAD);
+                self.touch(&all[seen..touched]);
+            }
+            seen += segs.len();
+            if let [seg] = segs {
+                // Whole chunks over the row, and the label after them, within the file.
+                if (seg.start as usize) + cols.next_multiple_of(CHUNK) < self.words.len() {
+                    self.one_document(*seg, row.start, cols, &mut out, b, &mut cu)?;
+                    continue;
+                }
+            }
+            let end = self.runs(segs, row.start, &mut out, b, &mut cu)?;
+            let pad = row.end - end;
+            if pad > 0 {
+                out.ids[end..row.end].fill(self.pad_id);
+                out.labels[end..row.end].fill(IGNORE);
+                out.pos[end..row.end].fill(0);
+                out.seq[end..row.end].fill(-1);
+                cu.push(row.end as i32);
+                b.max_seqlen = b.max_seqlen.max(pad);
+                b.n_pad += pad;
+            }
+        }
+        b.cu = cu;
+        Ok(())
+    }
+
+    /// A row of one document (`seg.len <= cols`) at `at`, the file holding whole chunks over
+    /// the row from its start: every array written in fixed-width chunks with selects.
+    fn one_document(&self, seg: Segment, at: usize, cols: usize, out: &mut Out<'_>, b: &mut Batch, cu: &mut Vec<i32>) -> Result<()> {
+        let start = seg.start as usize;
+        let len = seg.len as usize;
+        let span = cols.next_multiple_of(CHUNK);
+        let src = self.tokens.range(self.words, start, span + 1)?;
+        // Labels exist up to the end of the piece, or one before when it ends its document.
+        let labeled = len - usize::from(seg.ends_doc);
+        let (len32, labeled32, pad_id) = (len as i32, labeled as i32, self.pad_id);
+        for c in (0..span).step_by(CHUNK) {
+            let t: &[W; CHUNK] = src[c..c + CHUNK].try_into().expect("chunk");
+            let u: &[W; CHUNK] = src[c + 1..c + 1 + CHUNK].try_into().expect("chunk");
+            // Computed in registers, then stored whole (the compiler cannot tell that the four
+            // output slices do not overlap, which would keep the loop scalar).
+            let (mut ids, mut labels, mut pos, mut seq) = ([0i32; CHUNK], [0i32; CHUNK], [0i32; CHUNK], [0i32; CHUNK]);
+            // Masks instead of branches or selects: all ones where a position holds the
+            // document (`real`) or has a label, all zeros elsewhere.
+            for i in 0..CHUNK {
+                let j = (c + i) as i32;
+                let real = (j - len32) >> 31;
+                let has_label = (j - labeled32) >> 31;
+                ids[i] = (t[i].id() as i32 & real) | (pad_id & !real);
+                labels[i] = (u[i].id() as i32 & has_label) | (IGNORE & !has_label);
+                pos[i] = j & real;
+                seq[i] = !real;
+            }
+            let o = at + c;
+            out.ids[o..o + CHUNK].copy_from_slice(&ids);
+            out.labels[o..o + CHUNK].copy_from_slice(&labels);
+            out.pos[o..o + CHUNK].copy_from_slice(&pos);
+            out.seq[o..o + CHUNK].copy_from_slice(&seq);
+        }
+        cu.push((at + len) as i32);
+        if len < cols {
+            cu.push((at + cols) as i32);
+        }
+        b.n_tokens += labeled;
+        b.n_pad += cols - len;
+        b.max_seqlen = b.max_seqlen.max(len).max(cols - len);
+        Ok(())
+    }
+
+    /// Writes `segs` from `at` on, converting neighbours in the file as one run; returns
+    /// where the row's content ends.
+    fn runs(&self, segs: &[Segment], at: usize, out: &mut Out<'_>, b: &mut Batch, cu: &mut Vec<i32>) -> Result<usize> {
+        let mut o = at;
+        let (mut i, mut doc) = (0usize, 0i32);
+        while i < segs.len() {
+            let first = segs[i];
+            let mut end = first.start + u64::from(first.len);
+            let mut j = i + 1;
+            while j < segs.len() && segs[j].start == end {
+                end += u64::from(segs[j].len);
+                j += 1;
+            }
+            let start = first.start as usize;
+            let run = end as usize - start;
+            // The run's last label is the token after it unless its last segment ends a document.
+            let next = usize::from(!segs[j - 1].ends_doc);
+            let src = self.tokens.range(self.words, start, run + next)?;
+            self.copy_run(start, run, o, out);
+            out.labels[o + run - 1] = if next == 1 { src[run].id() as i32 } else { IGNORE };
+            for s in &segs[i..j] {
+                let len = s.len as usize;
+                if s.ends_doc {
+                    out.labels[o + len - 1] = IGNORE;
+                }
+                b.n_tokens += len - usize::from(s.ends_doc);
+                if len <= 2 * CHUNK {
+                    for c in (0..len).step_by(CHUNK) {
+                        out.pos[o + c..o + c + CHUNK].copy_from_slice(&self.iota[c..c + CHUNK]);
+                        out.seq[o + c..o + c + CHUNK].fill(doc);
+                    }
+                } else {
+                    out.pos[o..o + len].copy_from_slice(&self.iota[..len]);
+                    out.seq[o..o + len].fill(doc);
+                }
+                doc += 1;
+                o += len;
+                cu.push(o as i32);
+                b.max_seqlen = b.max_seqlen.max(len);
+            }
+            i = j;
+        }
+        Ok(o)
+    }
+
+    /// input_ids of the run `start..start + run` at `o`, and its labels but the last (the
+    /// next input); in whole chunks when short.
+    #[inline]
+    fn copy_run(&self, start: usize, run: usize, o: usize, out: &mut Out<'_>) {
+        let span = run.next_multiple_of(CHUNK);
+        match self.words.get(start..start + span).filter(|_| run <= 4 * CHUNK) {
+            // The chunk past the run holds tokens of the next document: overwritten later.
+            Some(src) => {
+                for c in (0..span).step_by(CHUNK) {
+                    let t: &[W; CHUNK] = src[c..c + CHUNK].try_into().expect("chunk");
+                    let ids: [i32; CHUNK] = std::array::from_fn(|i| t[i].id() as i32);
+                    out.ids[o + c..o + c + CHUNK].copy_from_slice(&ids);
+                }
+                for c in (0..run - 1).step_by(CHUNK) {
+                    let (ids, labels) = (&out.ids[o + 1 + c..o + 1 + c + CHUNK], &mut out.labels[o + c..o + c + CHUNK]);
+                    labels.copy_from_slice(ids);
+                }
+            }
+            None => {
+                convert(&self.words[start..start + run], &mut out.ids[o..o + run]);
+                out.labels[o..o + run - 1].copy_from_slice(&out.ids[o + 1..o + run]);
+            }
+        }
+    }
+}
+
+/// The four arrays of a batch being assembled, each followed by `SLACK` values.
+struct Out<'a> {
+    ids: &'a mut [i32],
+    labels: &'a mut [i32],
+    pos: &'a mut [i32],
+    seq: &'a mut [i32],
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::plan::Segment;
     use crate::tokens::Dtype;
     use std::io::Write;
 
-    fn token_file(tokens: &[u16]) -> TokenFile {
-        let p = std::env::temp_dir().join(format!("bulba-batch-{}-{}.bin", std::process::id(), tokens.len()));
+    fn token_file(tag: &str, tokens: &[u16]) -> TokenFile {
+        let p = std::env::temp_dir().join(format!("bulba-batch-{}-{tag}.bin", std::process::id()));
         let bytes: Vec<u8> = tokens.iter().flat_map(|t| t.to_le_bytes()).collect();
         std::fs::File::create(&p).unwrap().write_all(&bytes).unwrap();
         TokenFile::open(&p, Dtype::U16, 100, None).unwrap()
     }
 
+    fn iota() -> Vec<i32> {
+        (0..64).collect()
+    }
+
+    fn seg(start: u64, len: u32, ends_doc: bool) -> Segment {
+        Segment { start, len, ends_doc }
+    }
+
     #[test]
     fn packs_documents_with_boundaries() {
         // docs: [10 11 12] [20 21] ; a window piece [30 31] followed by 32
-        let tf = token_file(&[10, 11, 12, 20, 21, 30, 31, 32]);
-        let seg = |start, len, ends_doc| Segment { start, len, ends_doc };
+        let tf = token_file("pack", &[10, 11, 12, 20, 21, 30, 31, 32]);
         let mut spec = BatchSpec::new(6, 2);
         spec.push_row(&[seg(0, 3, true), seg(3, 2, true)]);
         spec.push_row(&[seg(5, 2, false)]);
-        let b = assemble(&spec, &tf, 99).unwrap();
-        assert_eq!(b.input_ids, [10, 11, 12, 20, 21, 99, 30, 31, 99, 99, 99, 99]);
-        assert_eq!(b.labels, [11, 12, -100, 21, -100, -100, 31, 32, -100, -100, -100, -100]);
-        assert_eq!(b.position_ids, [0, 1, 2, 0, 1, 0, 0, 1, 0, 0, 0, 0]);
-        assert_eq!(b.seq_ids, [0, 0, 0, 1, 1, -1, 0, 0, -1, -1, -1, -1]);
-        assert_eq!(b.cu_seqlens, [0, 3, 5, 6, 8, 12]);
+        let b = assemble(&spec, &tf, 99, &iota(), &Pool::default()).unwrap();
+        assert!(!b.windows);
+        assert_eq!(b.input_ids(), [10, 11, 12, 20, 21, 99, 30, 31, 99, 99, 99, 99]);
+        assert_eq!(b.labels(), [11, 12, -100, 21, -100, -100, 31, 32, -100, -100, -100, -100]);
+        assert_eq!(b.position_ids(), [0, 1, 2, 0, 1, 0, 0, 1, 0, 0, 0, 0]);
+        assert_eq!(b.seq_ids(), [0, 0, 0, 1, 1, -1, 0, 0, -1, -1, -1, -1]);
+        assert_eq!(b.cu_seqlens(), [0, 3, 5, 6, 8, 12]);
         assert_eq!((b.max_seqlen, b.n_tokens, b.n_pad), (4, 5, 5));
     }
 
     #[test]
-    fn out_of_range_segment_is_an_error() {
-        let tf = token_file(&[1, 2, 3]);
+    fn runs_and_single_documents_agree_with_segment_by_segment() {
+        // Rows of neighbouring documents (one run), scattered ones, one-document rows near the
+        // end of the file (no room for the fixed-width path), and a non-final piece.
+        let toks: Vec<u16> = (0..40).map(|i| (i * 7 % 90) as u16 + 1).collect();
+        let tf = token_file("runs", &toks);
+        let mut spec = BatchSpec::new(8, 5);
+        spec.push_row(&[seg(0, 3, true), seg(3, 2, true), seg(5, 3, false)]);
+        spec.push_row(&[seg(20, 2, true), seg(10, 4, true)]);
+        spec.push_row(&[seg(30, 5, true)]);
+        spec.push_row(&[seg(36, 4, true)]);
+        spec.push_row(&[seg(12, 8, false)]);
+        let b = assemble(&spec, &tf, 99, &iota(), &Pool::default()).unwrap();
+        // Reference: the contract, position by position.
+        let (mut ids, mut labels, mut pos, mut seqs, mut cu) = (vec![], vec![], vec![], vec![], vec![0]);
+        for row in spec.rows() {
+            let mut used = 0;
+            for (d, s) in row.iter().enumerate() {
+                for k in 0..s.len as usize {
+                    let p = s.start as usize + k;
+                    ids.push(i32::from(toks[p]));
+                    let last = k + 1 == s.len as usize;
+                    labels.push(if last && s.ends_doc { IGNORE } else { i32::from(toks[p + 1]) });
+                    pos.push(k as i32);
+                    seqs.push(d as i32);
+                }
+                used += s.len as usize;
+                cu.push((ids.len()) as i32);
+            }
+            if used < 8 {
+                for _ in used..8 {
+                    ids.push(99);
+                    labels.push(IGNORE);
+                    pos.push(0);
+                    seqs.push(-1);
+                }
+                cu.push(ids.len() as i32);
+            }
+        }
+        assert_eq!(b.input_ids(), ids);
+        assert_eq!(b.labels(), labels);
+        assert_eq!(b.position_ids(), pos);
+        assert_eq!(b.seq_ids(), seqs);
+        assert_eq!(b.cu_seqlens(), cu);
+        assert_eq!(b.n_tokens, labels.iter().filter(|&&l| l != IGNORE).count());
+        assert_eq!(b.n_pad, seqs.iter().filter(|&&s| s < 0).count());
+    }
+
+    #[test]
+    fn full_windows_store_two_arrays() {
+        let tf = token_file("win", &[1, 2, 3, 4, 5, 6, 7, 8, 9]);
+        let mut spec = BatchSpec::new(3, 2);
+        spec.windows = true;
+        spec.push_row(&[seg(4, 3, false)]);
+        spec.push_row(&[seg(0, 3, false)]);
+        let pool = Pool::default();
+        let b = assemble(&spec, &tf, 0, &iota(), &pool).unwrap();
+        assert!(b.windows);
+        assert_eq!(b.data.len(), 2 * (6 + SLACK));
+        assert_eq!(b.input_ids(), [5, 6, 7, 1, 2, 3]);
+        assert_eq!(b.labels(), [6, 7, 8, 2, 3, 4]);
+        assert_eq!(b.position_ids(), [0, 1, 2, 0, 1, 2]);
+        assert_eq!(b.seq_ids(), [0; 6]);
+        assert_eq!(b.cu_seqlens(), [0, 3, 6]);
+        assert_eq!((b.max_seqlen, b.n_tokens, b.n_pad), (3, 6, 0));
+        // A reused buffer gives the same batch.
+        pool.give(b.data.clone());
+        assert_eq!(assemble(&spec, &tf, 0, &iota(), &pool).unwrap(), b);
+    }
+
+    #[test]
+    fn out_of_range_segment_and_bad_tokens_are_errors() {
+        let tf = token_file("oob", &[1, 2, 3]);
         let mut spec = BatchSpec::new(4, 1);
-        spec.push_row(&[Segment { start: 1, len: 2, ends_doc: false }]);
-        assert!(assemble(&spec, &tf, 0).is_err());
+        spec.push_row(&[seg(1, 2, false)]);
+        assert!(assemble(&spec, &tf, 0, &iota(), &Pool::default()).is_err());
+        // Deep inside the file (the ends are checked on open).
+        let m = 1 << 17;
+        let mut toks: Vec<u16> = (0..2 * m).map(|i| (i % 90) as u16 + 1).collect();
+        toks[m + 20] = 500;
+        let tf = token_file("vocab", &toks);
+        let m = m as u64;
+        for (cols, segs) in [
+            (8, vec![seg(m + 18, 4, true)]),
+            (8, vec![seg(m + 10, 4, true), seg(m + 18, 4, true)]),
+            (4, vec![seg(m + 17, 3, false)]),
+            (4, vec![seg(m + 16, 4, false)]),
+        ] {
+            let mut spec = BatchSpec::new(cols, 1);
+            spec.push_row(&segs);
+            let e = assemble(&spec, &tf, 0, &iota(), &Pool::default()).unwrap_err();
+            assert!(e.0.contains("500"), "{e}");
+        }
+        // Ids are checked in blocks: a batch in a clean block is fine.
+        let mut spec = BatchSpec::new(8, 1);
+        spec.push_row(&[seg(8, 4, true)]);
+        assert!(assemble(&spec, &tf, 0, &iota(), &Pool::default()).is_ok());
     }
 }

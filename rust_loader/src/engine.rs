@@ -1,7 +1,8 @@
 //! The engine: one validated token file plus one sampler plan, addressed by global position.
 use std::path::Path;
+use std::sync::Arc;
 
-use crate::batch::{assemble, Batch};
+use crate::batch::{assemble, Batch, Pool};
 use crate::error::{DataError, Result};
 use crate::plan::{BucketedPlan, PackedPlan, Plan, Sharding, StreamPlan};
 use crate::tokens::{read_index, Dtype, TokenFile};
@@ -28,6 +29,10 @@ pub struct Engine {
     plan: Box<dyn Plan>,
     pad_id: i32,
     n_docs: u64,
+    /// `0, 1, 2, …` up to the longest row (position ids are copied from it).
+    iota: Vec<i32>,
+    /// Buffers of batches Python has dropped, reused by the next ones.
+    pool: Arc<Pool>,
 }
 
 impl Engine {
@@ -51,7 +56,9 @@ impl Engine {
             }
             other => return Err(DataError::new(format!("unknown sampler {other:?}; expected stream, packed or bucketed"))),
         };
-        Ok(Self { tokens, plan, pad_id: opts.pad_id as i32, n_docs })
+        let longest = opts.buckets.iter().copied().chain([opts.ctx]).max().unwrap_or(0);
+        let iota = (0..longest as i32 + 32).collect(); // chunks may run past the row
+        Ok(Self { tokens, plan, pad_id: opts.pad_id as i32, n_docs, iota, pool: Arc::default() })
     }
 
     pub fn batches_per_epoch(&self) -> u64 {
@@ -62,7 +69,12 @@ impl Engine {
     pub fn batch(&self, pos: u64) -> Result<Batch> {
         let per_epoch = self.batches_per_epoch();
         let spec = self.plan.batch(pos / per_epoch, pos % per_epoch);
-        assemble(&spec, &self.tokens, self.pad_id)
+        assemble(&spec, &self.tokens, self.pad_id, &self.iota, &self.pool)
+    }
+
+    /// Where the buffers of dropped batches go back to (see `Pool`).
+    pub fn pool(&self) -> &Arc<Pool> {
+        &self.pool
     }
 
     pub fn padding_frac(&self) -> f64 {
@@ -88,7 +100,6 @@ mod tests {
     use crate::prefetch::Prefetcher;
     use std::io::Write;
     use std::path::PathBuf;
-    use std::sync::Arc;
 
     /// A split of `n_docs` documents of varying length, written as prepare.py would.
     fn write_split(tag: &str, n_docs: u64) -> (PathBuf, PathBuf) {

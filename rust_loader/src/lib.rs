@@ -13,13 +13,14 @@ pub mod tokens;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use numpy::ndarray::Array2;
-use numpy::IntoPyArray;
+use numpy::ndarray::{Array2, ArrayView2};
+use numpy::{IntoPyArray, PyArray2};
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
+use pyo3::intern;
 use pyo3::types::PyDict;
 
-use crate::batch::Batch;
+use crate::batch::{Batch, Pool};
 use crate::engine::Options;
 use crate::error::DataError;
 use crate::plan::Sharding;
@@ -36,21 +37,76 @@ fn version() -> &'static str {
     env!("CARGO_PKG_VERSION")
 }
 
-/// Moves the batch's buffers into numpy arrays (no copy: numpy owns the Rust allocations).
-fn to_dict(py: Python<'_>, b: Batch) -> PyResult<Bound<'_, PyDict>> {
-    let shape = (b.rows, b.cols);
-    let grid = |v: Vec<i32>| {
-        Array2::from_shape_vec(shape, v).map(|a| a.into_pyarray(py)).map_err(|e| PyRuntimeError::new_err(e.to_string()))
+/// Owns the memory of one batch while numpy arrays view it; gives it back to the engine's pool
+/// when the last of them is gone.
+#[pyclass(frozen, module = "bulba._rust")]
+struct Block {
+    data: Vec<i32>,
+    pool: Arc<Pool>,
+}
+
+impl Drop for Block {
+    fn drop(&mut self) {
+        self.pool.give(std::mem::take(&mut self.data));
+    }
+}
+
+/// The read-only position_ids, seq_ids and cu_seqlens shared by every full-window batch of
+/// one shape (see `Batch::windows`), made once per engine and shape.
+type Constants = (usize, usize, [Py<PyAny>; 3]);
+
+fn constants(py: Python<'_>, cache: &Mutex<Vec<Constants>>, rows: usize, cols: usize) -> PyResult<[Py<PyAny>; 3]> {
+    let mut cache = cache.lock().map_err(|_| PyRuntimeError::new_err("engine poisoned by an earlier panic"))?;
+    if let Some((_, _, c)) = cache.iter().find(|c| (c.0, c.1) == (rows, cols)) {
+        return Ok(c.each_ref().map(|a| a.clone_ref(py)));
+    }
+    let (pos, seq, cu) = batch::window_constants(rows, cols);
+    let grid = |v: Vec<i32>| -> PyResult<Py<PyAny>> {
+        let a = Array2::from_shape_vec((rows, cols), v).map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
+        Ok(a.into_pyarray(py).into_any().unbind())
+    };
+    let arrays = [grid(pos)?, grid(seq)?, cu.into_pyarray(py).into_any().unbind()];
+    for a in &arrays {
+        // Shared by many batches: writing into one must fail, not change the others.
+        a.bind(py).getattr("flags")?.setattr("writeable", false)?;
+    }
+    cache.push((rows, cols, arrays.each_ref().map(|a| a.clone_ref(py))));
+    Ok(arrays)
+}
+
+/// The batch as a dict of numpy arrays that view its buffer (no copy; the buffer returns to
+/// the pool when they are all dropped).
+fn to_dict<'py>(py: Python<'py>, b: Batch, pool: &Arc<Pool>, cache: &Mutex<Vec<Constants>>) -> PyResult<Bound<'py, PyDict>> {
+    let (rows, cols, stride) = (b.rows, b.cols, b.stride());
+    let mut data = b.data;
+    let ptr = data.as_mut_ptr();
+    let block = Bound::new(py, Block { data, pool: Arc::clone(pool) })?.into_any();
+    let grid = |k: usize| {
+        // SAFETY: `ptr` is the heap buffer of the Vec now owned by `block` (moving a Vec does not
+        // move its buffer), of `k_max * stride` values with k < k_max; the buffer is neither
+        // reallocated nor accessed from Rust until `block` is dropped, and every array holds a
+        // reference to `block` as its base object.
+        unsafe {
+            let view = ArrayView2::from_shape_ptr((rows, cols), ptr.add(k * stride));
+            PyArray2::borrow_from_array(&view, block.clone())
+        }
     };
     let d = PyDict::new(py);
-    d.set_item("input_ids", grid(b.input_ids)?)?;
-    d.set_item("labels", grid(b.labels)?)?;
-    d.set_item("position_ids", grid(b.position_ids)?)?;
-    d.set_item("seq_ids", grid(b.seq_ids)?)?;
-    d.set_item("cu_seqlens", b.cu_seqlens.into_pyarray(py))?;
-    d.set_item("max_seqlen", b.max_seqlen)?;
-    d.set_item("n_tokens", b.n_tokens)?;
-    d.set_item("n_pad", b.n_pad)?;
+    d.set_item(intern!(py, "input_ids"), grid(0))?;
+    d.set_item(intern!(py, "labels"), grid(1))?;
+    if b.windows {
+        let [pos, seq, cu] = constants(py, cache, rows, cols)?;
+        d.set_item(intern!(py, "position_ids"), pos)?;
+        d.set_item(intern!(py, "seq_ids"), seq)?;
+        d.set_item(intern!(py, "cu_seqlens"), cu)?;
+    } else {
+        d.set_item(intern!(py, "position_ids"), grid(2))?;
+        d.set_item(intern!(py, "seq_ids"), grid(3))?;
+        d.set_item(intern!(py, "cu_seqlens"), b.cu.into_pyarray(py))?;
+    }
+    d.set_item(intern!(py, "max_seqlen"), b.max_seqlen)?;
+    d.set_item(intern!(py, "n_tokens"), b.n_tokens)?;
+    d.set_item(intern!(py, "n_pad"), b.n_pad)?;
     Ok(d)
 }
 
@@ -59,6 +115,7 @@ fn to_dict(py: Python<'_>, b: Batch) -> PyResult<Bound<'_, PyDict>> {
 #[pyclass(frozen, module = "bulba._rust")]
 struct Engine {
     inner: Arc<engine::Engine>,
+    constants: Mutex<Vec<Constants>>,
 }
 
 #[pymethods]
@@ -103,7 +160,7 @@ impl Engine {
         };
         // Validation reads the whole index: let other Python threads run meanwhile.
         let inner = py.detach(|| engine::Engine::open(&bin_path, &idx_path, &opts)).map_err(value_error)?;
-        Ok(Self { inner: Arc::new(inner) })
+        Ok(Self { inner: Arc::new(inner), constants: Mutex::default() })
     }
 
     #[getter]
@@ -135,21 +192,22 @@ impl Engine {
     /// The batch at global position `pos`, assembled now on this thread (GIL released).
     fn batch<'py>(&self, py: Python<'py>, pos: u64) -> PyResult<Bound<'py, PyDict>> {
         let b = py.detach(|| self.inner.batch(pos)).map_err(value_error)?;
-        to_dict(py, b)
+        to_dict(py, b, self.inner.pool(), &self.constants)
     }
 
     /// Iterator over positions `start..stop` (forever when stop is None), assembled by
     /// `workers` background threads up to `prefetch` batches ahead.
     #[pyo3(signature = (start=0, stop=None, prefetch=4, workers=1))]
-    fn iter(&self, start: u64, stop: Option<u64>, prefetch: usize, workers: usize) -> BatchIter {
-        let p = Prefetcher::spawn(Arc::clone(&self.inner), start, stop, prefetch, workers);
-        BatchIter { inner: Mutex::new(p) }
+    fn iter(slf: &Bound<'_, Self>, start: u64, stop: Option<u64>, prefetch: usize, workers: usize) -> BatchIter {
+        let p = Prefetcher::spawn(Arc::clone(&slf.get().inner), start, stop, prefetch, workers);
+        BatchIter { inner: Mutex::new(p), engine: slf.clone().unbind() }
     }
 }
 
 #[pyclass(module = "bulba._rust")]
 struct BatchIter {
     inner: Mutex<Prefetcher>,
+    engine: Py<Engine>,
 }
 
 #[pymethods]
@@ -163,7 +221,10 @@ impl BatchIter {
         let item = py.detach(|| self.inner.lock().map(|mut p| p.next_batch()).map_err(|_| ()));
         match item.map_err(|()| PyRuntimeError::new_err("batch iterator poisoned by an earlier panic"))? {
             None => Ok(None),
-            Some(Ok(b)) => to_dict(py, b).map(Some),
+            Some(Ok(b)) => {
+                let engine = self.engine.get();
+                to_dict(py, b, engine.inner.pool(), &engine.constants).map(Some)
+            }
             Some(Err(e)) => Err(value_error(e)),
         }
     }
@@ -180,5 +241,6 @@ fn _rust(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(version, m)?)?;
     m.add_class::<Engine>()?;
     m.add_class::<BatchIter>()?;
+    m.add_class::<Block>()?;
     Ok(())
 }

@@ -32,11 +32,14 @@ pub struct BatchSpec {
     segments: Vec<Segment>,
     /// Row r holds `segments[row_ends[r - 1]..row_ends[r]]` (from 0 for the first row).
     row_ends: Vec<usize>,
+    /// From the stream sampler: when every row is a full window, the batch stores only
+    /// input_ids and labels (see `Batch::windows`).
+    pub windows: bool,
 }
 
 impl BatchSpec {
     pub fn new(cols: usize, rows: usize) -> Self {
-        Self { cols, segments: Vec::with_capacity(rows), row_ends: Vec::with_capacity(rows) }
+        Self { cols, segments: Vec::with_capacity(rows), row_ends: Vec::with_capacity(rows), windows: false }
     }
 
     pub fn push_row(&mut self, segments: &[Segment]) {
@@ -174,6 +177,7 @@ impl Plan for StreamPlan {
     fn batch(&self, epoch: u64, index: u64) -> BatchSpec {
         let ctx = u64::from(self.ctx);
         let mut spec = BatchSpec::new(self.ctx as usize, self.inner.batch_size as usize);
+        spec.windows = true;
         for u in self.inner.units_of(epoch, index) {
             match u {
                 Some(u) => {
@@ -242,7 +246,9 @@ impl PackedPlan {
         let mut segments = Vec::with_capacity(bins.iter().map(Vec::len).sum());
         let mut row_starts = Vec::with_capacity(bins.len() + 1);
         row_starts.push(0);
-        for bin in bins {
+        for mut bin in bins {
+            // In file order: neighbouring documents are then copied as one run.
+            bin.sort_unstable_by_key(|s| s.start);
             segments.extend(bin);
             row_starts.push(segments.len());
         }
