@@ -443,12 +443,11 @@ impl Plan for BucketedPlan {
         let docs = &shuffled[bi];
         let rows = bucket.rows as usize;
         let mut spec = BatchSpec::new(bucket.len as usize, rows);
-        for i in chunk * rows..(chunk + 1) * rows {
-            match docs.get(i) {
-                Some(doc) => spec.push_row(std::slice::from_ref(doc)),
-                None => spec.push_row(&[]), // the padded tail (drop_last = false)
-            }
-        }
+        let take = &docs[(chunk * rows).min(docs.len())..((chunk + 1) * rows).min(docs.len())];
+        spec.segments.extend_from_slice(take);
+        spec.row_ends.extend(1..=take.len());
+        // The padded tail (drop_last = false): empty rows.
+        spec.row_ends.resize(rows, take.len());
         spec
     }
 

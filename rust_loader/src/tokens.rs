@@ -187,7 +187,7 @@ impl TokenFile {
     /// Tokens `start..start + len` of `words` (this file's `words()`), counted as one read and
     /// checked against the vocabulary (`verify`); an error (never an out-of-bounds read) past
     /// the end.
-    #[inline]
+    #[inline(always)]
     pub fn range<'a, W>(&self, words: &'a [W], start: usize, len: usize) -> Result<&'a [W]> {
         match start.checked_add(len).filter(|&e| e <= words.len()) {
             Some(end) => {
@@ -201,26 +201,32 @@ impl TokenFile {
 
     /// Checks that every id in `start..end` (within the file) is < vocab_size, scanning each
     /// block of `CHECK_BLOCK` tokens it touches the first time only.
-    #[inline]
+    #[inline(always)]
     pub fn verify(&self, start: usize, end: usize) -> Result<()> {
         if end <= start {
             return Ok(());
         }
         let (first, last) = (start / CHECK_BLOCK, (end - 1) / CHECK_BLOCK);
         for block in first..=last {
-            let (word, bit) = (&self.checked[block / 64], 1u64 << (block % 64));
-            if word.load(Ordering::Relaxed) & bit == 0 {
-                let range = block * CHECK_BLOCK..self.len.min((block + 1) * CHECK_BLOCK);
-                let max = match self.words() {
-                    Words::U16(w) => w[range.clone()].iter().fold(0u32, |m, &t| m.max(t.id())),
-                    Words::U32(w) => w[range.clone()].iter().fold(0u32, |m, &t| m.max(t.id())),
-                };
-                if max >= self.vocab_size {
-                    return Err(self.vocab_error(range.start, range.end));
-                }
-                word.fetch_or(bit, Ordering::Relaxed);
+            if self.checked[block / 64].load(Ordering::Relaxed) & (1u64 << (block % 64)) == 0 {
+                self.verify_block(block)?;
             }
         }
+        Ok(())
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn verify_block(&self, block: usize) -> Result<()> {
+        let range = block * CHECK_BLOCK..self.len.min((block + 1) * CHECK_BLOCK);
+        let max = match self.words() {
+            Words::U16(w) => w[range.clone()].iter().fold(0u32, |m, &t| m.max(t.id())),
+            Words::U32(w) => w[range.clone()].iter().fold(0u32, |m, &t| m.max(t.id())),
+        };
+        if max >= self.vocab_size {
+            return Err(self.vocab_error(range.start, range.end));
+        }
+        self.checked[block / 64].fetch_or(1u64 << (block % 64), Ordering::Relaxed);
         Ok(())
     }
 
@@ -260,6 +266,7 @@ impl TokenFile {
     /// file size. It is only page cache, but it shows up as this process's memory; dropping
     /// the mappings every few reads keeps RSS flat. A dropped page that is read again just
     /// faults back in from the page cache.
+    #[inline(always)]
     fn note_read(&self) {
         let Some(reads) = &self.reads else { return };
         if (reads.fetch_add(1, Ordering::Relaxed) + 1).is_multiple_of(RELEASE_EVERY_READS) {
