@@ -242,14 +242,17 @@ impl PackedPlan {
     pub fn new(offsets: &[u64], ctx: u32, batch_size: u64, shard: Sharding) -> Result<Self> {
         check_shape(ctx, batch_size)?;
         shard.validate()?;
-        let bins = best_fit_decreasing(&pieces(offsets, ctx), ctx);
-        let mut segments = Vec::with_capacity(bins.iter().map(Vec::len).sum());
+        let pieces = pieces(offsets, ctx);
+        let groups = neighbour_groups(&pieces, ctx / GROUP_FRACTION);
+        let lens: Vec<u32> = groups.iter().map(|g| pieces[g.clone()].iter().map(|p| p.len).sum()).collect();
+        let bins = best_fit_decreasing_lens(&lens, ctx);
+        let mut segments = Vec::with_capacity(pieces.len());
         let mut row_starts = Vec::with_capacity(bins.len() + 1);
         row_starts.push(0);
         for mut bin in bins {
             // In file order: neighbouring documents are then copied as one run.
-            bin.sort_unstable_by_key(|s| s.start);
-            segments.extend(bin);
+            bin.sort_unstable_by_key(|&g| groups[g].start);
+            segments.extend(bin.iter().flat_map(|&g| pieces[groups[g].clone()].iter().copied()));
             row_starts.push(segments.len());
         }
         let units = (row_starts.len() - 1) as u64;
@@ -294,19 +297,55 @@ impl Plan for PackedPlan {
     }
 }
 
+/// Packed rows are built from groups of neighbouring documents of at most ctx / this many
+/// tokens (see `neighbour_groups`).
+const GROUP_FRACTION: u32 = 4;
+
+/// Splits `pieces` (in file order, each following the one before) into runs of neighbours
+/// whose lengths sum to at most a target drawn between 1 and `max` for each group (a piece
+/// longer than its target is a group of its own).
+///
+/// Best-fit decreasing then packs groups instead of single documents: a row holds a few runs of
+/// neighbouring documents, which batch assembly copies in one go each (short documents one by
+/// one cost more than their tokens), and the spread of group sizes leaves BFD enough small
+/// groups to fill the rows as tightly as single documents would. Documents stay whole.
+pub fn neighbour_groups(pieces: &[Segment], max: u32) -> Vec<std::ops::Range<usize>> {
+    let mut groups = Vec::with_capacity(pieces.len() / 2 + 1);
+    let (mut start, mut len) = (0usize, 0u32);
+    let target = |g: usize| 1 + (crate::perm::splitmix64(g as u64) % u64::from(max.max(1))) as u32;
+    let mut want = target(0);
+    for (i, p) in pieces.iter().enumerate() {
+        if i > start && len + p.len > want {
+            groups.push(start..i);
+            (start, len, want) = (i, 0, target(groups.len()));
+        }
+        len += p.len;
+    }
+    if start < pieces.len() {
+        groups.push(start..pieces.len());
+    }
+    groups
+}
+
 /// Best-fit decreasing bin packing of `items` (each `len <= cap`) into bins of `cap` tokens.
 /// Deterministic: ties broken by input order.
 pub fn best_fit_decreasing(items: &[Segment], cap: u32) -> Vec<Vec<Segment>> {
-    let mut order: Vec<usize> = (0..items.len()).collect();
-    order.sort_by_key(|&i| (std::cmp::Reverse(items[i].len), i));
-    let mut bins: Vec<Vec<Segment>> = Vec::new();
+    let lens: Vec<u32> = items.iter().map(|s| s.len).collect();
+    best_fit_decreasing_lens(&lens, cap).into_iter().map(|bin| bin.into_iter().map(|i| items[i]).collect()).collect()
+}
+
+/// Best-fit decreasing over item lengths (each `<= cap`): the bins as lists of item indices.
+pub fn best_fit_decreasing_lens(lens: &[u32], cap: u32) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..lens.len()).collect();
+    order.sort_by_key(|&i| (std::cmp::Reverse(lens[i]), i));
+    let mut bins: Vec<Vec<usize>> = Vec::new();
     // Remaining capacity → bins with exactly that much room: the best fit for an item of
     // length l is the first key >= l.
     let mut free: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
     for i in order {
-        let item = items[i];
-        debug_assert!(item.len <= cap);
-        let fit = free.range(item.len..).next().map(|(&room, _)| room);
+        let len = lens[i];
+        debug_assert!(len <= cap);
+        let fit = free.range(len..).next().map(|(&room, _)| room);
         let (bin, room) = match fit {
             Some(room) => {
                 let list = free.get_mut(&room).expect("key just found");
@@ -321,8 +360,8 @@ pub fn best_fit_decreasing(items: &[Segment], cap: u32) -> Vec<Vec<Segment>> {
                 (bins.len() - 1, cap)
             }
         };
-        bins[bin].push(item);
-        let left = room - item.len;
+        bins[bin].push(i);
+        let left = room - len;
         if left > 0 {
             free.entry(left).or_default().push(bin);
         }
