@@ -360,11 +360,11 @@ impl<W: Word> Assembler<'_, W> {
     }
 
     /// input_ids of the run `start..start + run` at `o`, and its labels but the last (the
-    /// next input); in whole chunks when short.
+    /// next input); in whole chunks (no scalar remainder loop) unless at the end of the file.
     #[inline(always)]
     fn copy_run(&self, start: usize, run: usize, o: usize, out: &mut Out<'_>) {
         let span = run.next_multiple_of(CHUNK);
-        match self.words.get(start..start + span).filter(|_| run <= 4 * CHUNK) {
+        match self.words.get(start..start + span) {
             // The chunk past the run holds tokens of the next document: overwritten later.
             Some(src) => {
                 for c in (0..span).step_by(CHUNK) {
