@@ -57,6 +57,11 @@ impl BatchSpec {
         starts.zip(&self.row_ends).map(|(a, &z)| &self.segments[a..z])
     }
 
+    /// Where each row's segments end in `segments()`.
+    pub fn row_ends(&self) -> &[usize] {
+        &self.row_ends
+    }
+
     /// All segments, row after row.
     pub fn segments(&self) -> &[Segment] {
         &self.segments

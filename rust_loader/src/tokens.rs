@@ -206,11 +206,12 @@ impl TokenFile {
         if end <= start {
             return Ok(());
         }
-        let (first, last) = (start / CHECK_BLOCK, (end - 1) / CHECK_BLOCK);
-        for block in first..=last {
+        let (mut block, last) = (start / CHECK_BLOCK, (end - 1) / CHECK_BLOCK);
+        while block <= last {
             if self.checked[block / 64].load(Ordering::Relaxed) & (1u64 << (block % 64)) == 0 {
                 self.verify_block(block)?;
             }
+            block += 1;
         }
         Ok(())
     }
@@ -279,20 +280,6 @@ impl TokenFile {
                 let _ = unsafe { map.unchecked_advise(UncheckedAdvice::DontNeed) };
             }
         }
-    }
-
-    /// Loads the bytes of tokens at `positions` and discards them, to warm the cache.
-    ///
-    /// Batch assembly gathers many short documents from all over the file. Touching the next
-    /// few of them in one go issues their cache misses together (independent loads overlap)
-    /// instead of paying for them one after another while copying. No `_mm_prefetch`: it
-    /// would need `unsafe`, and plain loads do the job here.
-    #[inline]
-    pub fn touch(&self, positions: impl Iterator<Item = usize>) {
-        let bytes = self.bytes();
-        let size = self.dtype.size();
-        let sum = positions.fold(0u8, |acc, i| acc.wrapping_add(bytes.get(i * size).copied().unwrap_or(0)));
-        std::hint::black_box(sum);
     }
 
     /// Token `i` as i32, checked against the length and the vocabulary.
