@@ -21,6 +21,7 @@ measures every source at its natural size); weights shape only train.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -154,19 +155,31 @@ class SplitWriter:
             return 0
         data = flat if lens.size == lengths.size else flat[np.repeat(mask, lengths)]
         data = data.astype(self.dtype).tobytes()
-        self.bin.write(data)
+        self._put(self.bin, data)
         self.sha.update(data)
-        self.idx.write((np.cumsum(lens) + self.tokens).astype("<u8").tobytes())
+        self._put(self.idx, (np.cumsum(lens) + self.tokens).astype("<u8").tobytes())
         n = int(lens.sum())
         self.tokens += n
         self.documents += int(lens.size)
         return n
 
+    @staticmethod
+    def _put(f, data: bytes) -> None:
+        try:
+            f.write(data)
+        except OSError as e:  # disk full (ENOSPC), file size limit (EFBIG): name the file
+            raise OSError(e.errno, e.strerror, Path(f.name).name) from None
+
     def close(self) -> dict:
         for f in (self.bin, self.idx):
-            f.flush()
-            os.fsync(f.fileno())
-            f.close()
+            try:
+                f.flush()
+                os.fsync(f.fileno())
+            except OSError as e:
+                raise OSError(e.errno, e.strerror, Path(f.name).name) from None
+            finally:
+                with contextlib.suppress(OSError):
+                    f.close()
         return {"tokens": self.tokens, "documents": self.documents, "sha256": self.sha.hexdigest()}
 
 
@@ -365,8 +378,29 @@ def prepare(cfg: PrepareConfig) -> dict:
     dtype = "uint16" if vocab_size <= 65536 else "uint32"
     t_tok = time.time()
 
+    had_dataset = (out / "meta.json").is_file()
+    holder = [tok]
+    del tok  # _write_dataset drops it once the workers have the JSON: keeps this process small
+    try:
+        return _write_dataset(cfg, out, holder, specials, vocab_size, dtype, sources, (t0, t_scan, t_tok))
+    except OSError as e:  # disk full / file too large while writing: atomic_dir removed the partial copy
+        name = Path(e.filename).name if getattr(e, "filename", None) else None
+        where = out / name if name else out
+        keep = f"the previous dataset in {out} is intact" if had_dataset else f"nothing was left in {out}"
+        raise UserError(f"cannot write {where} ({e.strerror or e}); {keep}; free space (or raise the file size "
+                        "limit) and run prepare.py again") from None
+
+
+def _write_dataset(cfg: PrepareConfig, out: Path, holder: list, specials: dict, vocab_size: int, dtype: str,
+                   sources: list, times: tuple) -> dict:
+    """Steps 3-4 inside a temporary directory renamed to `out` when complete (OSError on a full disk)."""
+    t0, t_scan, t_tok = times
+    tok = holder.pop()
     with atomic_dir(out) as tmp:
-        tok.save(str(tmp / "tokenizer.json"))
+        try:
+            tok.save(str(tmp / "tokenizer.json"))
+        except Exception as e:  # noqa: BLE001 - tokenizers raises its own type on I/O errors
+            raise OSError(0, str(e).splitlines()[0] if str(e) else "write failed", "tokenizer.json") from None
         tokenizer_json = tok.to_str()
         del tok  # the workers build their own encoder: keeps this process small
         splits, stats = encode_corpus(sources, tokenizer_json, tmp, cfg.val_fraction, cfg, dtype)
