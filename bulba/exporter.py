@@ -48,6 +48,15 @@ def modelfile_text(gguf_name: str, tok) -> str:
     )
 
 
+def check_register_name(name: str) -> None:
+    """A registered name also names output_models/<name>-<type>.gguf: it must stay a plain file
+    name (no folders, no '..', no control characters), so it cannot point outside output_models."""
+    bad = [c for c in name if c in "/\\" or ord(c) < 32 or c == "\x7f"]
+    if bad or name.strip() in (".", "..") or name.startswith("."):
+        raise UserError(f"--register {name!r}: a model name may not contain '/', '\\', control characters "
+                        "or start with '.'; e.g. --register bulba-demo")
+
+
 def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -71,6 +80,8 @@ def export(source: str, type_name: str, out: str | os.PathLike, *, register: str
         raise UserError(f"{hf_out} exists; pass --force to replace it")
     if register is not None and not register.strip():
         raise UserError("--register needs a model name")
+    if register is not None:
+        check_register_name(register)
     if verify is None:
         verify = llama_cpp_available()
     elif verify and not llama_cpp_available():
@@ -100,14 +111,19 @@ def export(source: str, type_name: str, out: str | os.PathLike, *, register: str
         res = ExportResult(out=out, type=type_name, sha256="")
         out.parent.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        if type_name in LLAMA_CPP_TYPES:
-            write_gguf(src, "f32", tmp_f32, name)
-            quantize_with_llama_cpp(tmp_f32, tmp, type_name)
-            remove_quietly(tmp_f32)
-            with open(tmp, "rb") as f:  # llama.cpp does not fsync; we rename only durable files
-                os.fsync(f.fileno())
-        else:
-            write_gguf(src, type_name, tmp, name)
+        try:
+            if type_name in LLAMA_CPP_TYPES:
+                write_gguf(src, "f32", tmp_f32, name)
+                quantize_with_llama_cpp(tmp_f32, tmp, type_name)
+                remove_quietly(tmp_f32)
+                with open(tmp, "rb") as f:  # llama.cpp does not fsync; we rename only durable files
+                    os.fsync(f.fileno())
+            else:
+                write_gguf(src, type_name, tmp, name)
+        except OSError as e:  # disk full (ENOSPC), file size limit (EFBIG): the temp file goes, out stays
+            keep = f"the existing {out} is unchanged" if out.exists() else f"nothing was written to {out}"
+            why = e.strerror or f"{e}: the disk is full or a file size limit was reached"  # numpy's tofile drops errno
+            raise UserError(f"cannot write {out} ({why}); {keep}; free space and export again") from None
         res.seconds["write_s"] = time.perf_counter() - t0
         say(f"wrote {type_name} GGUF ({tmp.stat().st_size / 1e6:.1f} MB) in {res.seconds['write_s']:.1f} s")
 

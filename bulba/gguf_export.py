@@ -237,7 +237,13 @@ def read_back(path: str | os.PathLike) -> dict:
     """Metadata and tensor names of a GGUF (for tests and the registry's tags)."""
     import gguf
 
-    r = gguf.GGUFReader(str(path))
+    try:
+        r = gguf.GGUFReader(str(path))
+    except FileNotFoundError:
+        raise UserError(f"{path} does not exist") from None
+    except Exception as e:  # noqa: BLE001 - gguf raises ValueError, struct errors, IndexError... on bad bytes
+        msg = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise UserError(f"{path} is not a readable GGUF file ({type(e).__name__}: {msg}); re-export it") from None
     kv = {}
     for k, f in r.fields.items():
         with contextlib.suppress(Exception):

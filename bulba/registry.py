@@ -63,8 +63,10 @@ def fetch_gguf(model_uri: str, dst: str | os.PathLike | None = None) -> Path:
 def place_in_output_models(path: Path, name: str, type_name: str, root: Path | None = None) -> Path:
     """Copy (hard link when possible) the GGUF to output_models/<name>-<type>.gguf, atomically."""
     dst_dir = (root or Path.cwd()) / "output_models"
-    dst_dir.mkdir(parents=True, exist_ok=True)
     dst = dst_dir / f"{name}-{type_name}.gguf"
+    if dst.parent != dst_dir or dst.name.startswith(".") or ".." in Path(dst.name).parts:
+        raise UserError(f"model name {name!r} would place the GGUF outside {dst_dir}; use a plain name")
+    dst_dir.mkdir(parents=True, exist_ok=True)
     if dst.resolve() == path.resolve():
         return dst
     tmp = dst_dir / f".tmp-{dst.name}.{os.getpid()}"

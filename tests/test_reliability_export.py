@@ -1,0 +1,261 @@
+"""export.py under faults (issue 7): a SIGKILL while the GGUF is being written and a full disk
+leave the previous GGUF byte-for-byte intact; corrupted GGUF files and unsafe names are
+one-line errors (exit 2 for the scripts), never a crash.
+
+The run directories here hold random (untrained) weights in the contract's format: writing,
+killing and reading GGUF does not need a trained model. No MLflow, no mocks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bulba.errors import UserError  # noqa: E402
+
+TEXT = ("Зубр жыве ў Белавежскай пушчы. Аист вьёт гнездо на крыше. The stork builds a nest. "
+        "def main():\n    return 42\n") * 40
+
+
+def make_run(out: Path, n_layer=2, n_embd=256, ffn=768, vocab=300) -> Path:
+    import torch
+    from safetensors.torch import save_file
+
+    from bulba.config import ModelConfig
+    from bulba.model import Llama
+    from bulba.tokenizer import BOS, EOS, train_tokenizer
+
+    out.mkdir(parents=True, exist_ok=True)
+    tok = train_tokenizer(TEXT.splitlines(), vocab_size=vocab)
+    tok.save(str(out / "tokenizer.json"))
+    cfg = ModelConfig(vocab_size=tok.get_vocab_size(), n_layer=n_layer, n_embd=n_embd, n_head=4, n_kv_head=2,
+                      ffn_hidden=ffn, ctx_len=128)
+    torch.manual_seed(0)
+    model = Llama(cfg)
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(out / "final.safetensors"))
+    (out / "config.json").write_text(json.dumps({
+        "format": "bulba-run", "version": 1, "model": dataclasses.asdict(cfg),
+        "tokenizer": {"bos_id": tok.token_to_id(BOS), "eos_id": tok.token_to_id(EOS), "pad_id": tok.token_to_id(EOS),
+                      "add_bos_token": True},
+        "recipe": {"name": "rel"}, "dataset_digest": "test", "mlflow_run_id": None}))
+    return out
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory) -> Path:
+    return make_run(tmp_path_factory.mktemp("rel-export") / "run")
+
+
+def export_cli(*args, cwd: Path, fsize: int | None = None, popen=False):
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+
+    env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONDONTWRITEBYTECODE="1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, str(REPO / "export.py"), *map(str, args)]
+    kw = dict(cwd=cwd, env=env, preexec_fn=limit if fsize else None)
+    if popen:
+        return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **kw)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, **kw)
+
+
+def one_line_exit_2(r, *needles):
+    err = r.stderr.strip()
+    assert r.returncode == 2, (r.returncode, r.stderr[-3000:])
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    for n in needles:
+        assert n in err, (n, err)
+
+
+def sha(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+# --------------------------------------------------------------------------- torn write
+
+
+# ~100 MB of weights so that the kill lands mid-write (~4 s)
+def test_sigkill_during_export_keeps_previous_gguf(tmp_path):
+    from bulba.gguf_export import read_back
+
+    run = make_run(tmp_path / "big", n_layer=6, n_embd=512, ffn=1536)
+    outdir = tmp_path / "models"
+    out = outdir / "m.gguf"
+    r = export_cli(run, "--type", "f16", "--out", out, "--no-verify", "--no-mlflow", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    before = sha(out)
+    p = export_cli(run, "--type", "q8_0", "--out", out, "--no-verify", "--no-mlflow", "--force",
+                   cwd=tmp_path, popen=True)
+    killed_at = None
+    deadline = time.time() + 120
+    while time.time() < deadline and p.poll() is None:
+        tmps = [x for x in outdir.iterdir() if x.name.startswith(".tmp-")]
+        if tmps and tmps[0].stat().st_size > 1_000_000:  # the new file is being written
+            killed_at = tmps[0].stat().st_size
+            p.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    p.wait(timeout=60)
+    assert killed_at is not None, "export finished before it could be killed mid-write"
+    assert p.returncode == -signal.SIGKILL
+    assert sha(out) == before  # the previous GGUF, byte for byte
+    assert read_back(out)["kv"]["general.file_type"] == 1  # MOSTLY_F16, and it parses
+    # only a .tmp- file (which nothing treats as a model) is left; the next export succeeds
+    assert sorted(x.name for x in outdir.iterdir() if not x.name.startswith(".tmp-")) == ["m.Modelfile", "m.gguf"]
+    r = export_cli(run, "--type", "q8_0", "--out", out, "--no-verify", "--no-mlflow", "--force", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert read_back(out)["kv"]["general.file_type"] == 7  # MOSTLY_Q8_0
+
+
+# --------------------------------------------------------------------------- disk full
+
+
+def test_disk_full_during_export_keeps_previous_gguf(small_run, tmp_path):
+    out = tmp_path / "models" / "m.gguf"
+    r = export_cli(small_run, "--type", "q8_0", "--out", out, "--no-verify", "--no-mlflow", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    before = sha(out)
+    # f32 is ~6 MB: a 2 MB file size limit makes the write fail with EFBIG
+    r = export_cli(small_run, "--type", "f32", "--out", out, "--no-verify", "--no-mlflow", "--force",
+                   cwd=tmp_path, fsize=2_000_000)
+    one_line_exit_2(r, "cannot write", "m.gguf", "unchanged")
+    assert sha(out) == before
+    assert sorted(x.name for x in out.parent.iterdir()) == ["m.Modelfile", "m.gguf"]  # no temp file left
+    # a first export that cannot be written leaves no file and no folder
+    fresh = tmp_path / "fresh" / "n.gguf"
+    r = export_cli(small_run, "--type", "f32", "--out", fresh, "--no-verify", "--no-mlflow",
+                   cwd=tmp_path, fsize=2_000_000)
+    one_line_exit_2(r, "nothing was written")
+    assert not fresh.parent.exists()
+
+
+# --------------------------------------------------------------------------- corrupted GGUF
+
+
+@pytest.fixture(scope="module")
+def good_gguf(small_run, tmp_path_factory) -> Path:
+    from bulba.exporter import export
+
+    out = tmp_path_factory.mktemp("gguf") / "good.gguf"
+    export(str(small_run), "q8_0", out, verify=False, mlflow=False, quiet=True)
+    return out
+
+
+def corruptions(good: bytes) -> dict[str, bytes]:
+    import random
+
+    rnd = random.Random(7)
+    flipped = bytearray(good)
+    for i in rnd.sample(range(8, min(len(good), 4096)), 64):  # header, key/value and tensor-info area
+        flipped[i] ^= 0xFF
+    return {
+        "empty": b"",
+        "garbage": bytes(rnd.getrandbits(8) for _ in range(4096)),
+        "bad-magic": b"GGUX" + good[4:],
+        "truncated-header": good[:100],
+        "truncated-data": good[: len(good) // 2],
+        "huge-counts": good[:8] + (2**63 - 1).to_bytes(8, "little") * 2 + good[24:],
+        "bit-flips": bytes(flipped),
+    }
+
+
+def test_export_refuses_a_gguf_or_ckpt_as_source(good_gguf, tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + os.urandom(1000))
+    for src in (good_gguf, bad):
+        r = export_cli(src, "--type", "f16", "--out", tmp_path / "o" / "x.gguf", "--no-mlflow", "--no-verify",
+                       cwd=tmp_path)
+        one_line_exit_2(r, "is not a .safetensors file")
+    ckpt = tmp_path / "model.ckpt"
+    import torch
+
+    torch.save({"x": torch.zeros(2)}, ckpt)  # a pickle: must never be unpickled
+    r = export_cli(ckpt, "--type", "f16", "--out", tmp_path / "o" / "x.gguf", "--no-mlflow", "--no-verify",
+                   cwd=tmp_path)
+    one_line_exit_2(r, "model.ckpt", "is not a .safetensors file")
+    assert not (tmp_path / "o").exists()
+
+
+def test_corrupted_gguf_read_back_is_a_user_error(good_gguf, tmp_path):
+    from bulba.gguf_export import read_back
+
+    assert read_back(good_gguf)["kv"]["general.architecture"] == "llama"
+    for name, data in corruptions(good_gguf.read_bytes()).items():
+        p = tmp_path / f"{name}.gguf"
+        p.write_bytes(data)
+        try:
+            read_back(p)  # a flip in a value (not a length) may still parse: that is fine
+        except UserError as e:
+            assert "\n" not in str(e) and str(p) in str(e), (name, str(e))
+    with pytest.raises(UserError, match="does not exist"):
+        read_back(tmp_path / "nope.gguf")
+
+
+_LOAD_SCRIPT = """
+import sys
+from bulba.errors import run_cli
+def main(argv):
+    from bulba.llamacpp import LlamaCpp
+    from bulba.gguf_pyfunc import GGUFModel
+    class Ctx:
+        artifacts = {"gguf": sys.argv[1]}
+    m = GGUFModel()
+    m.load_context(Ctx())          # what mlflow.pyfunc.load_model runs for a registered version
+    with LlamaCpp(sys.argv[1], n_ctx=64) as llm:
+        print("loaded", llm.n_vocab)
+run_cli(main)
+"""
+
+
+# one llama.cpp process per corrupted file (~1-2 s each)
+def test_corrupted_gguf_in_llama_cpp_and_registry_pyfunc_is_exit_2(good_gguf, tmp_path):
+    from bulba.llamacpp import llama_cpp_available
+
+    if not llama_cpp_available():
+        pytest.skip("llama-cpp-python not installed")
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-c", _LOAD_SCRIPT, str(good_gguf)], capture_output=True, text=True,
+                       env=env, timeout=120)
+    assert r.returncode == 0 and "loaded" in r.stdout, r.stderr[-2000:]
+    for name, data in corruptions(good_gguf.read_bytes()).items():
+        if name == "bit-flips":
+            continue  # flips in values can load fine; flips in lengths are covered by the others
+        p = tmp_path / f"{name}.gguf"
+        p.write_bytes(data)
+        r = subprocess.run([sys.executable, "-c", _LOAD_SCRIPT, str(p)], capture_output=True, text=True,
+                           env=env, timeout=120)
+        assert r.returncode == 2, (name, r.returncode, r.stderr[-2000:])  # not a crash (negative rc)
+        err = r.stderr.strip().splitlines()
+        assert "Traceback" not in r.stderr and err[-1].startswith("error: ") and str(p) in err[-1], (name, r.stderr)
+
+
+# --------------------------------------------------------------------------- names that are paths
+
+
+@pytest.mark.parametrize("name", ["../escape", "a/../../b", "/abs/path", "..", ".hidden", "a\\b", "x\ny"])
+def test_register_name_cannot_escape_output_models(small_run, tmp_path, name):
+    out = tmp_path / "x.gguf"
+    r = export_cli(small_run, "--type", "f16", "--out", out, "--register", name, "--no-verify", cwd=tmp_path)
+    one_line_exit_2(r, "--register")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written anywhere
+    from bulba.registry import place_in_output_models
+
+    f = tmp_path / "f.gguf"
+    f.write_bytes(b"GGUF")
+    with pytest.raises(UserError, match="outside"):
+        place_in_output_models(f, "../../evil", "f16", root=tmp_path / "root")
+    assert not (tmp_path / "evil-f16.gguf").exists() and not (tmp_path.parent / "evil-f16.gguf").exists()
