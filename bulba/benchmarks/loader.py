@@ -120,9 +120,15 @@ def _timed(make_iter, seconds: float, tokens_of, windows: int = 3, children: boo
 
 
 def _bulba(data: Path, sampler: str, ctx: int, args) -> tuple[float, float, float]:
+    import warnings
+
     import torch
 
     from ..data import Batches
+
+    # Stream batches share read-only position_ids/seq_ids/cu_seqlens (docs/loader.md); torch
+    # warns once about wrapping a read-only array. Nothing here writes to them.
+    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
     b = Batches(data, sampler=sampler, batch_size=BATCH, ctx=ctx, seed=0, prefetch=8, workers=args.workers,
                 buckets=[c for c in BUCKETS if c <= ctx])
