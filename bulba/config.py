@@ -144,6 +144,13 @@ class Recipe:
             )
         if self.data.prefetch <= 0:
             raise UserError(f"data.prefetch must be positive, got {self.data.prefetch}")
+        d = t.devices
+        ok = (d == "auto" or (isinstance(d, int) and not isinstance(d, bool) and d > 0)
+              or (isinstance(d, list) and d and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in d)))
+        if not ok:
+            raise UserError(f"train.devices must be 'auto', a positive count or a list of device ids, got {d!r}")
+        if t.num_nodes <= 0:
+            raise UserError(f"train.num_nodes must be positive, got {t.num_nodes}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

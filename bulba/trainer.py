@@ -214,6 +214,37 @@ def resolve_accelerator(recipe: Recipe) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def memory_limit_bytes() -> int | None:
+    """Physical memory, or the cgroup's limit when lower (containers, SLURM jobs)."""
+    try:
+        limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        limit = None
+    for f in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        with contextlib.suppress(OSError, ValueError):
+            v = int(Path(f).read_text().strip())
+            limit = v if limit is None else min(limit, v)
+    return limit
+
+
+def check_attention_memory(recipe: Recipe, accelerator: str) -> None:
+    """A ctx_len longer than this machine can train: refuse it (exit 2) instead of being OOM-killed.
+
+    On CPU, PyTorch's SDPA backward (and the document mask of packed batches) materializes the
+    [batch, heads, T, T] score matrix; one layer's fp32 copy of it must fit in memory with room
+    to spare. GPUs use fused kernels that never build it, so nothing is checked there."""
+    if accelerator != "cpu":
+        return
+    m, t = recipe.model, recipe.train
+    need = t.batch_size * m.n_head * m.ctx_len ** 2 * 4
+    limit = memory_limit_bytes()
+    if limit and need > limit // 2:
+        raise UserError(f"model.ctx_len={m.ctx_len} is longer than this machine can train on CPU: attention "
+                        f"scores alone need ~{need / 2**30:.0f} GiB per layer (batch {t.batch_size} x "
+                        f"{m.n_head} heads x ctx^2), memory is {limit / 2**30:.0f} GiB; lower model.ctx_len "
+                        "or train.batch_size")
+
+
 def run_exists(out: Path) -> bool:
     return (out / "config.json").exists() or (out / "checkpoints").exists() or (out / "final.safetensors").exists()
 
@@ -244,7 +275,21 @@ def prepare_recipe(recipe: Recipe):
         v = data.meta.get(key)
         if v is not None and not (0 <= v < data.vocab_size):
             raise UserError(f"{data.dir}/meta.json: {key}={v} is outside the vocabulary (0..{data.vocab_size - 1})")
+    check_splits(recipe, data)
     return data
+
+
+def check_splits(recipe: Recipe, data) -> None:
+    """Open both splits as training will (cheap: mmap, sizes, index, the vocabulary check of the
+    first and last blocks, enough tokens for ctx_len), so a truncated or corrupted token file or
+    a ctx_len longer than the data holds fails before the run directory or MLflow run exists."""
+    from .data import Batches
+
+    d, m, t = recipe.data, recipe.model, recipe.train
+    for split in ("train", "val"):
+        train = split == "train"
+        Batches(data, split=split, sampler=d.sampler, batch_size=t.batch_size, ctx=m.ctx_len, seed=recipe.seed,
+                buckets=d.buckets, prefetch=1, shuffle=train, infinite=train, drop_last=train)
 
 
 # --------------------------------------------------------------------------- the run
@@ -351,6 +396,7 @@ def train(recipe: Recipe, *, module_hook=None, enable_tracking: bool = True) -> 
     if recipe.train.strategy == "fsdp" and accelerator != "cuda":
         raise UserError("train.strategy=fsdp needs CUDA GPUs (torch's FSDP has no CPU backend); "
                         "use train.strategy=ddp on CPU")
+    check_attention_memory(recipe, accelerator)
     precision = resolve_precision(recipe, accelerator)
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
@@ -543,9 +589,27 @@ def _check_resume(path: Path, state: dict, recipe: Recipe, data, rank0: bool) ->
         changed.append("seed")
     if state.get("dataset_digest") not in (None, data.dataset_digest):
         changed.append("dataset (digest)")
+    run_tok, data_tok = Path(recipe.out_dir) / "tokenizer.json", data.dir / "tokenizer.json"
+    if run_tok.is_file() and _token_table(run_tok) != _token_table(data_tok):
+        # Same vocab size, other ids: the weights would be trained on tokens that mean something
+        # else, and the run's tokenizer.json (what export ships) would be replaced. Refuse.
+        raise UserError(f"cannot resume from {path}: {data.dir} was prepared with another tokenizer than "
+                        f"{run_tok}; resume with the run's data.dir ({saved.get('data', {}).get('dir')}) or "
+                        "start a new out_dir")
     if changed and rank0:
         print(f"warning: resuming with changed {', '.join(changed)}: training continues, but the batches "
               "differ from those the uninterrupted run would have seen", file=sys.stderr, flush=True)
+
+
+def _token_table(path: Path):
+    """What fixes token ids in a tokenizer.json: the BPE vocab, merges and added tokens."""
+    try:
+        tj = json.loads(path.read_text(encoding="utf-8"))
+        model = tj.get("model") or {}
+        return (model.get("vocab"), model.get("merges"),
+                sorted((t.get("id"), t.get("content")) for t in tj.get("added_tokens") or []))
+    except (OSError, ValueError, AttributeError, TypeError) as e:
+        raise UserError(f"{path} is not a readable tokenizer.json ({e})") from None
 
 
 def _write_rank_log(out: Path, module, trainer):
