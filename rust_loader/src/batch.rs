@@ -9,7 +9,9 @@
 //! * documents that are neighbours in the file and in a row (packed rows keep their documents
 //!   in file order) are converted as one run, not one by one;
 //! * a row holding one document (bucketed) is written with fixed-width, branch-free loops
-//!   over the whole row instead of a copy plus four padding fills.
+//!   over the whole row instead of a copy plus four padding fills;
+//! * token ids are checked against the vocabulary per file block, once (`TokenFile::verify`),
+//!   not per copied token.
 use std::sync::{Mutex, PoisonError};
 
 use crate::error::Result;
@@ -66,8 +68,8 @@ impl Pool {
 pub struct Batch {
     pub rows: usize,
     pub cols: usize,
-    /// Row-major `[rows, cols]` arrays one after another: input_ids, labels, and unless
-    /// `windows` also position_ids and seq_ids.
+    /// Row-major `[rows, cols]` arrays `stride()` values apart (each followed by `SLACK`
+    /// values of scratch): input_ids, labels, and unless `windows` also position_ids and seq_ids.
     pub data: Vec<i32>,
     /// Every row is one full window (no padding, no document boundary): position_ids, seq_ids
     /// and cu_seqlens are [`window_constants`] and not stored.
