@@ -260,6 +260,8 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
             value = raw
+        except RecursionError:
+            raise UserError(f"override '{key}': the value is nested too deeply") from None
         out.append((key, value))
     return out
 
@@ -298,6 +300,8 @@ def load_recipe(path: str, overrides: list[str] | None = None) -> Recipe:
         line = getattr(getattr(e, "problem_mark", None), "line", None)
         where = f" line {line + 1}" if line is not None else ""
         raise UserError(f"recipe {p}{where} is not valid YAML: {getattr(e, 'problem', e)}") from None
+    except RecursionError:
+        raise UserError(f"recipe {p} is nested too deeply to be a recipe") from None
     if not isinstance(tree, dict):
         raise UserError(f"recipe {p} must be a mapping of sections, got {type(tree).__name__}")
     return recipe_from_dict(tree, overrides, source=str(p))

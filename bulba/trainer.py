@@ -273,7 +273,7 @@ def prepare_recipe(recipe: Recipe):
         raise UserError(f"{data.dir}/tokenizer.json is missing: re-run prepare.py")
     for key in ("bos_id", "eos_id"):
         v = data.meta.get(key)
-        if v is not None and not (0 <= v < data.vocab_size):
+        if v is not None and not (isinstance(v, int) and not isinstance(v, bool) and 0 <= v < data.vocab_size):
             raise UserError(f"{data.dir}/meta.json: {key}={v} is outside the vocabulary (0..{data.vocab_size - 1})")
     check_splits(recipe, data)
     return data
