@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import struct
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -251,6 +252,8 @@ def _download_run(uri: str) -> tuple[Path, str]:
 
     mlflow.set_tracking_uri(tracking_uri())
     check_reachable(f"cannot download {uri}")
+    if not sys.stderr.isatty():  # progress bars only for a person watching: logs and errors stay one line
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     tmp = tempfile.mkdtemp(prefix="bulba-export-src-")
     try:
         run_id, _, sub = uri[len("runs:/"):].strip("/").partition("/")

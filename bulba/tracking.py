@@ -79,6 +79,7 @@ import fcntl
 import json
 import math
 import os
+import re
 import queue
 import shutil
 import sys
@@ -293,7 +294,9 @@ class RunTracker:
         self.quiet = quiet
         self._default_dir = run_dir is None
         if run_dir is None:
-            run_dir = DEFAULT_SPOOL_ROOT / f"{experiment}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
+            # The experiment name is free text (MLflow allows '/'): keep it one plain folder name.
+            safe = re.sub(r"[^A-Za-z0-9._-]+", "_", str(experiment)).lstrip(".") or "experiment"
+            run_dir = DEFAULT_SPOOL_ROOT / f"{safe[:80]}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
         self.run_dir = Path(run_dir).absolute()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.spool_path = self.run_dir / SPOOL_FILE
