@@ -101,13 +101,14 @@ def open_data(data_dir: str | Path, vocab_size: int | None = None) -> TokenData:
     if meta.get("version") != 1:
         raise UserError(f"{meta_path} has format version {meta.get('version')!r}; this version reads 1: re-run prepare.py")
     vocab = meta.get("vocab_size")
-    if not isinstance(vocab, int) or vocab <= 0:
+    if not _is_count(vocab, 1 << 32) or vocab == 0:
         raise UserError(f"{meta_path}: vocab_size must be a positive integer, got {vocab!r}")
     dtype = meta.get("dtype")
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise UserError(f"{meta_path}: dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if dtype == "uint16" and vocab > 1 << 16:
         raise UserError(f"{meta_path}: vocab_size {vocab} does not fit dtype uint16: re-run prepare.py")
+    _check_meta_types(meta_path, meta, vocab)
     if vocab_size is not None and vocab_size != vocab:
         raise UserError(
             f"vocab size mismatch: {d} was prepared with vocab_size {vocab} but the model expects {vocab_size}; "
@@ -119,6 +120,27 @@ def open_data(data_dir: str | Path, vocab_size: int | None = None) -> TokenData:
             if not path.is_file():
                 raise UserError(f"{path} is missing although {META_NAME} exists: re-run prepare.py")
     return data
+
+
+def _is_count(v, limit: int = 1 << 62) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < limit
+
+
+def _check_meta_types(meta_path: Path, meta: dict, vocab: int) -> None:
+    """A hand-edited or foreign meta.json must fail here, in one line, not deep in the engine."""
+    for key in ("bos_id", "eos_id", "pad_id"):
+        if key in meta and meta[key] is not None and not _is_count(meta[key], vocab):
+            raise UserError(f"{meta_path}: {key} must be a token id in [0, {vocab}), got {meta[key]!r}: re-run prepare.py")
+    splits = meta.get("splits")
+    if not isinstance(splits, dict):
+        raise UserError(f"{meta_path}: 'splits' must be an object with train and val entries: re-run prepare.py")
+    for name, info in splits.items():
+        if not isinstance(info, dict):
+            raise UserError(f"{meta_path}: splits.{name} must be an object, got {info!r}: re-run prepare.py")
+        for key in ("tokens", "documents"):
+            if key in info and not _is_count(info[key]):
+                raise UserError(f"{meta_path}: splits.{name}.{key} must be a non-negative integer, "
+                                f"got {info[key]!r}: re-run prepare.py")
 
 
 def _engine_module():

@@ -25,11 +25,6 @@ ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT.parent / "shared" / "corpus"
 sys.path.insert(0, str(ROOT))
 
-try:  # the shared server fixture; conftest may import it too
-    from _fx_mlflow import mlflow_server, mlflow_uri  # noqa: F401
-except ImportError:  # pragma: no cover
-    pass
-
 from bulba.errors import UserError  # noqa: E402
 from bulba.llamacpp import llama_cpp_available  # noqa: E402
 

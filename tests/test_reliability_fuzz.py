@@ -121,9 +121,7 @@ def test_load_recipe_bad_bytes_and_yaml_tags(tmp_path):
 # --------------------------------------------------------------------------- token files
 
 
-@pytest.mark.parametrize("what", ["bytes", pytest.param("meta", marks=pytest.mark.xfail(
-    strict=True, reason="meta.json fields of the wrong JSON type raise AttributeError/TypeError/"
-                        "OverflowError; fix: see _LOADER_FIX below and docs/reliability.md"))])
+@pytest.mark.parametrize("what", ["bytes", "meta"])
 def test_token_file_reader_fuzz_in_child_process(what, tmp_path):
     n = os.environ.get("BULBA_FUZZ_EXAMPLES", "150")
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
@@ -150,7 +148,6 @@ _LOADER_FIX = ("bulba/data.py (loader owners): open_data should check the JSON t
     pytest.param("pad_id", -1, id="pad-negative"),
     pytest.param("pad_id", 2**40, id="pad-huge"),
 ])
-@pytest.mark.xfail(strict=True, reason=_LOADER_FIX)
 def test_meta_json_wrong_types_are_user_errors(tmp_path, key, value):
     """Minimal cases the meta.json fuzz found (a hand-edited or foreign meta.json)."""
     import json
