@@ -15,8 +15,10 @@ silently resuming from garbage. Nothing here unpickles anything.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 import random
 import re
 import shutil
@@ -41,6 +43,21 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _save_file(tensors: dict, path: Path, metadata: dict | None = None) -> None:
+    """safetensors' save_file, with its I/O failures (disk full, file size limit) as OSError, so
+    callers handle a full disk the same whichever writer hit it."""
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except OSError:
+        raise
+    except Exception as e:  # safetensors raises SafetensorError("... I/O error: ... (os error 28)")
+        m = re.search(r"os error (\d+)", str(e))
+        if m is None and "I/O error" not in str(e):
+            raise
+        code = int(m.group(1)) if m else errno.EIO
+        raise OSError(code, os.strerror(code), str(path)) from None
 
 
 def _contiguous(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -119,16 +136,16 @@ def save_checkpoint(ckpt_root: str | Path, step: int, model_state: dict[str, tor
     final = step_dir(ckpt_root, step)
     with atomic_dir(final) as tmp:
         files = {}
-        save_file(_contiguous(model_state), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        _save_file(_contiguous(model_state), tmp / "model.safetensors", metadata={"format": "pt"})
         files["model.safetensors"] = None
         if optimizer_state is not None:
             opt_t, opt_meta = optimizer_to_flat(optimizer_state)
-            save_file(opt_t, str(tmp / "optimizer.safetensors"))
+            _save_file(opt_t, tmp / "optimizer.safetensors")
             files["optimizer.safetensors"] = None
         else:
             opt_meta = None
         rng_t, rng_meta = rng_state()
-        save_file(_contiguous(rng_t), str(tmp / "rng.safetensors"))
+        _save_file(_contiguous(rng_t), tmp / "rng.safetensors")
         files["rng.safetensors"] = None
         for name in files:
             files[name] = _sha256(tmp / name)
