@@ -104,8 +104,15 @@ class Tracker:
 
     def metrics(self, d: dict, step: int):
         if self._fh is not None:
-            self._fh.write(json.dumps({"step": step, "time": time.time(), **d}) + "\n")
-            self._fh.flush()
+            try:
+                self._fh.write(json.dumps({"step": step, "time": time.time(), **d}) + "\n")
+                self._fh.flush()
+            except OSError as e:  # disk full: the weights matter more than the local log; say it once
+                if not getattr(self, "_warned", False):
+                    self._warned = True
+                    print(f"warning: cannot write {self._metrics_file} ({e.strerror or e}); training continues"
+                          + (", metrics still go to MLflow" if self._rt is not None else ""),
+                          file=sys.stderr, flush=True)
         if self._rt is not None:
             clean = {k: float(v) for k, v in d.items() if v is not None and math.isfinite(float(v))}
             self._rt.log_metrics(clean, step=step)
@@ -120,7 +127,8 @@ class Tracker:
 
     def end(self, status: str = "FINISHED"):
         if self._fh is not None:
-            self._fh.close()
+            with contextlib.suppress(OSError):
+                self._fh.close()
             self._fh = None
         if self._rt is not None:
             self._rt.finish(status)

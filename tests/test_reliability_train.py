@@ -185,3 +185,20 @@ def test_ckpt_pickle_given_as_recipe_is_not_unpickled(tmp_path):
     p = run_train([str(ck), "--no-mlflow", f"out_dir={tmp_path / 'run'}"], timeout=120)
     one_line_exit_2(p, "model.ckpt")
     assert not marker.exists() and not (tmp_path / "run").exists()
+
+
+# --------------------------------------------------------------------------- full disk under metrics.jsonl
+
+
+def test_metrics_log_on_a_full_disk_warns_once_and_goes_on(capsys):
+    """/dev/full: every write fails with ENOSPC (a real device, no mock)."""
+    from bulba.trainer import Tracker
+
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full")
+    t = Tracker(False, Path("/dev/full"))
+    for step in range(1, 4):
+        t.metrics({"train/loss": 1.0}, step)
+    t.end()
+    err = capsys.readouterr().err
+    assert err.count("warning: cannot write /dev/full (No space left on device)") == 1, err
