@@ -334,8 +334,12 @@ def prepare(cfg: PrepareConfig) -> dict:
         raise UserError(f"--val-fraction must be in [0, 1), got {cfg.val_fraction}")
     if cfg.tokenizer is None:
         check_vocab_size(cfg.vocab_size)
-    if cfg.tokenizer_max_mb <= 0:
+    if not cfg.tokenizer_max_mb > 0:  # also NaN
         raise UserError("--tokenizer-max-mb must be positive")
+    if not (cfg.block_mb > 0 and math.isfinite(cfg.block_mb)):
+        raise UserError(f"--block-mb must be a positive number, got {cfg.block_mb}")
+    if not 0 <= cfg.min_frequency < 2**63:
+        raise UserError(f"--min-frequency must be in [0, 2**63), got {cfg.min_frequency}")
     check_output(out, cfg.force)
     sources, skipped = C.resolve_inputs(cfg.inputs)
     for s in sources:

@@ -96,3 +96,22 @@ def test_disk_full_enospc_tmpfs_keeps_previous_dataset(tmp_path, texts):
         _check_disk_full(mnt, texts, errno_text="No space left on device")
     finally:
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--vocab-size", "0"], "--vocab-size"), (["--vocab-size", "-5"], "--vocab-size"),
+    (["--vocab-size", "99999999999"], "--vocab-size"),
+    (["--val-fraction", "-0.1"], "--val-fraction"), (["--val-fraction", "1"], "--val-fraction"),
+    (["--val-fraction", "nan"], "--val-fraction"),
+    (["--block-mb", "0"], "--block-mb"), (["--block-mb", "-1"], "--block-mb"), (["--block-mb", "nan"], "--block-mb"),
+    (["--tokenizer-max-mb", "0"], "--tokenizer-max-mb"), (["--tokenizer-max-mb", "nan"], "--tokenizer-max-mb"),
+    (["--min-frequency", "-1"], "--min-frequency"), (["--min-frequency", "99999999999999999999999"], "--min-frequency"),
+])
+def test_zero_negative_and_absurd_sizes_exit_2(tmp_path, args, needle):
+    src = tmp_path / "a.txt"
+    src.write_text("Зубр жыве ў пушчы.\n\nThe stork builds a nest.\n\nАист вьёт гнездо.\n", encoding="utf-8")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    r = subprocess.run([sys.executable, str(REPO / "prepare.py"), str(src), "--out", str(tmp_path / "out"),
+                        "--no-mlflow", "-q", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    _assert_one_line_exit_2(r, needle)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
