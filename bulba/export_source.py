@@ -133,12 +133,23 @@ def read_safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]
             header = json.loads(f.read(n))
     except (OSError, ValueError, struct.error) as e:
         raise UserError(f"{path} is not a readable safetensors file ({e}); re-run training or pick another checkpoint") from None
+    if not isinstance(header, dict):
+        raise UserError(f"{path} is not a safetensors file (its header is not a JSON object); re-run training")
     header.pop("__metadata__", None)
     end = 0
     out = {}
     for name, info in header.items():
-        out[name] = (info["dtype"], tuple(info["shape"]))
-        end = max(end, info["data_offsets"][1])
+        try:
+            dtype, shape, (start, stop) = info["dtype"], info["shape"], info["data_offsets"]
+            if not (isinstance(dtype, str) and isinstance(shape, list)
+                    and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in (*shape, start, stop))
+                    and start <= stop):
+                raise ValueError(name)
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(f"{path}: malformed safetensors header entry for {name!r} ({type(e).__name__}); "
+                            "re-run training or pick another checkpoint") from None
+        out[name] = (dtype, tuple(shape))
+        end = max(end, stop)
     if 8 + n + end > size:
         raise UserError(f"{path} is truncated ({size} bytes, header promises {8 + n + end}); "
                         "the training run probably did not finish writing it")
@@ -156,9 +167,21 @@ def _load_json(path: Path, what: str) -> dict:
 
 def read_tokenizer(path: Path, tok_cfg: dict, vocab_size: int) -> TokenizerInfo:
     """Tokens by id from an HF byte-level BPE tokenizer.json, checked against the model."""
+    tj = _load_json(path, "the run's tokenizer (written by train.py beside final.safetensors)")
+    if not isinstance(tj, dict):
+        raise UserError(f"{path} is not a tokenizer.json (expected a JSON object)")
+    if not isinstance(tok_cfg, dict):
+        raise UserError(f"config.json beside {path}: 'tokenizer' must be an object with bos_id/eos_id, got {tok_cfg!r}")
+    try:
+        return _read_tokenizer(path, tj, tok_cfg, vocab_size)
+    except (AttributeError, KeyError, TypeError, ValueError, IndexError, OverflowError) as e:  # hand-edited/foreign
+        raise UserError(f"{path} (or config.json's tokenizer ids) is malformed ({type(e).__name__}: "
+                        f"{str(e)[:120]}); use the tokenizer.json that train.py wrote") from None
+
+
+def _read_tokenizer(path: Path, tj: dict, tok_cfg: dict, vocab_size: int) -> TokenizerInfo:
     import gguf
 
-    tj = _load_json(path, "the run's tokenizer (written by train.py beside final.safetensors)")
     model = tj.get("model") or {}
     if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
         raise UserError(f"{path}: expected a byte-level BPE tokenizer (model.type BPE), got {model.get('type')!r}")
@@ -181,7 +204,7 @@ def read_tokenizer(path: Path, tok_cfg: dict, vocab_size: int) -> TokenizerInfo:
         raise UserError(f"{path}: conflicting tokens: {dup[0]}")
     n = len(by_id)
     if sorted(by_id) != list(range(n)):
-        missing = sorted(set(range(max(by_id) + 1)) - set(by_id))[:5]
+        missing = [i for i in range(n) if i not in by_id][:5]  # some id below n is missing (n <= the file)
         raise UserError(f"{path}: token ids are not contiguous (missing e.g. {missing})")
     if n != vocab_size:
         raise UserError(f"{path} has {n} tokens but the model's vocab_size is {vocab_size}: "
@@ -327,6 +350,10 @@ def _open_local(run_dir: Path, weights: Path, source: str, tmp: str | None) -> S
     tok = read_tokenizer(tok_path, config.get("tokenizer") or {}, cfg.vocab_size)
 
     header = read_safetensors_header(weights)
+    per_layer = 9  # weights per block in expected_shapes
+    if cfg.n_layer * per_layer > len(header):  # before listing n_layer x 9 names: n_layer may be absurd
+        raise UserError(f"{weights} does not match {cfg_path}: model.n_layer={cfg.n_layer} needs "
+                        f"{cfg.n_layer * per_layer}+ tensors, the file has {len(header)}")
     want = expected_shapes(cfg)
     missing = [k for k in want if k not in header]
     extra = [k for k in header if k not in want]

@@ -244,8 +244,13 @@ def check_attention_memory(recipe: Recipe, accelerator: str) -> None:
     if accelerator != "cpu":
         return
     m, t = recipe.model, recipe.train
-    need = t.batch_size * m.n_head * m.ctx_len ** 2 * 4
     limit = memory_limit_bytes()
+    params = flops.param_count(m)
+    if limit and params * 16 > limit:  # fp32 weights + gradients + two AdamW moments
+        raise UserError(f"the model has {flops.human(params)} parameters: weights, gradients and optimizer state "
+                        f"need ~{params * 16 / 2**30:.0f} GiB, more than this machine's {limit / 2**30:.0f} GiB; "
+                        "check model.n_layer / n_embd / ffn_hidden / vocab_size")
+    need = t.batch_size * m.n_head * m.ctx_len ** 2 * 4
     if limit and need > limit // 2:
         raise UserError(f"model.ctx_len={m.ctx_len} is longer than this machine can train on CPU: attention "
                         f"scores alone need ~{need / 2**30:.0f} GiB per layer (batch {t.batch_size} x "

@@ -259,3 +259,102 @@ def test_register_name_cannot_escape_output_models(small_run, tmp_path, name):
     with pytest.raises(UserError, match="outside"):
         place_in_output_models(f, "../../evil", "f16", root=tmp_path / "root")
     assert not (tmp_path / "evil-f16.gguf").exists() and not (tmp_path.parent / "evil-f16.gguf").exists()
+
+
+# --------------------------------------------------------------------------- fuzz: what export reads
+
+
+def _json_values():
+    from hypothesis import strategies as st
+
+    return st.recursive(st.none() | st.booleans() | st.integers(-2**65, 2**65) | st.floats() | st.text(max_size=6),
+                        lambda x: st.lists(x, max_size=3) | st.dictionaries(st.text(max_size=5), x, max_size=3),
+                        max_leaves=5)
+
+
+def _set_path(obj, path: list, value):
+    for k in path[:-1]:
+        if isinstance(obj, dict) and k in obj:
+            obj = obj[k]
+        elif isinstance(obj, list) and isinstance(k, int) and -len(obj) <= k < len(obj):
+            obj = obj[k]
+        else:
+            return
+    if isinstance(obj, dict):
+        obj[path[-1]] = value
+    elif isinstance(obj, list) and isinstance(path[-1], int) and -len(obj) <= path[-1] < len(obj):
+        obj[path[-1]] = value
+
+
+def test_export_source_fuzz(small_run, tmp_path_factory):
+    """config.json, tokenizer.json and the safetensors header, mutated: open_source gives a valid
+    Source or a one-line UserError, never another exception (hypothesis)."""
+    import shutil
+
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from bulba.export_source import open_source
+
+    paths = st.sampled_from([
+        ["model"], ["model", "vocab_size"], ["model", "n_layer"], ["model", "n_embd"], ["model", "tie_embeddings"],
+        ["tokenizer"], ["tokenizer", "bos_id"], ["tokenizer", "eos_id"], ["tokenizer", "pad_id"], ["recipe"],
+        ["format"], ["mlflow_run_id"]])
+    tok_paths = st.sampled_from([["model"], ["model", "type"], ["model", "vocab"], ["model", "merges"],
+                                 ["model", "vocab", "a"], ["added_tokens"], ["added_tokens", 0],
+                                 ["added_tokens", 0, "id"], ["added_tokens", 0, "content"], ["pre_tokenizer"],
+                                 ["pre_tokenizer", "pretokenizers"], ["pre_tokenizer", "pretokenizers", 0]])
+    edit = st.one_of(
+        st.tuples(st.just("config.json"), paths, _json_values()),
+        st.tuples(st.just("tokenizer.json"), tok_paths, _json_values()),
+        st.tuples(st.just("final.safetensors"), st.integers(0, 1500), st.binary(min_size=1, max_size=16)))
+    work = tmp_path_factory.mktemp("fuzz-src")
+
+    @settings(max_examples=int(os.environ.get("BULBA_FUZZ_EXAMPLES", "150")), deadline=None, database=None,
+              derandomize=True, suppress_health_check=list(HealthCheck))
+    @given(edits=st.lists(edit, min_size=1, max_size=3))
+    def check(edits):
+        d = work / "run"
+        shutil.rmtree(d, ignore_errors=True)
+        shutil.copytree(small_run, d)
+        for f, where, what in edits:
+            p = d / f
+            if f.endswith(".json"):
+                obj = json.loads(p.read_text(encoding="utf-8"))
+                _set_path(obj, where, what)
+                p.write_text(json.dumps(obj), encoding="utf-8")
+            else:
+                b = bytearray(p.read_bytes())
+                b[where:where + len(what)] = what
+                p.write_bytes(bytes(b))
+        try:
+            src = open_source(str(d))
+        except UserError as e:
+            assert "\n" not in " ".join(str(e).split())
+            return
+        assert src.model.vocab_size == len(src.tokenizer.tokens)
+
+    check()
+
+
+@pytest.mark.parametrize("case", ["n_layer-huge", "token-id-huge", "token-id-inf"])
+def test_absurd_numbers_in_run_files_are_errors_not_oom(small_run, tmp_path, case):
+    """Found by the fuzz above: a config.json with n_layer=10**12 or a token id of 2**60 made
+    open_source list 10**12 names / a 2**60-element set (OOM kill); now a one-line error."""
+    import shutil
+
+    from bulba.export_source import open_source
+
+    d = tmp_path / "run"
+    shutil.copytree(small_run, d)
+    if case == "n_layer-huge":
+        cfg = json.loads((d / "config.json").read_text())
+        cfg["model"]["n_layer"] = 10**12
+        (d / "config.json").write_text(json.dumps(cfg))
+    else:
+        tj = json.loads((d / "tokenizer.json").read_text(encoding="utf-8"))
+        tj["model"]["vocab"]["a"] = 2**60 if case == "token-id-huge" else float("inf")
+        (d / "tokenizer.json").write_text(json.dumps(tj), encoding="utf-8")
+    with pytest.raises(UserError) as e:
+        open_source(str(d))
+    assert "\n" not in str(e.value)

@@ -136,6 +136,8 @@ def test_resume_with_data_of_another_tokenizer_is_refused(data, tmp_path):
     # fits the data (packed) but not the machine: [B, H, T, T] attention scores on CPU
     (["data.sampler=packed", "model.ctx_len=200000", "train.accelerator=cpu"], "longer than this machine"),
     (["data.sampler=bucketed", "data.buckets=[64,128]"], "longer than model.ctx_len"),
+    # a typo'd size that no machine here holds: refused instead of an OOM kill
+    (["model.n_layer=100000", "train.accelerator=cpu"], "parameters"),
 ])
 def test_ctx_longer_than_data_or_machine_exit_2(data, tmp_path, override, needle):
     out = tmp_path / "run"
