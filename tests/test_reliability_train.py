@@ -204,3 +204,24 @@ def test_metrics_log_on_a_full_disk_warns_once_and_goes_on(capsys):
     t.end()
     err = capsys.readouterr().err
     assert err.count("warning: cannot write /dev/full (No space left on device)") == 1, err
+
+
+# --------------------------------------------------------------------------- missing files
+
+
+@pytest.mark.parametrize("missing", ["recipe", pytest.param("tokenizer.json", marks=pytest.mark.slow),
+                                     pytest.param("val.idx", marks=pytest.mark.slow),
+                                     pytest.param("meta.json", marks=pytest.mark.slow)])
+def test_missing_files_exit_2(data, tmp_path, missing):
+    d = tmp_path / "data"
+    shutil.copytree(data, d)
+    recipe = "tiny"
+    if missing == "recipe":
+        recipe, needle = str(tmp_path / "nope.yaml"), "not found"
+    else:
+        (d / missing).unlink()
+        needle = missing
+    out = tmp_path / "run"
+    p = run_train([recipe, "--no-mlflow", f"data.dir={d}", f"out_dir={out}", *FAST, "train.max_steps=2"], timeout=180)
+    one_line_exit_2(p, needle)
+    assert not out.exists()
