@@ -21,7 +21,13 @@ class GGUFModel(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input: list[str], params: dict | None = None) -> list[str]:
         from .llamacpp import LlamaCpp
 
-        n_new = int((params or {}).get("max_tokens", 32))
+        try:
+            n_new = int((params or {}).get("max_tokens", 32))
+        except (TypeError, ValueError):
+            raise ValueError(f"max_tokens must be an integer, got {(params or {}).get('max_tokens')!r}") from None
+        # The model's context bounds prompt + completion: at most ctx_len - 1 new tokens, and the
+        # prompt keeps its last ctx_len - n_new tokens (never an empty or over-long decode).
+        n_new = max(1, min(n_new, self.ctx_len - 1))
         out = []
         with LlamaCpp(self.path, n_ctx=self.ctx_len) as llm:
             for prompt in model_input:

@@ -358,3 +358,24 @@ def test_absurd_numbers_in_run_files_are_errors_not_oom(small_run, tmp_path, cas
     with pytest.raises(UserError) as e:
         open_source(str(d))
     assert "\n" not in str(e.value)
+
+
+def test_pyfunc_asked_for_more_than_the_context_stays_inside_it(good_gguf):
+    """The registered model's predict() with max_tokens beyond the GGUF's context_length (and a
+    prompt longer than it): clamped to the context, no llama.cpp error or crash."""
+    from bulba.llamacpp import llama_cpp_available
+
+    if not llama_cpp_available():
+        pytest.skip("llama-cpp-python not installed")
+    from bulba.gguf_pyfunc import GGUFModel
+
+    class Ctx:
+        artifacts = {"gguf": str(good_gguf)}
+
+    m = GGUFModel()
+    m.load_context(Ctx())
+    assert m.ctx_len == 128
+    out = m.predict(None, ["Зубр " * 400, "x"], {"max_tokens": 1000})
+    assert len(out) == 2 and all(isinstance(o, str) for o in out)
+    with pytest.raises(ValueError, match="max_tokens"):
+        m.predict(None, ["x"], {"max_tokens": "many"})
