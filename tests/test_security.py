@@ -237,7 +237,7 @@ def test_default_spool_folder_keeps_experiment_names_inside(tmp_path, monkeypatc
 def _shell_commands(md: str) -> list[str]:
     """Commands in fenced code blocks, backslash continuations joined."""
     out = []
-    for block in re.findall(r"```[a-z]*\n(.*?)```", md, flags=re.S):
+    for block in re.findall(r"```[a-z]*\n(.*?)```", md, flags=re.DOTALL):
         out += [c.strip() for c in block.replace("\\\n", " ").splitlines() if c.strip()]
     return out
 
