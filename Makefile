@@ -15,9 +15,11 @@ install: .install.stamp
 demo: install
 	$(PYTHON) scripts/demo.py
 
+# The Rust crate's own tests and lints first, then the Python suite (real MLflow server,
+# real llama.cpp, real corpus from ../shared/corpus).
 test: install
-	$(PYTHON) -m pytest -q
 	cd rust_loader && cargo test --quiet && cargo clippy --all-targets --quiet -- -D warnings
+	$(PYTHON) -m pytest -q
 
 clean:
 	rm -rf .install.stamp data/demo runs/demo output_models/demo-*
