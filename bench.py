@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-from bulba.errors import run_cli
+from bulba.errors import ArgumentParser, run_cli
 
 SUBCOMMANDS = {
     "prepare": "encoding throughput and peak RSS of prepare vs datasets.map",
@@ -21,7 +21,7 @@ SUBCOMMANDS = {
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND")
     modules = {}
     for name, help_text in SUBCOMMANDS.items():

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import argparse
 
-from bulba.errors import run_cli
+from bulba.errors import ArgumentParser, run_cli
 
 
 def main(argv=None):
     from bulba.gguf_export import all_types
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", metavar="SOURCE", help="run directory, .safetensors file, or runs:/<run_id>")
     p.add_argument("--type", required=True, metavar="TYPE",
                    help=f"one of: {', '.join(all_types())} (K-quants need llama-cpp-python)")

@@ -24,14 +24,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from bulba.errors import UserError, run_cli
+from bulba.errors import ArgumentParser, UserError, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
     from bulba.prepare import DEFAULT_EXPERIMENT
     from bulba.tokenizer import DEFAULT_VOCAB, MIN_VOCAB
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", metavar="INPUT[@WEIGHT]", help="files, directories, globs, datasets")
     p.add_argument("--out", required=True, type=Path, metavar="DATA_DIR", help="output directory (created)")
     p.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bulba.errors import run_cli
+from bulba.errors import ArgumentParser, run_cli
 
 EXAMPLES = """\
 presets: {presets}
@@ -31,7 +31,7 @@ def main(argv=None):
     from bulba.config import RECIPES_DIR
 
     presets = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description=__doc__, epilog=EXAMPLES.format(presets=presets),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("recipe", help="recipe YAML path or preset name")
