@@ -225,3 +225,20 @@ def test_missing_files_exit_2(data, tmp_path, missing):
     p = run_train([recipe, "--no-mlflow", f"data.dir={d}", f"out_dir={out}", *FAST, "train.max_steps=2"], timeout=180)
     one_line_exit_2(p, needle)
     assert not out.exists()
+
+
+def test_val_split_too_small_fails_at_start_not_after_training(data, tmp_path):
+    """`prepare.py --val-fraction 0` (or a tiny val split): the final evaluation could never run.
+    It used to fail after the last step, before the final checkpoint and weights were written
+    (losing the work since the last interval checkpoint); now it is exit 2 before step 1."""
+    d = tmp_path / "data"
+    shutil.copytree(data, d)
+    (d / "val.bin").write_bytes(b"")
+    np.zeros(1, dtype="<u8").tofile(d / "val.idx")
+    meta = json.loads((d / "meta.json").read_text())
+    meta["splits"]["val"] = {"tokens": 0, "documents": 0, "sha256": "e3b0"}
+    (d / "meta.json").write_text(json.dumps(meta))
+    out = tmp_path / "run"
+    p = run_train(["tiny", "--no-mlflow", f"data.dir={d}", f"out_dir={out}", *FAST, "train.max_steps=2"], timeout=180)
+    one_line_exit_2(p, "val.bin")
+    assert not out.exists() and "step      1/" not in p.stdout
