@@ -137,7 +137,7 @@ def test_resume_with_data_of_another_tokenizer_is_refused(data, tmp_path):
     (["data.sampler=packed", "model.ctx_len=200000", "train.accelerator=cpu"], "longer than this machine"),
     (["data.sampler=bucketed", "data.buckets=[64,128]"], "longer than model.ctx_len"),
     # a typo'd size that no machine here holds: refused instead of an OOM kill
-    (["model.n_layer=100000", "train.accelerator=cpu"], "parameters"),
+    pytest.param(["model.n_layer=100000", "train.accelerator=cpu"], "parameters", marks=pytest.mark.slow),
 ])
 def test_ctx_longer_than_data_or_machine_exit_2(data, tmp_path, override, needle):
     out = tmp_path / "run"
@@ -227,6 +227,7 @@ def test_missing_files_exit_2(data, tmp_path, missing):
     assert not out.exists()
 
 
+@pytest.mark.slow  # ~10 s, like the other train.py start-up checks
 def test_val_split_too_small_fails_at_start_not_after_training(data, tmp_path):
     """`prepare.py --val-fraction 0` (or a tiny val split): the final evaluation could never run.
     It used to fail after the last step, before the final checkpoint and weights were written
