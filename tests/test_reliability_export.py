@@ -379,3 +379,25 @@ def test_pyfunc_asked_for_more_than_the_context_stays_inside_it(good_gguf):
     assert len(out) == 2 and all(isinstance(o, str) for o in out)
     with pytest.raises(ValueError, match="max_tokens"):
         m.predict(None, ["x"], {"max_tokens": "many"})
+
+
+def test_dead_tracking_server_export_still_writes_and_register_fails_early(small_run, tmp_path):
+    """A tracking server that is down: a plain export writes the GGUF and warns; --register
+    (which needs the server) is exit 2 before anything is written."""
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, PYTHONPATH=str(REPO), MLFLOW_TRACKING_URI=f"http://127.0.0.1:{port}")
+    out = tmp_path / "m.gguf"
+    run = [sys.executable, str(REPO / "export.py"), str(small_run), "--type", "f16", "--out", str(out), "--no-verify"]
+    r = subprocess.run([*run, "--register", "bulba-x"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=120)
+    one_line_exit_2(r, "not reachable")
+    assert list(tmp_path.iterdir()) == []
+    t0 = time.time()
+    r = subprocess.run(run, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "warning:" in r.stderr and "not reachable" in r.stderr and out.is_file()
+    assert time.time() - t0 < 60  # no minutes of MLflow retries
