@@ -131,12 +131,6 @@ def test_token_file_reader_fuzz_in_child_process(what, tmp_path):
     assert "fuzz ok" in r.stdout
 
 
-_LOADER_FIX = ("bulba/data.py (loader owners): open_data should check the JSON types of meta.json "
-               "(dtype a str, vocab_size/pad_id/bos_id/eos_id ints in range, splits a dict of dicts with "
-               "non-negative int tokens/documents) and Batches should turn TypeError/OverflowError from the "
-               "engine constructor into UserError")
-
-
 @pytest.mark.parametrize("key,value", [
     pytest.param("splits", [1], id="splits-list"),
     pytest.param("splits", {"train": [1], "val": {}}, id="split-entry-list"),
