@@ -155,9 +155,8 @@ class BulbaModule(L.LightningModule):
             cu, ms = batch.get("cu_seqlens"), batch.get("max_seqlen")
         # SDPA never reads cu_seqlens / max_seqlen; not passing them keeps the compiled blocks'
         # inputs fixed in shape (max_seqlen is a Python int that would be guarded on).
-        logits = self.model(ids, position_ids=pos, seq_ids=seq_ids, cu_seqlens=cu, max_seqlen=ms)
-        loss_sum = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.view(-1),
-                                   ignore_index=-100, reduction="sum")
+        h = self.model.hidden(ids, position_ids=pos, seq_ids=seq_ids, cu_seqlens=cu, max_seqlen=ms)
+        loss_sum = self.model.loss_sum(h, labels)
         n = (labels != -100).sum()
         return loss_sum / n.clamp(min=1), n
 

@@ -70,6 +70,10 @@ def apply_speed_mode(model: Llama, mode: str, device: torch.device) -> dict:
                 # nn.Module.compile compiles in place: parameter names (and so state_dict,
                 # checkpoints and final.safetensors) stay exactly as in eager mode.
                 block.compile(dynamic=False)
+        # the loss head too: output matmul + fp32 log-softmax fused, no stored fp32 logits
+        from .model import lm_loss_sum
+
+        model.loss_head = torch.compile(lm_loss_sum, dynamic=False)
     model.speed = {"mode": mode, "attention": backend, "compiled": compiled}
     return model.speed
 
