@@ -22,7 +22,6 @@ from dataclasses import asdict, dataclass, field
 import lightning as L
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from . import flops
 from .config import Recipe

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import resource
 import sys
 import time
-from pathlib import Path
 
 from ..atomic import write_json, write_text
 

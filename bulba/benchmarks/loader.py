@@ -157,7 +157,6 @@ def _memmap(bin_path: Path, dtype: str, ctx: int, args) -> tuple[float, float]:
 
 def _hf_dataloader(bin_path: Path, dtype: str, ctx: int, args) -> tuple[float, float]:
     import datasets
-    import torch
     from torch.utils.data import DataLoader
 
     tokens = np.memmap(bin_path, dtype=dtype, mode="r")

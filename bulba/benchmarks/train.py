@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import signal
@@ -554,7 +553,6 @@ class _MemmapBlocks:
 def _run_bulba(spec: dict, recipe, mode: str) -> dict:
     """The training engineer's `bulba.trainer.benchmark`: the real LightningModule, strategy and
     Rust batch engine, `warmup + steps` optimizer steps, no run directory or tracking."""
-    import torch
 
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
