@@ -2,7 +2,7 @@
 """The whole pipeline on the shipped demo corpus, as a user runs it: `make demo`.
 
 prepare.py (demo/corpus -> data/demo) -> train.py (recipes/tiny.yaml) -> export.py
-(GGUF q8_0, verified in llama.cpp, registered in the MLflow Model Registry), then a short
+(GGUF f16, verified in llama.cpp, registered in the MLflow Model Registry), then a short
 generation in llama.cpp. Each run gets a fresh timestamped directory, so nothing a user
 already has is overwritten. A few minutes on 2 CPU cores.
 """
@@ -30,7 +30,7 @@ def step(title: str, cmd: list[str]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=150, help="training steps (default: %(default)s)")
-    ap.add_argument("--type", default="q8_0", help="GGUF type to export (default: %(default)s)")
+    ap.add_argument("--type", default="f16", help="GGUF type to export (default: %(default)s)")
     args = ap.parse_args()
 
     py = sys.executable
