@@ -8,6 +8,7 @@ Interrupted writes leave only a `.tmp-*` file, which nothing treats as valid.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -55,6 +56,15 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 8 << 20) -> str:
+    """sha256 of a file, read in chunks (checkpoints, datasets and GGUFs are large)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:

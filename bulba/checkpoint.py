@@ -16,7 +16,6 @@ silently resuming from garbage. Nothing here unpickles anything.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import random
@@ -29,20 +28,12 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .atomic import TMP_PREFIX, atomic_dir
+from .atomic import TMP_PREFIX, atomic_dir, sha256_file
 from .errors import UserError
 
 FORMAT = "bulba-checkpoint"
 VERSION = 1
 STEP_RE = re.compile(r"^step-(\d{8})$")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _save_file(tensors: dict, path: Path, metadata: dict | None = None) -> None:
@@ -148,7 +139,7 @@ def save_checkpoint(ckpt_root: str | Path, step: int, model_state: dict[str, tor
         _save_file(_contiguous(rng_t), tmp / "rng.safetensors")
         files["rng.safetensors"] = None
         for name in files:
-            files[name] = _sha256(tmp / name)
+            files[name] = sha256_file(tmp / name)
         doc = {"format": FORMAT, "version": VERSION, "step": step, "files": files,
                "optimizer": opt_meta, "rng": rng_meta, **state}
         # state.json last: inside the temp dir until the rename, so its presence in a
@@ -193,7 +184,7 @@ def load_checkpoint(path: str | Path, device="cpu") -> dict:
         raise UserError(f"checkpoint {path} is not a {FORMAT} v{VERSION} checkpoint")
     for name, digest in doc["files"].items():
         f = path / name
-        if not f.is_file() or _sha256(f) != digest:
+        if not f.is_file() or sha256_file(f) != digest:
             raise UserError(f"checkpoint {path} is corrupt ({name} missing or its sha256 differs); "
                             "delete that directory to resume from the previous checkpoint")
     try:

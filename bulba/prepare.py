@@ -38,7 +38,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from . import corpus as C
-from .atomic import TMP_PREFIX, atomic_dir
+from .atomic import TMP_PREFIX, atomic_dir, sha256_file
 from .encoding import Keyer, encode_block, init_worker
 from .errors import UserError
 from .tokenizer import BOS, DEFAULT_VOCAB, EOS, SPECIAL_TOKENS, check_tokenizer, check_vocab_size, \
@@ -310,14 +310,6 @@ def _bar(total, desc, cfg):
 
 
 # ---------------------------------------------------------------------------- main flow
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for b in iter(lambda: f.read(1 << 20), b""):
-            h.update(b)
-    return h.hexdigest()
 
 
 def dataset_digest(tokenizer_sha: str, splits: dict) -> str:

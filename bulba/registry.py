@@ -12,21 +12,13 @@ through llama.cpp) and `fetch_gguf("models:/NAME/VERSION")` (the file itself) wo
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 from pathlib import Path
 
+from .atomic import sha256_file  # noqa: F401  (re-exported for callers)
 from .errors import UserError
-
-def sha256_file(path: str | os.PathLike, chunk: int = 8 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(chunk):
-            h.update(b)
-    return h.hexdigest()
-
 
 def check_reachable(what: str, timeout: float = 5.0) -> None:
     """Fail fast on a dead tracking server (MLflow itself would retry for minutes)."""
