@@ -364,7 +364,8 @@ def _text_of(value, field_name: str, where: str) -> str | None:
     return value
 
 
-def _iter_json(path: Path, field_name: str, batch_bytes: int) -> Iterator[list[str]]:
+def _json_records(path: Path) -> Iterator[tuple[object, str]]:
+    """(record, where) pairs of a JSON array / single object or of a JSON Lines file."""
     with open(path, "rb") as f:
         first = f.read(4096).decode("utf-8-sig", errors="ignore").lstrip()[:1]
     if first == "[" or path.suffix.lower() == ".json" and first == "{" and _single_json_object(path):
@@ -373,22 +374,9 @@ def _iter_json(path: Path, field_name: str, batch_bytes: int) -> Iterator[list[s
                 data = json.load(f)
         except json.JSONDecodeError as e:
             raise UserError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
-        items = data if isinstance(data, list) else [data]
-        batch: list[str] = []
-        size = 0
-        for i, v in enumerate(items):
-            t = _text_of(v, field_name, f"{path}: item {i}")
-            if t and t.strip():
-                t = nfc(t).strip()
-                batch.append(t)
-                size += len(t)
-                if size >= batch_bytes:
-                    yield batch
-                    batch, size = [], 0
-        if batch:
-            yield batch
+        for i, v in enumerate(data if isinstance(data, list) else [data]):
+            yield v, f"{path}: item {i}"
         return
-    batch, size = [], 0
     with open(path, encoding="utf-8-sig") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -397,14 +385,21 @@ def _iter_json(path: Path, field_name: str, batch_bytes: int) -> Iterator[list[s
                 v = json.loads(line)
             except json.JSONDecodeError as e:
                 raise UserError(f"{path}:{lineno}: invalid JSON ({e.msg}, column {e.colno})") from None
-            t = _text_of(v, field_name, f"{path}:{lineno}")
-            if t and t.strip():
-                t = nfc(t).strip()
-                batch.append(t)
-                size += len(t)
-                if size >= batch_bytes:
-                    yield batch
-                    batch, size = [], 0
+            yield v, f"{path}:{lineno}"
+
+
+def _iter_json(path: Path, field_name: str, batch_bytes: int) -> Iterator[list[str]]:
+    batch: list[str] = []
+    size = 0
+    for v, where in _json_records(path):
+        t = _text_of(v, field_name, where)
+        if t and t.strip():
+            t = nfc(t).strip()
+            batch.append(t)
+            size += len(t)
+            if size >= batch_bytes:
+                yield batch
+                batch, size = [], 0
     if batch:
         yield batch
 
