@@ -5,9 +5,12 @@ data"); `Batches(...)` is the iterable the LightningModule uses instead of a tor
 Batches are dicts of numpy arrays that the Rust engine (`bulba._rust`) assembled on background
 threads and handed over without a copy:
 
-    input_ids, labels, position_ids, seq_ids   int32 [B, T]
-    cu_seqlens                                 int32 [segments + 1]
-    max_seqlen, n_tokens, n_pad                int
+    input_ids, labels            int32 [B, T]
+    cu_seqlens                   int32 [segments + 1]   (documents and padding runs)
+    max_seqlen, n_tokens, n_pad  int
+
+Position ids and the document mask follow from `cu_seqlens`; the trainer derives them on its
+device with `document_layout` (see there for why they are not assembled on the host).
 
 Positions: batches are numbered globally, `position = epoch * batches_per_epoch + index`, and
 batch `p` depends only on (files, sampler settings, seed, rank, world_size, p). Resuming is
@@ -315,6 +318,29 @@ class Batches:
             if generation == self._generation:
                 self._position += 1
             yield batch
+
+
+def document_layout(cu_seqlens, rows: int, cols: int):
+    """(position_ids, seq_ids), int64 torch tensors [rows, cols] on cu_seqlens' device, of a
+    batch from its cu_seqlens (numpy or torch).
+
+    Positions restart at 0 at every segment start (RoPE sees each document from 0); seq_ids
+    number the segments of the flattened batch (documents and padding runs), so attention
+    limited to equal seq_ids stays inside each document. Segments never cross rows, so ids
+    are unique within a row as well.
+
+    Why on the device and not in the Rust engine: these two arrays would double the bytes
+    assembled, pinned and copied per token, and cost stores per document on the host; on the
+    device they are three vector ops, without a host sync (`output_size` is static).
+    """
+    import torch
+
+    cu = cu_seqlens.long() if isinstance(cu_seqlens, torch.Tensor) else torch.tensor(cu_seqlens, dtype=torch.long)
+    n = rows * cols
+    lengths = cu[1:] - cu[:-1]
+    seq = torch.repeat_interleave(torch.arange(lengths.numel(), device=cu.device), lengths, output_size=n)
+    pos = torch.arange(n, device=cu.device) - cu[seq]  # cu[seq]: where the token's segment starts
+    return pos.view(rows, cols), seq.view(rows, cols)
 
 
 def batch_padding_frac(batch: dict[str, Any]) -> float:

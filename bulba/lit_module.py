@@ -25,6 +25,7 @@ import torch
 
 from . import flops
 from .config import Recipe
+from .data import document_layout
 from .model import Llama
 
 
@@ -147,11 +148,14 @@ class BulbaModule(L.LightningModule):
         """(mean loss over labelled tokens, number of labelled tokens) for one micro-batch."""
         ids = batch["input_ids"].long()
         labels = batch["labels"].long()
-        pos = batch["position_ids"].long()
-        seq_ids = batch.get("seq_ids")  # None for stream batches: one causal sequence per row
-        cu, ms = None, None
-        if self.model.layers[0].attention.backend == "flash":
-            cu, ms = batch.get("cu_seqlens"), batch.get("max_seqlen")
+        # Stream batches come without cu_seqlens (trainer): one causal sequence per row, positions
+        # 0..T-1. Packed/bucketed rows hold several documents: positions restart and attention
+        # is masked per document, both derived from cu_seqlens here, on the device.
+        pos = seq_ids = cu = ms = None
+        if batch.get("cu_seqlens") is not None:
+            pos, seq_ids = document_layout(batch["cu_seqlens"], *ids.shape)
+            if self.model.layers[0].attention.backend == "flash":
+                cu, ms = batch["cu_seqlens"], batch.get("max_seqlen")
         # SDPA never reads cu_seqlens / max_seqlen; not passing them keeps the compiled blocks'
         # inputs fixed in shape (max_seqlen is a Python int that would be guarded on).
         h = self.model.hidden(ids, position_ids=pos, seq_ids=seq_ids, cu_seqlens=cu, max_seqlen=ms)
@@ -414,14 +418,14 @@ def _rss_mb() -> float:
 def batch_to_torch(b: dict, pin: bool = False) -> dict:
     """Rust engine batch (numpy, int32) -> torch tensors on the host, plus token counts."""
     out = {}
-    for k in ("input_ids", "labels", "position_ids", "seq_ids", "cu_seqlens"):
+    for k in ("input_ids", "labels", "cu_seqlens"):
         if k in b and b[k] is not None:
             t = torch.from_numpy(np.ascontiguousarray(b[k]))
             out[k] = t.pin_memory() if pin else t
     out["max_seqlen"] = int(b["max_seqlen"]) if "max_seqlen" in b else None
     labels = b["labels"]
     out["n_tokens"] = int(b["n_tokens"]) if "n_tokens" in b else int((labels != -100).sum())
-    out["n_pad"] = int(b["n_pad"]) if "n_pad" in b else int((b["seq_ids"] < 0).sum()) if "seq_ids" in b else 0
+    out["n_pad"] = int(b["n_pad"]) if "n_pad" in b else 0
     return out
 
 

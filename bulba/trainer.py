@@ -176,7 +176,7 @@ class TorchBatches:
                 return
             t = batch_to_torch(b, pin=self.pin)
             if self.stream:
-                t.pop("seq_ids", None)  # one causal sequence per row: no document mask needed
+                t.pop("cu_seqlens", None)  # one causal sequence per row: no document mask needed
             yield t
 
 

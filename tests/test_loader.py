@@ -9,13 +9,13 @@ import shutil
 import numpy as np
 import pytest
 
-from bulba.data import Batches, open_data
+from bulba.data import Batches, document_layout, open_data
 from bulba.errors import UserError
 from loader_data import BOS, EOS, make_docs, write_dataset
 
 pytest.importorskip("bulba._rust")
 
-KEYS = ("input_ids", "labels", "position_ids", "seq_ids", "cu_seqlens")
+KEYS = ("input_ids", "labels", "cu_seqlens")
 
 
 @pytest.fixture
@@ -43,9 +43,8 @@ def test_reads_what_numpy_wrote(tmp_path, vocab_size):
     for r in range(3):  # unshuffled: window r starts at r * ctx
         np.testing.assert_array_equal(x["input_ids"][r], stream[r * 16:(r + 1) * 16])
         np.testing.assert_array_equal(x["labels"][r], stream[r * 16 + 1:(r + 1) * 16 + 1])
-    np.testing.assert_array_equal(x["position_ids"], np.tile(np.arange(16), (3, 1)))
-    assert (x["seq_ids"] == 0).all()
     np.testing.assert_array_equal(x["cu_seqlens"], [0, 16, 32, 48])
+    assert set(x) == {*KEYS, "max_seqlen", "n_tokens", "n_pad"}
     assert (x["max_seqlen"], x["n_tokens"], x["n_pad"]) == (16, 48, 0)
 
 
@@ -56,9 +55,12 @@ def test_packed_rows_hold_whole_documents(data):
     seen = []
     for x in b:
         assert x["input_ids"].shape == (4, 128)
-        for ids, labels, pos, seq in zip(x["input_ids"], x["labels"], x["position_ids"], x["seq_ids"]):
-            for s in range(seq.max() + 1):
+        position_ids, seq_ids = (t.numpy() for t in document_layout(x["cu_seqlens"], 4, 128))
+        for ids, labels, pos, seq in zip(x["input_ids"], x["labels"], position_ids, seq_ids):
+            for s in np.unique(seq):
                 m = seq == s
+                if (labels[m] == -100).all() and (ids[m] == b.data.pad_id).all():
+                    continue  # the row's padding
                 doc = ids[m]
                 np.testing.assert_array_equal(pos[m], np.arange(m.sum()))
                 np.testing.assert_array_equal(labels[m][:-1], doc[1:])
@@ -84,12 +86,10 @@ def test_zero_copy_arrays(data, sampler):
         assert x[key].flags["WRITEABLE"]  # torch.from_numpy without a warning
         assert not np.shares_memory(x[key], y[key])
     if sampler == "stream":
-        # Full windows: positions, ids and segments are the same for every batch, shared and read-only.
-        for key in ("position_ids", "seq_ids", "cu_seqlens"):
-            assert x[key] is y[key] and not x[key].flags["WRITEABLE"]
+        # Full windows: the segments are the same for every batch, shared and read-only.
+        assert x["cu_seqlens"] is y["cu_seqlens"] and not x["cu_seqlens"].flags["WRITEABLE"]
     else:
-        for key in ("position_ids", "seq_ids"):
-            assert x[key].flags["WRITEABLE"] and not np.shares_memory(x[key], y[key])
+        assert not np.shares_memory(x["cu_seqlens"], y["cu_seqlens"])
 
 
 @pytest.mark.parametrize("sampler", ["stream", "packed", "bucketed"])

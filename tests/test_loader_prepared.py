@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bulba.data import Batches, open_data
+from bulba.data import Batches, document_layout, open_data
 
 pytest.importorskip("bulba._rust")
 
@@ -24,8 +24,10 @@ def test_prepared_corpus(prepared_data, sampler):
         assert ids.min() >= 0 and ids.max() < data.vocab_size
         assert x["n_tokens"] == int((x["labels"] != -100).sum())
         if sampler != "stream":  # every row starts a document or a piece of one at position 0
-            assert (x["position_ids"][:, 0] == 0).all()
-            starts = ids[(x["position_ids"] == 0) & (x["seq_ids"] >= 0)]
+            pos, _ = document_layout(x["cu_seqlens"], *ids.shape)
+            pos = pos.numpy()
+            assert (pos[:, 0] == 0).all()
+            starts = ids[(pos == 0) & (ids != data.pad_id)]
             assert np.mean(starts == data.bos_id) > 0.9  # pieces of long documents aside
     val = Batches(data, split="val", sampler=sampler, batch_size=2, ctx=64, buckets=[16, 32, 64],
                   shuffle=False, infinite=False, drop_last=False)

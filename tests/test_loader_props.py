@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from bulba.data import Batches
+from bulba.data import Batches, document_layout
 from bulba.errors import UserError
 from loader_data import write_split
 
@@ -65,10 +65,11 @@ def _finite(b: Batches) -> Batches:
 
 def check_batch(x: dict, n: int, doc_ends: set[int], sampler: str) -> np.ndarray:
     """Contract checks on one batch; returns the positions (token ids) it covers."""
-    ids, labels, pos, seq, cu = x["input_ids"], x["labels"], x["position_ids"], x["seq_ids"], x["cu_seqlens"]
-    assert ids.dtype == labels.dtype == pos.dtype == seq.dtype == cu.dtype == np.int32
-    assert ids.shape == labels.shape == pos.shape == seq.shape
-    real = seq >= 0
+    ids, labels, cu = x["input_ids"], x["labels"], x["cu_seqlens"]
+    assert ids.dtype == labels.dtype == cu.dtype == np.int32
+    assert ids.shape == labels.shape
+    pos, seq = (t.numpy() for t in document_layout(cu, *ids.shape))
+    real = ids != n  # the pad id: no position of the file has it
     assert x["n_pad"] == int((~real).sum())
     assert x["n_tokens"] == int((labels != -100).sum())
     assert (ids[~real] == n).all() and (labels[~real] == -100).all()
@@ -84,10 +85,14 @@ def check_batch(x: dict, n: int, doc_ends: set[int], sampler: str) -> np.ndarray
     flat_ids, flat_pos, flat_seq = ids.ravel(), pos.ravel(), seq.ravel()
     assert cu[0] == 0 and cu[-1] == ids.size and (np.diff(cu) > 0).all()
     assert x["max_seqlen"] == int(np.diff(cu).max())
-    for a, z in zip(cu[:-1], cu[1:]):
-        assert len(set(flat_seq[a:z])) == 1
-        if flat_seq[a] >= 0:
-            assert (np.diff(flat_ids[a:z]) == 1).all() and (flat_pos[a:z] == np.arange(z - a)).all()
+    assert ((np.arange(ids.size) // ids.shape[1])[cu[1:] - 1] == (np.arange(ids.size) // ids.shape[1])[cu[:-1]]).all(), \
+        "a segment crosses a row"
+    for k, (a, z) in enumerate(zip(cu[:-1], cu[1:])):
+        assert (flat_seq[a:z] == k).all() and (flat_pos[a:z] == np.arange(z - a)).all()
+        seg_real = real.ravel()[a:z]
+        assert seg_real.all() or not seg_real.any(), "padding and tokens in one segment"
+        if seg_real.all():
+            assert (np.diff(flat_ids[a:z]) == 1).all()
     return ids[real]
 
 
@@ -132,13 +137,13 @@ def test_padding_bounds(lengths):
         except UserError:
             assume(False)
         # Best fit never leaves two rows at most half full (one would have fit the other).
-        fills = [int((x["seq_ids"] >= 0).sum()) for x in packed]
+        fills = [int((x["input_ids"] != n).sum()) for x in packed]
         assert sum(f <= ctx // 2 for f in fills) <= 1
         # Bucketed: a document sits in the smallest bucket that holds it.
         lower = {b: a for a, b in zip([0] + BUCKETS, BUCKETS)}
         for x in bucketed:
-            for row in x["seq_ids"]:
-                used = int((row >= 0).sum())
+            for row in x["input_ids"]:
+                used = int((row != n).sum())
                 assert used == 0 or lower[len(row)] < used <= len(row)
 
 
@@ -167,6 +172,6 @@ def test_resume_equivalence(lengths, sampler, consumed, seed, workers):
         it = iter(resumed)
         for want in reference[consumed:]:
             got = next(it)
-            for key in ("input_ids", "labels", "position_ids", "seq_ids", "cu_seqlens"):
+            for key in ("input_ids", "labels", "cu_seqlens"):
                 np.testing.assert_array_equal(got[key], want[key])
         assert resumed.position == consumed + 3

@@ -11,6 +11,7 @@ import torch
 from bulba import checkpoint as ckpt
 from bulba import flops
 from bulba.config import ModelConfig, load_recipe
+from bulba.data import document_layout
 from bulba.errors import UserError
 from bulba.lit_module import TrainState, lr_at, param_groups
 from bulba.model import Llama
@@ -54,16 +55,18 @@ def _cfg(**kw):
 
 
 def test_document_masking_packed_equals_separate():
-    """A packed row (two documents, positions restarting, seq_ids) gives each document exactly
-    the logits it gets alone: no attention across the boundary, RoPE restarted."""
+    """A packed row (two documents and padding, positions and seq_ids derived from its
+    cu_seqlens as the trainer does) gives each document exactly the logits it gets alone: no
+    attention across the boundary, RoPE restarted."""
     torch.manual_seed(0)
     model = Llama(_cfg()).eval()
     a = torch.randint(0, 97, (1, 11))
     b = torch.randint(0, 97, (1, 9))
     pad = torch.full((1, 4), 5)
     row = torch.cat([a, b, pad], dim=1)  # T = 24
-    pos = torch.cat([torch.arange(11), torch.arange(9), torch.zeros(4, dtype=torch.long)])[None]
-    seq = torch.cat([torch.zeros(11), torch.ones(9), torch.full((4,), -1)]).long()[None]
+    pos, seq = document_layout(torch.tensor([0, 11, 20, 24], dtype=torch.int32), 1, 24)
+    assert pos.tolist() == [list(range(11)) + list(range(9)) + list(range(4))]
+    assert seq.tolist() == [[0] * 11 + [1] * 9 + [2] * 4]
     with torch.no_grad():
         packed = model(row, position_ids=pos, seq_ids=seq)
         la, lb = model(a), model(b)

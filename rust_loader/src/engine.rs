@@ -29,8 +29,6 @@ pub struct Engine {
     plan: Box<dyn Plan>,
     pad_id: i32,
     n_docs: u64,
-    /// `0, 1, 2, …` up to the longest row (position ids are copied from it).
-    iota: Vec<i32>,
     /// Buffers of batches Python has dropped, reused by the next ones.
     pool: Arc<Pool>,
 }
@@ -56,9 +54,7 @@ impl Engine {
             }
             other => return Err(DataError::new(format!("unknown sampler {other:?}; expected stream, packed or bucketed"))),
         };
-        let longest = opts.buckets.iter().copied().chain([opts.ctx]).max().unwrap_or(0);
-        let iota = (0..longest as i32 + 32).collect(); // chunks may run past the row
-        Ok(Self { tokens, plan, pad_id: opts.pad_id as i32, n_docs, iota, pool: Arc::default() })
+        Ok(Self { tokens, plan, pad_id: opts.pad_id as i32, n_docs, pool: Arc::default() })
     }
 
     pub fn batches_per_epoch(&self) -> u64 {
@@ -69,7 +65,7 @@ impl Engine {
     pub fn batch(&self, pos: u64) -> Result<Batch> {
         let per_epoch = self.batches_per_epoch();
         let spec = self.plan.batch(pos / per_epoch, pos % per_epoch);
-        assemble(&spec, &self.tokens, self.pad_id, &self.iota, &self.pool)
+        assemble(&spec, &self.tokens, self.pad_id, &self.pool)
     }
 
     /// Where the buffers of dropped batches go back to (see `Pool`).

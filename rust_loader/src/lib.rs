@@ -13,7 +13,7 @@ pub mod tokens;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use numpy::ndarray::{Array2, ArrayView2};
+use numpy::ndarray::ArrayView2;
 use numpy::{IntoPyArray, PyArray2};
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
@@ -51,27 +51,20 @@ impl Drop for Block {
     }
 }
 
-/// The read-only position_ids, seq_ids and cu_seqlens shared by every full-window batch of
-/// one shape (see `Batch::windows`), made once per engine and shape.
-type Constants = (usize, usize, [Py<PyAny>; 3]);
+/// The read-only cu_seqlens shared by every full-window batch of one shape (see
+/// `Batch::windows`), made once per engine and shape.
+type Constants = (usize, usize, Py<PyAny>);
 
-fn constants(py: Python<'_>, cache: &Mutex<Vec<Constants>>, rows: usize, cols: usize) -> PyResult<[Py<PyAny>; 3]> {
+fn window_cu_seqlens(py: Python<'_>, cache: &Mutex<Vec<Constants>>, rows: usize, cols: usize) -> PyResult<Py<PyAny>> {
     let mut cache = cache.lock().map_err(|_| PyRuntimeError::new_err("engine poisoned by an earlier panic"))?;
     if let Some((_, _, c)) = cache.iter().find(|c| (c.0, c.1) == (rows, cols)) {
-        return Ok(c.each_ref().map(|a| a.clone_ref(py)));
+        return Ok(c.clone_ref(py));
     }
-    let (pos, seq, cu) = batch::window_constants(rows, cols);
-    let grid = |v: Vec<i32>| -> PyResult<Py<PyAny>> {
-        let a = Array2::from_shape_vec((rows, cols), v).map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
-        Ok(a.into_pyarray(py).into_any().unbind())
-    };
-    let arrays = [grid(pos)?, grid(seq)?, cu.into_pyarray(py).into_any().unbind()];
-    for a in &arrays {
-        // Shared by many batches: writing into one must fail, not change the others.
-        a.bind(py).getattr("flags")?.setattr("writeable", false)?;
-    }
-    cache.push((rows, cols, arrays.each_ref().map(|a| a.clone_ref(py))));
-    Ok(arrays)
+    let cu = batch::window_cu_seqlens(rows, cols).into_pyarray(py).into_any().unbind();
+    // Shared by many batches: writing into one must fail, not change the others.
+    cu.bind(py).getattr("flags")?.setattr("writeable", false)?;
+    cache.push((rows, cols, cu.clone_ref(py)));
+    Ok(cu)
 }
 
 /// The batch as a dict of numpy arrays that view its buffer (no copy; the buffer returns to
@@ -95,13 +88,8 @@ fn to_dict<'py>(py: Python<'py>, b: Batch, pool: &Arc<Pool>, cache: &Mutex<Vec<C
     d.set_item(intern!(py, "input_ids"), grid(0))?;
     d.set_item(intern!(py, "labels"), grid(1))?;
     if b.windows {
-        let [pos, seq, cu] = constants(py, cache, rows, cols)?;
-        d.set_item(intern!(py, "position_ids"), pos)?;
-        d.set_item(intern!(py, "seq_ids"), seq)?;
-        d.set_item(intern!(py, "cu_seqlens"), cu)?;
+        d.set_item(intern!(py, "cu_seqlens"), window_cu_seqlens(py, cache, rows, cols)?)?;
     } else {
-        d.set_item(intern!(py, "position_ids"), grid(2))?;
-        d.set_item(intern!(py, "seq_ids"), grid(3))?;
         d.set_item(intern!(py, "cu_seqlens"), b.cu.into_pyarray(py))?;
     }
     d.set_item(intern!(py, "max_seqlen"), b.max_seqlen)?;
