@@ -7,9 +7,15 @@
   from `seq_ids`, so a token never sees another document. Works on CPU too.
 - `flash`: the flash-attn package (CUDA only). Packed batches use the varlen kernel with
   `cu_seqlens`, which skips the masked blocks instead of computing and discarding them.
+- `math`: two batched matmuls and a softmax, written out so that torch.compile fuses the
+  scale, mask and fp32 softmax around them. Chosen only for compiled blocks on CPU with short
+  contexts (`strategy.MATH_ATTENTION_MAX_CTX`), where it beats the CPU SDPA kernel; it holds
+  the [T, T] scores, so it is no choice for long contexts or GPUs.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +42,25 @@ def sdpa_attention(q, k, v, seq_ids=None):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=document_mask(seq_ids), enable_gqa=True)
 
 
+def math_attention(q, k, v, seq_ids=None):
+    """Causal (and document-masked) attention as plain tensor ops, for Inductor to fuse.
+
+    GQA without copying K/V: the G query heads that share a KV head are stacked along the
+    query axis ([B, KV, G*T, hd]), so one matmul per KV head serves the whole group.
+    """
+    B, H, T, hd = q.shape
+    KV = k.shape[1]
+    G = H // KV
+    scores = (q.reshape(B, KV, G * T, hd) @ k.transpose(-1, -2)).view(B, KV, G, T, T) * (1.0 / math.sqrt(hd))
+    allowed = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    if seq_ids is not None:
+        allowed = document_mask(seq_ids)[:, :, None]  # [B, 1, 1, T, T]
+    # Softmax in at least fp32, as SDPA does for bf16/fp16 inputs.
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32)).masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(v.dtype).view(B, KV, G * T, T)
+    return (probs @ v).view(B, H, T, hd)
+
+
 # Left out of torch.compile graphs: cu_seqlens changes length with the number of documents
 # in a batch, which would recompile a static graph every step; a graph break per layer is
 # the cheaper price, and the kernel itself is already fused.
@@ -59,4 +84,6 @@ def attend(q, k, v, backend: str = "sdpa", seq_ids=None, cu_seqlens=None, max_se
         if not (HAVE_FLASH_ATTN and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)):
             raise RuntimeError("flash attention needs flash-attn, a CUDA device and fp16/bf16 tensors")
         return flash_attention(q, k, v, cu_seqlens if seq_ids is not None else None, max_seqlen)
+    if backend == "math":
+        return math_attention(q, k, v, seq_ids)
     return sdpa_attention(q, k, v, seq_ids)

@@ -10,7 +10,8 @@ Rows (each in its own process, so peak host RSS and peak device memory belong to
   bulba-eager         BulbaGPT, Rust batch engine, no compilation
   bulba-flash         flash-attn kernels (CUDA + flash-attn only; "n/a" elsewhere, never faked)
   bulba-compile       torch.compile (Inductor) on the model's blocks
-  bulba-both          compile + flash-attn (on CPU: compile + SDPA, as the trainer falls back)
+  bulba-both          compile + flash-attn (on CPU: what the trainer falls back to, compile +
+                      its CPU attention; the `attention` column says what ran)
 
 Every row runs warm-up steps (compilation happens there) and then the timed steps; tokens/s is
 measured over the timed steps only (steady state). MFU uses the shared FLOPs formula
@@ -582,7 +583,7 @@ def _run_bulba(spec: dict, recipe, mode: str) -> dict:
     if cuda:
         res["peak_device_mb"] = r.get("peak_device_mb")
     if mode == "both" and r.get("attention") != "flash":
-        res["note"] = "flash-attn n/a here: compile + SDPA"
+        res["note"] = f"flash-attn n/a here: compile + {r.get('attention')} attention"
     return res
 
 
