@@ -15,8 +15,9 @@ bucket for bucketed), so there is one graph per shape and no recompilation in st
 
 On CPU, compiled blocks with a short context use attention written as plain matmuls and a
 softmax that Inductor fuses (`MATH_ATTENTION_MAX_CTX`). flash without flash-attn or without
-CUDA (this includes every CPU): a warning and SDPA (or that CPU attention) instead, so the same recipe runs on a laptop and on the cluster; what ran is recorded
-(`resolved_backend`, logged as the MLflow tag `bulba.attention_backend`).
+CUDA (this includes every CPU): a warning and SDPA (or that CPU attention) instead, so the
+same recipe runs on a laptop and on the cluster; what ran is recorded (`resolved_backend`,
+logged as the MLflow tag `bulba.attention_backend`).
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def apply_speed_mode(model: Llama, mode: str, device: torch.device) -> dict:
         if ok:
             backend = "flash"
         else:
-            warnings.warn(f"train.mode={mode}: {why}; using PyTorch SDPA attention instead", stacklevel=2)
+            warnings.warn(f"train.mode={mode}: {why}; using PyTorch attention instead", stacklevel=2)
     compiled = mode in ("compile", "both")
     if compiled and backend == "sdpa" and device.type == "cpu" and model.cfg.ctx_len <= MATH_ATTENTION_MAX_CTX:
         backend = "math"
