@@ -334,21 +334,31 @@ def _last_boundary(text: str, mode: str) -> int:
     return last
 
 
-def _iter_code(files: list[Path], batch_bytes: int) -> Iterator[list[str]]:
+def _batched(texts: Iterator[tuple[str, int]], batch_bytes: int) -> Iterator[list[str]]:
+    """(document, its size in bytes) pairs -> lists of documents of about `batch_bytes` each."""
     batch: list[str] = []
     size = 0
-    for p in files:
-        with open(p, "rb") as f:
-            raw = f.read()
-        text = nfc(raw.decode("utf-8-sig").replace("\r\n", "\n")).strip("\n").rstrip()
-        if text.strip():
-            batch.append(text)
-            size += len(raw)
+    for text, n in texts:
+        batch.append(text)
+        size += n
         if size >= batch_bytes:
             yield batch
             batch, size = [], 0
     if batch:
         yield batch
+
+
+def _code_texts(files: list[Path]) -> Iterator[tuple[str, int]]:
+    for p in files:
+        with open(p, "rb") as f:
+            raw = f.read()
+        text = nfc(raw.decode("utf-8-sig").replace("\r\n", "\n")).strip("\n").rstrip()
+        if text.strip():
+            yield text, len(raw)
+
+
+def _iter_code(files: list[Path], batch_bytes: int) -> Iterator[list[str]]:
+    return _batched(_code_texts(files), batch_bytes)
 
 
 def _text_of(value, field_name: str, where: str) -> str | None:
@@ -388,20 +398,16 @@ def _json_records(path: Path) -> Iterator[tuple[object, str]]:
             yield v, f"{path}:{lineno}"
 
 
-def _iter_json(path: Path, field_name: str, batch_bytes: int) -> Iterator[list[str]]:
-    batch: list[str] = []
-    size = 0
+def _json_texts(path: Path, field_name: str) -> Iterator[tuple[str, int]]:
     for v, where in _json_records(path):
         t = _text_of(v, field_name, where)
         if t and t.strip():
             t = nfc(t).strip()
-            batch.append(t)
-            size += len(t)
-            if size >= batch_bytes:
-                yield batch
-                batch, size = [], 0
-    if batch:
-        yield batch
+            yield t, len(t)
+
+
+def _iter_json(path: Path, field_name: str, batch_bytes: int) -> Iterator[list[str]]:
+    return _batched(_json_texts(path, field_name), batch_bytes)
 
 
 def _single_json_object(path: Path) -> bool:

@@ -415,10 +415,12 @@ def _rss_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def batch_to_torch(b: dict, pin: bool = False) -> dict:
-    """Rust engine batch (numpy, int32) -> torch tensors on the host, plus token counts."""
+def batch_to_torch(b: dict, pin: bool = False, documents: bool = True) -> dict:
+    """Rust engine batch (numpy, int32) -> torch tensors on the host, plus token counts.
+    `documents=False` (stream windows: one causal sequence per row) leaves out cu_seqlens, so
+    the model neither masks nor restarts positions."""
     out = {}
-    for k in ("input_ids", "labels", "cu_seqlens"):
+    for k in ("input_ids", "labels", "cu_seqlens") if documents else ("input_ids", "labels"):
         if k in b and b[k] is not None:
             t = torch.from_numpy(np.ascontiguousarray(b[k]))
             out[k] = t.pin_memory() if pin else t

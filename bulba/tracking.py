@@ -89,7 +89,7 @@ import uuid
 import weakref
 from collections import deque
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 from .atomic import write_bytes, write_json
 from .errors import UserError, run_cli
@@ -220,55 +220,48 @@ def _one_line(e: BaseException) -> str:
 # loop's GC pauses longer (50k records as dicts cost ~0.3 s per full collection here).
 
 
-def _scan_spool(path: Path, after: int | None = None) -> tuple[int, int, list[tuple[int, bytes]]]:
-    """(acked, last_seq, records with seq > max(acked, after) in order as (seq, line));
-    a torn or garbled line is skipped."""
-    acked, last, recs = 0, 0, {}
+def _spool_lines(path: Path, marker: tuple[bytes, ...] = ()) -> Iterator[tuple[bytes, dict]]:
+    """(raw line, record) of every whole JSON object line in the spool (none if it is absent);
+    a torn or garbled line is skipped. With `marker`, lines holding none of those bytes are
+    skipped before parsing."""
     if not path.exists():
-        return 0, 0, []
+        return
     with open(path, "rb") as f:
         for raw in f:
+            if marker and not any(m in raw for m in marker):
+                continue
             try:
                 r = json.loads(raw)
             except ValueError:
                 continue
-            if not isinstance(r, dict):
-                continue
-            if "ack" in r:
-                acked = max(acked, int(r["ack"]))
-                last = max(last, acked)
-            elif "seq" in r:
-                s = int(r["seq"])
-                recs[s] = raw if raw.endswith(b"\n") else raw + b"\n"
-                last = max(last, s)
+            if isinstance(r, dict):
+                yield raw, r
+
+
+def _scan_spool(path: Path, after: int | None = None) -> tuple[int, int, list[tuple[int, bytes]]]:
+    """(acked, last_seq, records with seq > max(acked, after) in order as (seq, line))."""
+    acked, last, recs = 0, 0, {}
+    for raw, r in _spool_lines(path):
+        if "ack" in r:
+            acked = max(acked, int(r["ack"]))
+            last = max(last, acked)
+        elif "seq" in r:
+            s = int(r["seq"])
+            recs[s] = raw if raw.endswith(b"\n") else raw + b"\n"
+            last = max(last, s)
     floor = acked if after is None else max(acked, after)
     return acked, last, [(s, recs[s]) for s in sorted(recs) if s > floor]
-
-
-def _read_spool(path: Path) -> tuple[int, int, list[tuple[int, bytes]]]:
-    return _scan_spool(path)
 
 
 def _logged_steps(path: Path) -> dict[str, int]:
     """Highest step logged per metric key in this spool (its compaction summaries included)."""
     steps: dict[str, int] = {}
-    if not path.exists():
-        return steps
-    with open(path, "rb") as f:
-        for raw in f:
-            if b'"steps"' not in raw and b'"t": "m"' not in raw:
-                continue
-            try:
-                r = json.loads(raw)
-            except ValueError:
-                continue
-            if not isinstance(r, dict):
-                continue
-            items = r.get("steps", {}).items() if "steps" in r else \
-                ((m[0], m[3]) for m in r.get("m", ()) if r.get("t") == "m")
-            for k, st in items:
-                if st > steps.get(k, -1):
-                    steps[k] = st
+    for _, r in _spool_lines(path, marker=(b'"steps"', b'"t": "m"')):
+        items = r.get("steps", {}).items() if "steps" in r else \
+            ((m[0], m[3]) for m in r.get("m", ()) if r.get("t") == "m")
+        for k, st in items:
+            if st > steps.get(k, -1):
+                steps[k] = st
     return steps
 
 
@@ -313,7 +306,7 @@ class RunTracker:
 
         uri = tracking_uri or globals()["tracking_uri"]()
         info = self._load_info()
-        acked, last, pending = _read_spool(self.spool_path)
+        acked, last, pending = _scan_spool(self.spool_path)
         if _attach_only:
             if info is None:
                 self._release()
@@ -1054,19 +1047,19 @@ def _main(argv: list[str] | None = None) -> int:
             info = json.loads((run_dir / RUN_FILE).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             raise UserError(f"{run_dir / RUN_FILE} missing or unreadable: not a run directory with MLflow data")
-        acked, last, pending = _read_spool(run_dir / SPOOL_FILE)
+        acked, last, pending = _scan_spool(run_dir / SPOOL_FILE)
         print(f"run {info.get('run_id') or '(not created yet)'} in experiment {info.get('experiment')} "
               f"on {info.get('tracking_uri')}: {len(pending)} records waiting")
         return 0
     if not (run_dir / RUN_FILE).exists():
         raise UserError(f"{run_dir} has no {RUN_FILE}: not a run directory with MLflow data")
-    n_before = len(_read_spool(run_dir / SPOOL_FILE)[2])
+    n_before = len(_scan_spool(run_dir / SPOOL_FILE)[2])
     ok, t = sync(run_dir, tracking_uri=args.tracking_uri, timeout=args.timeout, end_status=args.end_status,
                  quiet=True)
     if ok:
         print(f"synced {n_before} records to run {t.run_id} on {t.tracking_uri}")
         return 0
-    left = len(_read_spool(run_dir / SPOOL_FILE)[2])
+    left = len(_scan_spool(run_dir / SPOOL_FILE)[2])
     print(f"error: {left} of {n_before} records still not sent to {t.tracking_uri}"
           f" ({t.last_error or 'timed out'}); run the same command again later", file=sys.stderr)
     return 1

@@ -174,10 +174,7 @@ class TorchBatches:
         for i, b in enumerate(self.batches):
             if self.limit is not None and i >= self.limit:
                 return
-            t = batch_to_torch(b, pin=self.pin)
-            if self.stream:
-                t.pop("cu_seqlens", None)  # one causal sequence per row: no document mask needed
-            yield t
+            yield batch_to_torch(b, pin=self.pin, documents=not self.stream)
 
 
 def make_batches_factory(recipe: Recipe, data, pin: bool):

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from _cli import assert_one_line_exit_2
 
 REPO = Path(__file__).resolve().parents[1]
 GOOD = "Зубр жыве ў пушчы.\nThe stork builds a nest.\nАист вьёт гнездо.\n"
@@ -18,15 +19,6 @@ def run(args, cwd: Path):
     env = dict(os.environ, PYTHONPATH=str(REPO))
     return subprocess.run([sys.executable, str(REPO / "prepare.py"), *map(str, args), "--no-mlflow"],
                           cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
-
-
-def assert_user_error(r, *needles: str):
-    err = r.stderr.strip()
-    assert r.returncode == 2, (r.returncode, r.stderr)
-    assert "Traceback" not in r.stderr
-    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
-    for n in needles:
-        assert n in err, (n, err)
 
 
 def assert_nothing_left(parent: Path, out_name: str = "out"):
@@ -43,13 +35,13 @@ def good(tmp_path) -> Path:
 
 def test_missing_path(tmp_path):
     r = run([tmp_path / "nope.txt", "--out", tmp_path / "out"], tmp_path)
-    assert_user_error(r, "input not found", "nope.txt")
+    assert_one_line_exit_2(r, "input not found", "nope.txt")
     assert_nothing_left(tmp_path)
 
 
 def test_missing_glob(tmp_path):
     r = run([str(tmp_path / "*.jsonl"), "--out", tmp_path / "out"], tmp_path)
-    assert_user_error(r, "no file matches")
+    assert_one_line_exit_2(r, "no file matches")
     assert_nothing_left(tmp_path)
 
 
@@ -57,7 +49,7 @@ def test_missing_glob(tmp_path):
 def test_empty_corpus(tmp_path, content):
     (tmp_path / "empty.txt").write_bytes(content)
     r = run([tmp_path / "empty.txt", "--out", tmp_path / "out"], tmp_path)
-    assert_user_error(r, "empty corpus")
+    assert_one_line_exit_2(r, "empty corpus")
     assert_nothing_left(tmp_path)
 
 
@@ -65,21 +57,21 @@ def test_empty_directory(tmp_path):
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "picture.png").write_bytes(b"\x89PNG")
     r = run([tmp_path / "d", "--out", tmp_path / "out"], tmp_path)
-    assert_user_error(r, "empty corpus")
+    assert_one_line_exit_2(r, "empty corpus")
     assert_nothing_left(tmp_path)
 
 
 def test_binary_file(tmp_path, good):
     (tmp_path / "blob.txt").write_bytes(b"text first\n" + b"\x00\x01\x02" * 10)
     r = run([good, tmp_path / "blob.txt", "--out", tmp_path / "out"], tmp_path)
-    assert_user_error(r, "blob.txt", "binary", "byte offset 11")
+    assert_one_line_exit_2(r, "blob.txt", "binary", "byte offset 11")
     assert_nothing_left(tmp_path)
 
 
 def test_not_utf8(tmp_path, good):
     (tmp_path / "latin1.txt").write_bytes("Зубр\n".encode() + "café".encode("latin-1"))
     r = run([good, tmp_path / "latin1.txt", "--out", tmp_path / "out"], tmp_path)
-    assert_user_error(r, "latin1.txt", "UTF-8", "byte offset 12")
+    assert_one_line_exit_2(r, "latin1.txt", "UTF-8", "byte offset 12")
     assert_nothing_left(tmp_path)
 
 
@@ -87,7 +79,7 @@ def test_jsonl_without_text_field(tmp_path, good):
     p = tmp_path / "recs.jsonl"
     p.write_text(json.dumps({"text": "fine"}) + "\n\n" + json.dumps({"body": "wrong field"}) + "\n")
     r = run([good, p, "--out", tmp_path / "out"], tmp_path)
-    assert_user_error(r, "recs.jsonl:3", "'text'", "--text-field")
+    assert_one_line_exit_2(r, "recs.jsonl:3", "'text'", "--text-field")
     assert_nothing_left(tmp_path)
 
 
@@ -95,20 +87,20 @@ def test_json_list_without_field(tmp_path, good):
     p = tmp_path / "items.json"
     p.write_text(json.dumps([{"content": "x"}]))
     r = run([good, p, "--out", tmp_path / "out", "--text-field", "body"], tmp_path)
-    assert_user_error(r, "items.json", "item 0", "'body'")
+    assert_one_line_exit_2(r, "items.json", "item 0", "'body'")
     assert_nothing_left(tmp_path)
 
 
 def test_vocab_too_small(tmp_path, good):
     r = run([good, "--out", tmp_path / "out", "--vocab-size", "260"], tmp_path)
-    assert_user_error(r, "--vocab-size 260", "261")
+    assert_one_line_exit_2(r, "--vocab-size 260", "261")
     assert_nothing_left(tmp_path)
 
 
 def test_unwritable_output(tmp_path, good):
     (tmp_path / "afile").write_text("x")
     r = run([good, "--out", tmp_path / "afile" / "out"], tmp_path)
-    assert_user_error(r, "cannot write")
+    assert_one_line_exit_2(r, "cannot write")
     assert (tmp_path / "afile").read_text() == "x"
 
 
@@ -118,7 +110,7 @@ def test_existing_dataset_needs_force(tmp_path, good):
     assert r.returncode == 0, r.stderr
     before = (out / "meta.json").read_bytes()
     r = run([good, "--out", out, "--vocab-size", "300"], tmp_path)
-    assert_user_error(r, "already holds a dataset", "--force")
+    assert_one_line_exit_2(r, "already holds a dataset", "--force")
     assert (out / "meta.json").read_bytes() == before
     r = run([good, "--out", out, "--vocab-size", "400", "--force", "-q"], tmp_path)
     assert r.returncode == 0, r.stderr

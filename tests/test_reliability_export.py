@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+from _cli import assert_one_line_exit_2
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -70,15 +71,6 @@ def export_cli(*args, cwd: Path, fsize: int | None = None, popen=False):
     if popen:
         return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **kw)
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, **kw)
-
-
-def one_line_exit_2(r, *needles):
-    err = r.stderr.strip()
-    assert r.returncode == 2, (r.returncode, r.stderr[-3000:])
-    assert "Traceback" not in r.stderr, r.stderr[-3000:]
-    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
-    for n in needles:
-        assert n in err, (n, err)
 
 
 def sha(p: Path) -> str:
@@ -132,14 +124,14 @@ def test_disk_full_during_export_keeps_previous_gguf(small_run, tmp_path):
     # f32 is ~6 MB: a 2 MB file size limit makes the write fail with EFBIG
     r = export_cli(small_run, "--type", "f32", "--out", out, "--no-verify", "--no-mlflow", "--force",
                    cwd=tmp_path, fsize=2_000_000)
-    one_line_exit_2(r, "cannot write", "m.gguf", "unchanged")
+    assert_one_line_exit_2(r, "cannot write", "m.gguf", "unchanged")
     assert sha(out) == before
     assert sorted(x.name for x in out.parent.iterdir()) == ["m.Modelfile", "m.gguf"]  # no temp file left
     # a first export that cannot be written leaves no file and no folder
     fresh = tmp_path / "fresh" / "n.gguf"
     r = export_cli(small_run, "--type", "f32", "--out", fresh, "--no-verify", "--no-mlflow",
                    cwd=tmp_path, fsize=2_000_000)
-    one_line_exit_2(r, "nothing was written")
+    assert_one_line_exit_2(r, "nothing was written")
     assert not fresh.parent.exists()
 
 
@@ -179,14 +171,14 @@ def test_export_refuses_a_gguf_or_ckpt_as_source(good_gguf, tmp_path):
     for src in (good_gguf, bad):
         r = export_cli(src, "--type", "f16", "--out", tmp_path / "o" / "x.gguf", "--no-mlflow", "--no-verify",
                        cwd=tmp_path)
-        one_line_exit_2(r, "is not a .safetensors file")
+        assert_one_line_exit_2(r, "is not a .safetensors file")
     ckpt = tmp_path / "model.ckpt"
     import torch
 
     torch.save({"x": torch.zeros(2)}, ckpt)  # a pickle: must never be unpickled
     r = export_cli(ckpt, "--type", "f16", "--out", tmp_path / "o" / "x.gguf", "--no-mlflow", "--no-verify",
                    cwd=tmp_path)
-    one_line_exit_2(r, "model.ckpt", "is not a .safetensors file")
+    assert_one_line_exit_2(r, "model.ckpt", "is not a .safetensors file")
     assert not (tmp_path / "o").exists()
 
 
@@ -250,7 +242,7 @@ def test_corrupted_gguf_in_llama_cpp_and_registry_pyfunc_is_exit_2(good_gguf, tm
 def test_register_name_cannot_escape_output_models(small_run, tmp_path, name):
     out = tmp_path / "x.gguf"
     r = export_cli(small_run, "--type", "f16", "--out", out, "--register", name, "--no-verify", cwd=tmp_path)
-    one_line_exit_2(r, "--register")
+    assert_one_line_exit_2(r, "--register")
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written anywhere
     from bulba.registry import place_in_output_models
 
@@ -394,7 +386,7 @@ def test_dead_tracking_server_export_still_writes_and_register_fails_early(small
     run = [sys.executable, str(REPO / "export.py"), str(small_run), "--type", "f16", "--out", str(out), "--no-verify"]
     r = subprocess.run([*run, "--register", "bulba-x"], cwd=tmp_path, env=env, capture_output=True, text=True,
                        timeout=120)
-    one_line_exit_2(r, "not reachable")
+    assert_one_line_exit_2(r, "not reachable")
     assert list(tmp_path.iterdir()) == []
     t0 = time.time()
     r = subprocess.run(run, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from _cli import assert_one_line_exit_2
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO.parent / "shared" / "corpus"
@@ -36,15 +37,6 @@ def _run_prepare(args, cwd: Path, fsize: int | None = None):
 
 def _digest(d: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.iterdir())}
-
-
-def _assert_one_line_exit_2(r, *needles):
-    err = r.stderr.strip()
-    assert r.returncode == 2, (r.returncode, r.stderr[-3000:])
-    assert "Traceback" not in r.stderr, r.stderr[-3000:]
-    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
-    for n in needles:
-        assert n in err, (n, err)
 
 
 @pytest.fixture
@@ -66,7 +58,7 @@ def _check_disk_full(parent: Path, texts, fsize=None, errno_text=""):
     assert r.returncode == 0, r.stderr[-2000:]
     before = _digest(out)
     r = _run_prepare([big, "--out", out, "--force"], parent, fsize=fsize)
-    _assert_one_line_exit_2(r, "cannot write", "train.bin", errno_text, "previous dataset", "intact")
+    assert_one_line_exit_2(r, "cannot write", "train.bin", errno_text, "previous dataset", "intact")
     assert _digest(out) == before  # the previous dataset, byte for byte
     assert sorted(p.name for p in parent.iterdir()) == ["data"]  # no .tmp-* left beside it
     # and it still loads
@@ -76,7 +68,7 @@ def _check_disk_full(parent: Path, texts, fsize=None, errno_text=""):
     assert open_data(out).meta["splits"]["train"]["tokens"] > 0
     # a first prepare (no previous dataset) that hits the limit leaves nothing at all
     r = _run_prepare([big, "--out", parent / "fresh"], parent, fsize=fsize)
-    _assert_one_line_exit_2(r, "train.bin", "nothing was left")
+    assert_one_line_exit_2(r, "train.bin", "nothing was left")
     assert sorted(p.name for p in parent.iterdir()) == ["data"]
 
 
@@ -113,5 +105,5 @@ def test_zero_negative_and_absurd_sizes_exit_2(tmp_path, args, needle):
     env = dict(os.environ, PYTHONPATH=str(REPO))
     r = subprocess.run([sys.executable, str(REPO / "prepare.py"), str(src), "--out", str(tmp_path / "out"),
                         "--no-mlflow", "-q", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
-    _assert_one_line_exit_2(r, needle)
+    assert_one_line_exit_2(r, needle)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _cli import assert_one_line_exit_2
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -34,15 +35,6 @@ def data(tmp_path_factory) -> Path:
     if not (REPO.parent / "shared" / "corpus" / "be.txt").is_file():
         pytest.skip("shared corpus missing")
     return build_dataset(tmp_path_factory.mktemp("rel-train") / "data")
-
-
-def one_line_exit_2(p, *needles):
-    err = p.stderr.strip()
-    assert p.returncode == 2, (p.returncode, p.stderr[-3000:])
-    assert "Traceback" not in p.stderr, p.stderr[-3000:]
-    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
-    for n in needles:
-        assert n in err, (n, err)
 
 
 def tree_digest(d: Path) -> dict[str, str]:
@@ -85,7 +77,7 @@ def test_corrupted_token_files_exit_2_before_the_run_exists(data, tmp_path, case
     out = tmp_path / "run"
     p = run_train(["tiny", "--no-mlflow", f"data.dir={bad}", f"out_dir={out}", *FAST, "train.max_steps=2"],
                   timeout=180)
-    one_line_exit_2(p, needle)
+    assert_one_line_exit_2(p, needle)
     assert not out.exists()  # no half-made run directory that would block the next attempt
     assert tree_digest(bad) == before  # the data is only read
 
@@ -112,7 +104,7 @@ def test_resume_with_data_of_another_tokenizer_is_refused(data, tmp_path):
     (other / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False), encoding="utf-8")
     p = run_train(["tiny", "--no-mlflow", f"data.dir={other}", f"out_dir={out}", *FAST, "train.max_steps=4",
                    "resume=auto"], timeout=180)
-    one_line_exit_2(p, "another tokenizer", "step-00000002")
+    assert_one_line_exit_2(p, "another tokenizer", "step-00000002")
     after = tree_digest(out)
     assert {k: v for k, v in after.items() if k != "metrics.jsonl"} == \
            {k: v for k, v in before.items() if k != "metrics.jsonl"}  # checkpoints, tokenizer.json, weights
@@ -143,7 +135,7 @@ def test_ctx_longer_than_data_or_machine_exit_2(data, tmp_path, override, needle
     out = tmp_path / "run"
     p = run_train(["tiny", "--no-mlflow", f"data.dir={data}", f"out_dir={out}", *FAST, "train.max_steps=2",
                    *override], timeout=180)
-    one_line_exit_2(p, needle)
+    assert_one_line_exit_2(p, needle)
     assert not out.exists()
 
 
@@ -166,7 +158,7 @@ def test_zero_and_negative_sizes_exit_2(override, tmp_path, data):
     out = tmp_path / "run"
     p = run_train(["tiny", "--no-mlflow", f"data.dir={data}", f"out_dir={out}", "train.max_steps=2", override],
                   timeout=180)
-    one_line_exit_2(p)
+    assert_one_line_exit_2(p)
     assert not out.exists()
 
 
@@ -185,7 +177,7 @@ def test_ckpt_pickle_given_as_recipe_is_not_unpickled(tmp_path):
     ck = tmp_path / "model.ckpt"
     ck.write_bytes(pickle.dumps({"state_dict": Evil()}))
     p = run_train([str(ck), "--no-mlflow", f"out_dir={tmp_path / 'run'}"], timeout=120)
-    one_line_exit_2(p, "model.ckpt")
+    assert_one_line_exit_2(p, "model.ckpt")
     assert not marker.exists() and not (tmp_path / "run").exists()
 
 
@@ -223,7 +215,7 @@ def test_missing_files_exit_2(data, tmp_path, missing):
         needle = missing
     out = tmp_path / "run"
     p = run_train([recipe, "--no-mlflow", f"data.dir={d}", f"out_dir={out}", *FAST, "train.max_steps=2"], timeout=180)
-    one_line_exit_2(p, needle)
+    assert_one_line_exit_2(p, needle)
     assert not out.exists()
 
 
@@ -241,5 +233,5 @@ def test_val_split_too_small_fails_at_start_not_after_training(data, tmp_path):
     (d / "meta.json").write_text(json.dumps(meta))
     out = tmp_path / "run"
     p = run_train(["tiny", "--no-mlflow", f"data.dir={d}", f"out_dir={out}", *FAST, "train.max_steps=2"], timeout=180)
-    one_line_exit_2(p, "val.bin")
+    assert_one_line_exit_2(p, "val.bin")
     assert not out.exists() and "step      1/" not in p.stdout
