@@ -30,11 +30,29 @@ pub const IGNORE: i32 = -100;
 /// Segments whose memory is touched together before copying (see `Assembler::touch`).
 const TOUCH_AHEAD: usize = 16;
 
+/// Rows ahead whose source tokens are prefetched in `one_per_row`.
+const PREFETCH_AHEAD: usize = 16;
+
 /// Short documents are written in chunks of this many values, the last one running past the
 /// document's end (the next document, the row's padding or the next row overwrites that);
 /// chunks of a constant width compile to a few vector instructions instead of a `memcpy`
 /// call and a remainder loop per document.
 const CHUNK: usize = 16;
+
+/// `PREFIX_MASKS[k]`: all ones in the first k lanes of a chunk, zeros after.
+static PREFIX_MASKS: [[i32; CHUNK]; CHUNK + 1] = {
+    let mut m = [[0; CHUNK]; CHUNK + 1];
+    let mut k = 0;
+    while k <= CHUNK {
+        let mut i = 0;
+        while i < k {
+            m[k][i] = -1;
+            i += 1;
+        }
+        k += 1;
+    }
+    m
+};
 
 /// Values after each array in a batch's buffer that the last row's chunks may run into.
 pub const SLACK: usize = CHUNK;
@@ -143,6 +161,11 @@ pub fn assemble(spec: &BatchSpec, tokens: &TokenFile, pad_id: i32, pool: &Pool) 
     // The same code compiled for AVX2 as well: twice the vector width for the conversions
     // and chunked stores, where the CPU has it (the wheel itself targets baseline x86-64).
     #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bw") {
+        // SAFETY: the CPU supports these, checked just above.
+        return unsafe { assemble_avx512(spec, tokens, pad_id, pool) };
+    }
+    #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU supports AVX2, checked just above.
         return unsafe { assemble_avx2(spec, tokens, pad_id, pool) };
@@ -153,6 +176,12 @@ pub fn assemble(spec: &BatchSpec, tokens: &TokenFile, pad_id: i32, pool: &Pool) 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn assemble_avx2(spec: &BatchSpec, tokens: &TokenFile, pad_id: i32, pool: &Pool) -> Result<Batch> {
+    assemble_any(spec, tokens, pad_id, pool)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx2")]
+unsafe fn assemble_avx512(spec: &BatchSpec, tokens: &TokenFile, pad_id: i32, pool: &Pool) -> Result<Batch> {
     assemble_any(spec, tokens, pad_id, pool)
 }
 
@@ -168,6 +197,21 @@ struct Assembler<'a, W> {
     tokens: &'a TokenFile,
     words: &'a [W],
     pad_id: i32,
+}
+
+/// One chunk of a row: `ids[i]` is `window[i]` for `i < real` and padding after it,
+/// `labels[i]` is `window[i + 1]` for `i < labeled` and IGNORE after it (`real`, `labeled`
+/// <= CHUNK).
+///
+/// Fixed-size arguments that cannot overlap (distinct `&mut`s), and a mask table instead of
+/// branches or lane arithmetic: the compiler turns this into a few vector instructions.
+#[inline(always)]
+fn masked_chunk<W: Word>(window: &[W; CHUNK + 1], real: usize, labeled: usize, pad_id: i32, ids: &mut [i32; CHUNK], labels: &mut [i32; CHUNK]) {
+    let (real, labeled) = (&PREFIX_MASKS[real], &PREFIX_MASKS[labeled]);
+    for i in 0..CHUNK {
+        ids[i] = (window[i].id() as i32 & real[i]) | (pad_id & !real[i]);
+        labels[i] = (window[i + 1].id() as i32 & labeled[i]) | (IGNORE & !labeled[i]);
+    }
 }
 
 /// Converts `src` into `out` (same length). Ids were checked against the vocabulary when
@@ -190,7 +234,13 @@ impl<W: Word> Assembler<'_, W> {
             && spec.rows().all(|r| r.len() == 1 && r[0].len as usize == cols && !r[0].ends_doc);
         let mut data = pool.take(2 * (n + SLACK));
         let mut b = Batch { rows, cols, data: Vec::new(), windows, cu: Vec::new(), max_seqlen: 0, n_tokens: 0, n_pad: 0 };
-        let result = if windows { self.windows(spec, &mut data, &mut b) } else { self.general(spec, &mut data, &mut b) };
+        let result = if windows {
+            self.windows(spec, &mut data, &mut b)
+        } else if spec.one_per_row {
+            self.one_per_row(spec, &mut data, &mut b)
+        } else {
+            self.general(spec, &mut data, &mut b)
+        };
         if let Err(e) = result {
             pool.give(data);
             return Err(e);
@@ -210,6 +260,27 @@ impl<W: Word> Assembler<'_, W> {
             sum = sum.wrapping_add(self.words.get(s.start as usize).map_or(0, |t| t.id()));
         }
         std::hint::black_box(sum);
+    }
+
+    /// Asks the CPU to bring the tokens a row of `span` values reads into the cache, without
+    /// waiting for them (unlike `touch`, whose loads hold up the instructions after them).
+    #[inline(always)]
+    fn prefetch(&self, seg: Segment, span: usize) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+            let base = self.words.as_ptr();
+            let (first, last) = (seg.start as usize, seg.start as usize + span);
+            // SAFETY: SSE is part of the x86-64 baseline, and a prefetch is a hint that neither
+            // reads nor faults, whatever the address; `wrapping_add` computes the addresses
+            // without claiming they are in bounds.
+            unsafe {
+                _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(first).cast());
+                _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(last).cast());
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (seg, span);
     }
 
     /// Full windows: each row's tokens and the one after them, converted once.
@@ -276,44 +347,109 @@ impl<W: Word> Assembler<'_, W> {
     }
 
     /// A row of one document (`seg.len <= cols`) at `at`, the file holding whole chunks over
-    /// the row from its start: both arrays written in fixed-width chunks with masks.
+    /// the row from its start.
     #[inline(always)]
     fn one_document(&self, seg: Segment, at: usize, cols: usize, out: &mut Out<'_>, b: &mut Batch, cu: &mut Vec<i32>) -> Result<()> {
-        let start = seg.start as usize;
         let len = seg.len as usize;
-        let span = cols.next_multiple_of(CHUNK);
-        let src = self.tokens.range(self.words, start, span + 1)?;
-        // Labels exist up to the end of the piece, or one before when it ends its document.
-        let labeled = len - usize::from(seg.ends_doc);
-        let (len32, labeled32, pad_id) = (len as i32, labeled as i32, self.pad_id);
-        let mut c = 0;
-        while c < span {
-            let t: &[W; CHUNK] = src[c..c + CHUNK].try_into().expect("chunk");
-            let u: &[W; CHUNK] = src[c + 1..c + 1 + CHUNK].try_into().expect("chunk");
-            // Computed in registers, then stored whole (the compiler cannot tell that the two
-            // output slices do not overlap, which would keep the loop scalar).
-            let (mut ids, mut labels) = ([0i32; CHUNK], [0i32; CHUNK]);
-            // Masks instead of branches or selects: all ones where a position holds the
-            // document (`real`) or has a label, all zeros elsewhere.
-            for i in 0..CHUNK {
-                let j = (c + i) as i32;
-                let real = (j - len32) >> 31;
-                let has_label = (j - labeled32) >> 31;
-                ids[i] = (t[i].id() as i32 & real) | (pad_id & !real);
-                labels[i] = (u[i].id() as i32 & has_label) | (IGNORE & !has_label);
-            }
-            let o = at + c;
-            out.ids[o..o + CHUNK].copy_from_slice(&ids);
-            out.labels[o..o + CHUNK].copy_from_slice(&labels);
-            c += CHUNK;
-        }
+        self.chunks(seg, at, cols.next_multiple_of(CHUNK), out)?;
         cu.push((at + len) as i32);
         if len < cols {
             cu.push((at + cols) as i32);
         }
-        b.n_tokens += labeled;
+        b.n_tokens += len - usize::from(seg.ends_doc);
         b.n_pad += cols - len;
         b.max_seqlen = b.max_seqlen.max(len).max(cols - len);
+        Ok(())
+    }
+
+    /// Rows of one document piece each, then empty rows (see `BatchSpec::one_per_row`): a
+    /// bucketed batch of short documents has thousands of rows, so this is the general loop
+    /// without its per-row decisions, with `cu_seqlens` written in place and the counters kept
+    /// in registers.
+    #[inline(always)]
+    fn one_per_row(&self, spec: &BatchSpec, data: &mut [i32], b: &mut Batch) -> Result<()> {
+        let (rows, cols) = (b.rows, b.cols);
+        let n = rows * cols;
+        let (ids, labels) = data.split_at_mut(n + SLACK);
+        let mut out = Out { ids, labels };
+        let segs = spec.segments();
+        let span = cols.next_multiple_of(CHUNK);
+        // Each row ends a document and, when shorter, a padding segment; both entries are
+        // written every row and the second is kept only with padding (no branch), so one
+        // spare entry at the end.
+        let mut cu = vec![0i32; 2 * rows + 2];
+        let mut k = 1;
+        let (mut n_tokens, mut n_pad, mut max_seqlen) = (0usize, 0usize, 0usize);
+        for (r, seg) in segs.iter().enumerate() {
+            // Issue the cache miss of a row a few ahead now, so it overlaps this row's work.
+            if let Some(ahead) = segs.get(r + PREFETCH_AHEAD) {
+                self.prefetch(*ahead, span);
+            }
+            let (at, len) = (r * cols, seg.len as usize);
+            if (seg.start as usize) + span < self.words.len() {
+                self.chunks(*seg, at, span, &mut out)?;
+            } else {
+                self.exact_row(*seg, at, cols, &mut out)?;
+            }
+            cu[k] = (at + len) as i32;
+            cu[k + 1] = (at + cols) as i32;
+            k += 1 + usize::from(len < cols);
+            n_tokens += len - usize::from(seg.ends_doc);
+            n_pad += cols - len;
+            max_seqlen = max_seqlen.max(len).max(cols - len);
+        }
+        // Empty rows: padding segments of a row each.
+        let filled = segs.len() * cols;
+        out.ids[filled..n].fill(self.pad_id);
+        out.labels[filled..n].fill(IGNORE);
+        for end in (filled..n).step_by(cols.max(1)) {
+            cu[k] = (end + cols) as i32;
+            k += 1;
+            max_seqlen = max_seqlen.max(cols);
+        }
+        cu.truncate(k);
+        b.cu = cu;
+        (b.n_tokens, b.n_pad, b.max_seqlen) = (n_tokens, n_pad + (n - filled), max_seqlen);
+        Ok(())
+    }
+
+    /// The row `seg` at `at`, then padding to `cols`: exact copies, for a document whose
+    /// row's whole chunks would run past the end of the file (the fixed-width path's limit).
+    #[cold]
+    fn exact_row(&self, seg: Segment, at: usize, cols: usize, out: &mut Out<'_>) -> Result<()> {
+        let len = seg.len as usize;
+        let next = usize::from(!seg.ends_doc);
+        let src = self.tokens.range(self.words, seg.start as usize, len + next)?;
+        let row = at..at + len;
+        convert(&src[..len], &mut out.ids[row.clone()]);
+        out.labels[at..at + len - 1].copy_from_slice(&out.ids[at + 1..at + len]);
+        out.labels[at + len - 1] = if next == 1 { src[len].id() as i32 } else { IGNORE };
+        out.ids[row.end..at + cols].fill(self.pad_id);
+        out.labels[row.end..at + cols].fill(IGNORE);
+        Ok(())
+    }
+
+    /// The row holding `seg` (`seg.len <= span`) at `at`, the file holding `span + 1` tokens
+    /// from its start: both arrays written over `span` values in fixed-width chunks with
+    /// masks (positions past the document get padding and no label).
+    #[inline(always)]
+    fn chunks(&self, seg: Segment, at: usize, span: usize, out: &mut Out<'_>) -> Result<()> {
+        let start = seg.start as usize;
+        let len = seg.len as usize;
+        let src = self.tokens.range(self.words, start, span + 1)?;
+        // Labels exist up to the end of the piece, or one before when it ends its document.
+        let labeled = len - usize::from(seg.ends_doc);
+        let pad_id = self.pad_id;
+        let mut c = 0;
+        while c < span {
+            let window: &[W; CHUNK + 1] = src[c..c + CHUNK + 1].try_into().expect("chunk");
+            let o = at + c;
+            let ids: &mut [i32; CHUNK] = (&mut out.ids[o..o + CHUNK]).try_into().expect("chunk");
+            let labels: &mut [i32; CHUNK] = (&mut out.labels[o..o + CHUNK]).try_into().expect("chunk");
+            let (real, with_label) = (len.saturating_sub(c).min(CHUNK), labeled.saturating_sub(c).min(CHUNK));
+            masked_chunk(window, real, with_label, pad_id, ids, labels);
+            c += CHUNK;
+        }
         Ok(())
     }
 
@@ -395,7 +531,8 @@ mod tests {
         let p = std::env::temp_dir().join(format!("bulba-batch-{}-{tag}.bin", std::process::id()));
         let bytes: Vec<u8> = tokens.iter().flat_map(|t| t.to_le_bytes()).collect();
         std::fs::File::create(&p).unwrap().write_all(&bytes).unwrap();
-        TokenFile::open(&p, Dtype::U16, 100, None).unwrap()
+        // Checked as batches read it, as a large file is (small ones are checked on open).
+        TokenFile::open_checking(&p, Dtype::U16, 100, None, 0).unwrap()
     }
 
     fn seg(start: u64, len: u32, ends_doc: bool) -> Segment {
@@ -463,6 +600,38 @@ mod tests {
         assert_eq!(b.n_pad, pad);
         let longest = cu.windows(2).map(|w| (w[1] - w[0]) as usize).max().unwrap();
         assert_eq!(b.max_seqlen, longest);
+    }
+
+    #[test]
+    fn one_document_rows_agree_with_general_rows() {
+        // Rows of widths that are and are not a multiple of CHUNK; documents and non-final
+        // pieces; rows whose chunks would run past the end of the file; empty tail rows.
+        let toks: Vec<u16> = (0..100).map(|i| (i * 13 % 90) as u16 + 1).collect();
+        let tf = token_file("onerow", &toks);
+        for cols in [5, 16, 24, 40] {
+            let segs: Vec<Segment> = [(3, 5, true), (50, 1, true), (20, 5, false), (95, 5, true), (90, 4, false), (60, 2, true)]
+                .iter()
+                .map(|&(start, len, ends)| seg(start, len.min(cols as u32), ends))
+                .collect();
+            let rows = segs.len() + 2;
+            let mut general = BatchSpec::new(cols, rows);
+            segs.iter().for_each(|s| general.push_row(std::slice::from_ref(s)));
+            (0..2).for_each(|_| general.push_row(&[]));
+            let fast = BatchSpec::one_per_row(cols, rows, segs.clone());
+            assert!(fast.one_per_row && fast.rows().eq(general.rows()), "{cols}");
+            // Reused buffers full of junk: every value must be written.
+            let pool = Pool::default();
+            pool.give(vec![12345; 4000]);
+            let want = assemble(&general, &tf, 99, &pool).unwrap();
+            pool.give(vec![-7; 4000]);
+            assert_eq!(assemble(&fast, &tf, 99, &pool).unwrap(), want, "cols {cols}");
+        }
+        // A bad id in a row is an error, as in a general row.
+        let mut toks: Vec<u16> = (0..3 << 16).map(|i| (i % 90) as u16 + 1).collect();
+        toks[100_000] = 500;
+        let tf = token_file("onerow-vocab", &toks);
+        let spec = BatchSpec::one_per_row(16, 2, vec![seg(100, 8, true), seg(99_995, 8, true)]);
+        assert!(assemble(&spec, &tf, 0, &Pool::default()).unwrap_err().0.contains("500"));
     }
 
     #[test]

@@ -29,36 +29,93 @@ pub struct Segment {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BatchSpec {
     pub cols: usize,
-    segments: Vec<Segment>,
-    /// Row r holds `segments[row_ends[r - 1]..row_ends[r]]` (from 0 for the first row).
+    n_rows: usize,
+    segments: Segments,
+    /// Row r holds `segments[row_ends[r - 1]..row_ends[r]]` (from 0 for the first row); empty
+    /// when `one_per_row`.
     row_ends: Vec<usize>,
     /// From the stream sampler: when every row is a full window, the batch stores only
     /// input_ids and labels (see `Batch::windows`).
     pub windows: bool,
+    /// From the bucketed sampler: row r holds exactly `segments[r]`, and the rows after the
+    /// last segment are empty (an epoch's padded tail). Assembly then skips the per-row work
+    /// of general rows, which matters for batches of thousands of one-sentence rows.
+    pub one_per_row: bool,
 }
+
+/// The segments of a batch: its own list, or a run of a shared list (a bucketed batch is a
+/// run of its bucket's shuffled documents: referenced, not copied).
+#[derive(Debug, Clone)]
+enum Segments {
+    Owned(Vec<Segment>),
+    Shared { lists: EpochDocs, list: usize, run: std::ops::Range<usize> },
+}
+
+impl std::ops::Deref for Segments {
+    type Target = [Segment];
+
+    fn deref(&self) -> &[Segment] {
+        match self {
+            Self::Owned(v) => v,
+            Self::Shared { lists, list, run } => &lists[*list][run.clone()],
+        }
+    }
+}
+
+impl PartialEq for Segments {
+    fn eq(&self, other: &Self) -> bool {
+        **self == **other
+    }
+}
+
+impl Eq for Segments {}
 
 impl BatchSpec {
     pub fn new(cols: usize, rows: usize) -> Self {
-        Self { cols, segments: Vec::with_capacity(rows), row_ends: Vec::with_capacity(rows), windows: false }
+        Self {
+            cols,
+            n_rows: 0,
+            segments: Segments::Owned(Vec::with_capacity(rows)),
+            row_ends: Vec::with_capacity(rows),
+            windows: false,
+            one_per_row: false,
+        }
+    }
+
+    /// `rows` rows of `cols` slots holding one of `segments` each, in order, then empty rows.
+    pub fn one_per_row(cols: usize, rows: usize, segments: Vec<Segment>) -> Self {
+        Self::one_per_row_of(cols, rows, Segments::Owned(segments))
+    }
+
+    fn one_per_row_of(cols: usize, rows: usize, segments: Segments) -> Self {
+        debug_assert!(segments.len() <= rows && segments.iter().all(|s| s.len as usize <= cols));
+        Self { cols, n_rows: rows, segments, row_ends: Vec::new(), windows: false, one_per_row: true }
     }
 
     pub fn push_row(&mut self, segments: &[Segment]) {
         debug_assert!(segments.iter().map(|s| s.len as usize).sum::<usize>() <= self.cols);
-        self.segments.extend_from_slice(segments);
-        self.row_ends.push(self.segments.len());
+        let Segments::Owned(own) = &mut self.segments else { unreachable!("rows are pushed only to new specs") };
+        own.extend_from_slice(segments);
+        self.row_ends.push(own.len());
+        self.n_rows += 1;
     }
 
     pub fn n_rows(&self) -> usize {
-        self.row_ends.len()
+        self.n_rows
     }
 
-    pub fn rows(&self) -> impl Iterator<Item = &[Segment]> + '_ {
+    pub fn rows(&self) -> Box<dyn Iterator<Item = &[Segment]> + '_> {
+        if self.one_per_row {
+            let empty = self.n_rows - self.segments.len();
+            return Box::new(self.segments.chunks(1).chain(std::iter::repeat_n(&[][..], empty)));
+        }
         let starts = std::iter::once(0).chain(self.row_ends.iter().copied());
-        starts.zip(&self.row_ends).map(|(a, &z)| &self.segments[a..z])
+        Box::new(starts.zip(&self.row_ends).map(|(a, &z)| &self.segments[a..z]))
     }
 
-    /// Where each row's segments end in `segments()`.
+    /// Where each row's segments end in `segments()` (not for `one_per_row` specs).
     pub fn row_ends(&self) -> &[usize] {
+        debug_assert!(!self.one_per_row);
         &self.row_ends
     }
 
@@ -376,13 +433,13 @@ pub fn best_fit_decreasing_lens(lens: &[u32], cap: u32) -> Vec<Vec<usize>> {
 
 // ----------------------------------------------------------------------------------- bucketed
 
+/// Every bucket's document pieces in one epoch's shuffled order.
+type EpochDocs = Arc<Vec<Vec<Segment>>>;
+
 /// Documents (split at the longest bucket) grouped by the smallest bucket length that holds
 /// them, one document per row padded to the bucket length; each bucket's batches have
 /// `token_budget / bucket` rows, so every batch holds about the same number of slots and
 /// torch.compile sees only `buckets.len()` shapes.
-/// Every bucket's document pieces in one epoch's shuffled order.
-type EpochDocs = Arc<Vec<Vec<Segment>>>;
-
 #[derive(Debug)]
 pub struct BucketedPlan {
     buckets: Vec<Bucket>,
@@ -475,9 +532,7 @@ impl Plan for BucketedPlan {
         if global >= self.global_batches() {
             // Only without drop_last: an all-padding batch so every rank steps equally often.
             let b = &self.buckets[0];
-            let mut spec = BatchSpec::new(b.len as usize, b.rows as usize);
-            (0..b.rows).for_each(|_| spec.push_row(&[]));
-            return spec;
+            return BatchSpec::one_per_row(b.len as usize, b.rows as usize, Vec::new());
         }
         let j = self.shard.perm(self.global_batches(), epoch, 2).apply(global);
         let bi = self.cum.partition_point(|&c| c <= j) - 1;
@@ -486,13 +541,9 @@ impl Plan for BucketedPlan {
         let shuffled = self.shuffled(epoch);
         let docs = &shuffled[bi];
         let rows = bucket.rows as usize;
-        let mut spec = BatchSpec::new(bucket.len as usize, rows);
-        let take = &docs[(chunk * rows).min(docs.len())..((chunk + 1) * rows).min(docs.len())];
-        spec.segments.extend_from_slice(take);
-        spec.row_ends.extend(1..=take.len());
-        // The padded tail (drop_last = false): empty rows.
-        spec.row_ends.resize(rows, take.len());
-        spec
+        // The last chunk of a bucket may be short (drop_last = false): empty rows after it.
+        let run = (chunk * rows).min(docs.len())..((chunk + 1) * rows).min(docs.len());
+        BatchSpec::one_per_row_of(bucket.len as usize, rows, Segments::Shared { lists: shuffled, list: bi, run })
     }
 
     fn padding_frac(&self) -> f64 {

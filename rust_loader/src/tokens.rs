@@ -67,9 +67,11 @@ impl Word for u32 {
     }
 }
 
-/// How many tokens at each end of the file are checked against the vocabulary on open; the
-/// rest is checked as batches copy it (a full scan of a multi-GB file on open is not cheap).
+/// How many tokens at each end of a large file are checked against the vocabulary on open;
+/// the rest is checked as batches read it (a full scan of a multi-GB file on open is not
+/// cheap). Files up to `CHECK_ALL_BYTES` are checked whole on open (a few ms).
 const VOCAB_CHECK_TOKENS: usize = 1 << 16;
+const CHECK_ALL_BYTES: u64 = 64 << 20;
 
 /// Token ids are checked against the vocabulary in blocks of this many tokens, each block
 /// once, the first time a batch reads from it (a vectorized pass of ~10 µs): batch assembly
@@ -94,11 +96,19 @@ pub struct TokenFile {
     reads: Option<AtomicUsize>,
     /// One bit per block of `CHECK_BLOCK` tokens: set once all its ids were found < vocab_size.
     checked: Vec<AtomicU64>,
+    /// Blocks not checked yet: once 0, `verify` is a single load.
+    unchecked: AtomicUsize,
 }
 
 impl TokenFile {
     /// Maps `path`, checking its size against the dtype and `expected_tokens` (from meta.json).
     pub fn open(path: &Path, dtype: Dtype, vocab_size: u32, expected_tokens: Option<u64>) -> Result<Self> {
+        Self::open_checking(path, dtype, vocab_size, expected_tokens, CHECK_ALL_BYTES)
+    }
+
+    /// `open`, checking the whole file against the vocabulary when it has at most
+    /// `check_all_bytes` bytes, else only its ends (the rest as batches read it).
+    pub fn open_checking(path: &Path, dtype: Dtype, vocab_size: u32, expected_tokens: Option<u64>, check_all_bytes: u64) -> Result<Self> {
         let file = File::open(path).map_err(|e| DataError::at(path, format!("cannot open: {e}")))?;
         let bytes = file.metadata().map_err(|e| DataError::at(path, e))?.len();
         if bytes % dtype.size() as u64 != 0 {
@@ -128,10 +138,16 @@ impl TokenFile {
             Some(map)
         };
         let reads = (bytes > RELEASE_ABOVE_BYTES).then(|| AtomicUsize::new(0));
-        let checked = (0..len.div_ceil(CHECK_BLOCK).div_ceil(64)).map(|_| AtomicU64::new(0)).collect();
-        let tf = Self { path: path.to_path_buf(), map, dtype, len, vocab_size, reads, checked };
-        tf.check_vocab(0, len.min(VOCAB_CHECK_TOKENS))?;
-        tf.check_vocab(len.saturating_sub(VOCAB_CHECK_TOKENS), len)?;
+        let blocks = len.div_ceil(CHECK_BLOCK);
+        let checked = (0..blocks.div_ceil(64)).map(|_| AtomicU64::new(0)).collect();
+        let unchecked = AtomicUsize::new(blocks);
+        let tf = Self { path: path.to_path_buf(), map, dtype, len, vocab_size, reads, checked, unchecked };
+        if bytes <= check_all_bytes {
+            tf.verify(0, len)?;
+        } else {
+            tf.check_vocab(0, len.min(VOCAB_CHECK_TOKENS))?;
+            tf.check_vocab(len.saturating_sub(VOCAB_CHECK_TOKENS), len)?;
+        }
         Ok(tf)
     }
 
@@ -203,7 +219,7 @@ impl TokenFile {
     /// block of `CHECK_BLOCK` tokens it touches the first time only.
     #[inline(always)]
     pub fn verify(&self, start: usize, end: usize) -> Result<()> {
-        if end <= start {
+        if end <= start || self.unchecked.load(Ordering::Relaxed) == 0 {
             return Ok(());
         }
         let (mut block, last) = (start / CHECK_BLOCK, (end - 1) / CHECK_BLOCK);
@@ -227,7 +243,11 @@ impl TokenFile {
         if max >= self.vocab_size {
             return Err(self.vocab_error(range.start, range.end));
         }
-        self.checked[block / 64].fetch_or(1u64 << (block % 64), Ordering::Relaxed);
+        let bit = 1u64 << (block % 64);
+        // Counted once per block, whichever thread set its bit first.
+        if self.checked[block / 64].fetch_or(bit, Ordering::Relaxed) & bit == 0 {
+            self.unchecked.fetch_sub(1, Ordering::Relaxed);
+        }
         Ok(())
     }
 
@@ -403,6 +423,16 @@ mod tests {
         assert!(e.0.contains("vocab_size 5"), "{e}");
         let p = write(&d, "n.bin", &[1, 0]);
         assert!(TokenFile::open(&p, Dtype::U16, 5, Some(2)).is_err());
+        // Deep inside a small file: found on open. Checking only the ends on open (as for
+        // large files) leaves it to `verify`, which finds it too.
+        let mut toks = vec![1u8; 6 << 17];
+        toks[5 << 16] = 9; // token 163840 = 0x0909
+        toks[(5 << 16) + 1] = 9;
+        let p = write(&d, "deep.bin", &toks);
+        let e = TokenFile::open(&p, Dtype::U16, 300, None).unwrap_err();
+        assert!(e.0.contains("2313 at position 163840"), "{e}");
+        let tf = TokenFile::open_checking(&p, Dtype::U16, 300, None, 0).unwrap();
+        assert!(tf.verify(0, 100).is_ok() && tf.verify(160_000, 170_000).is_err());
     }
 
     #[test]
