@@ -21,6 +21,7 @@
 use std::sync::{Mutex, PoisonError};
 
 use crate::error::Result;
+use crate::hint::prefetch;
 use crate::plan::{BatchSpec, Segment};
 use crate::tokens::{TokenFile, Word, Words};
 
@@ -262,27 +263,6 @@ impl<W: Word> Assembler<'_, W> {
         std::hint::black_box(sum);
     }
 
-    /// Asks the CPU to bring the tokens a row of `span` values reads into the cache, without
-    /// waiting for them (unlike `touch`, whose loads hold up the instructions after them).
-    #[inline(always)]
-    fn prefetch(&self, seg: Segment, span: usize) {
-        #[cfg(target_arch = "x86_64")]
-        {
-            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-            let base = self.words.as_ptr();
-            let (first, last) = (seg.start as usize, seg.start as usize + span);
-            // SAFETY: SSE is part of the x86-64 baseline, and a prefetch is a hint that neither
-            // reads nor faults, whatever the address; `wrapping_add` computes the addresses
-            // without claiming they are in bounds.
-            unsafe {
-                _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(first).cast());
-                _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(last).cast());
-            }
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        let _ = (seg, span);
-    }
-
     /// Full windows: each row's tokens and the one after them, converted once.
     #[inline(always)]
     fn windows(&self, spec: &BatchSpec, data: &mut [i32], b: &mut Batch) -> Result<()> {
@@ -383,7 +363,8 @@ impl<W: Word> Assembler<'_, W> {
         for (r, seg) in segs.iter().enumerate() {
             // Issue the cache miss of a row a few ahead now, so it overlaps this row's work.
             if let Some(ahead) = segs.get(r + PREFETCH_AHEAD) {
-                self.prefetch(*ahead, span);
+                prefetch(self.words, ahead.start as usize);
+                prefetch(self.words, ahead.start as usize + span);
             }
             let (at, len) = (r * cols, seg.len as usize);
             if (seg.start as usize) + span < self.words.len() {

@@ -5,6 +5,7 @@
 pub mod batch;
 pub mod engine;
 pub mod error;
+pub mod hint;
 pub mod perm;
 pub mod plan;
 pub mod prefetch;

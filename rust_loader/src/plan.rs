@@ -6,7 +6,7 @@
 //! exactly once, except that `drop_last` drops fewer than one global batch's worth, a different
 //! random subset every epoch.
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use crate::error::{DataError, Result};
 use crate::perm::{mix, shuffle, Permutation};
@@ -448,10 +448,17 @@ pub struct BucketedPlan {
     shard: Sharding,
     /// Each bucket's documents in the order of the last epochs asked for. A batch of short
     /// documents has thousands of rows: gathering them through the permutation one by one
-    /// costs a cache miss each, copying a run of a shuffled list does not. Two entries, so
-    /// workers on both sides of an epoch boundary do not evict each other.
-    shuffled: Mutex<Vec<(u64, EpochDocs)>>,
+    /// costs a cache miss each, referencing a run of a shuffled list does not. Three entries:
+    /// the next epoch is prepared while workers are still in the current one (see `batch`).
+    shuffled: Mutex<Vec<(u64, EpochCell)>>,
 }
+
+/// One epoch's lists, computed once by the first thread that needs them (outside the cache's
+/// lock, so threads that need other epochs do not wait).
+type EpochCell = Arc<OnceLock<EpochDocs>>;
+
+/// Entries kept in `BucketedPlan::shuffled`.
+const EPOCHS_KEPT: usize = 3;
 
 #[derive(Debug, Clone)]
 struct Bucket {
@@ -496,29 +503,34 @@ impl BucketedPlan {
     }
 
     fn shuffled(&self, epoch: u64) -> EpochDocs {
-        // A panic elsewhere cannot leave this cache inconsistent: ignore poisoning.
-        let mut cache = self.shuffled.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some((_, docs)) = cache.iter().find(|(e, _)| *e == epoch) {
-            return Arc::clone(docs);
-        }
-        let docs: EpochDocs = Arc::new(
-            self.buckets
-                .iter()
-                .enumerate()
-                .map(|(bi, b)| {
-                    let mut docs = b.docs.clone();
-                    if self.shard.shuffle {
-                        shuffle(&mut docs, mix(&[self.shard.seed, epoch, 3 + bi as u64]));
+        let cell = {
+            // A panic elsewhere cannot leave this cache inconsistent: ignore poisoning.
+            let mut cache = self.shuffled.lock().unwrap_or_else(PoisonError::into_inner);
+            match cache.iter().find(|(e, _)| *e == epoch) {
+                Some((_, cell)) => Arc::clone(cell),
+                None => {
+                    if cache.len() >= EPOCHS_KEPT {
+                        cache.remove(0);
                     }
-                    docs
-                })
-                .collect(),
-        );
-        if cache.len() >= 2 {
-            cache.remove(0);
-        }
-        cache.push((epoch, Arc::clone(&docs)));
-        docs
+                    let cell = EpochCell::default();
+                    cache.push((epoch, Arc::clone(&cell)));
+                    cell
+                }
+            }
+        };
+        Arc::clone(cell.get_or_init(|| self.shuffle_epoch(epoch)))
+    }
+
+    /// Every bucket's documents in epoch `epoch`'s order.
+    fn shuffle_epoch(&self, epoch: u64) -> EpochDocs {
+        let lists = self.buckets.iter().enumerate().map(|(bi, b)| {
+            let mut docs = b.docs.clone();
+            if self.shard.shuffle {
+                shuffle(&mut docs, mix(&[self.shard.seed, epoch, 3 + bi as u64]));
+            }
+            docs
+        });
+        Arc::new(lists.collect())
     }
 }
 
@@ -539,6 +551,13 @@ impl Plan for BucketedPlan {
         let bucket = &self.buckets[bi];
         let chunk = (j - self.cum[bi]) as usize;
         let shuffled = self.shuffled(epoch);
+        if index == self.batches_per_epoch() / 2 {
+            // Shuffling an epoch's lists takes a while (~0.15 ms per 100k documents): done
+            // here, by the one worker that assembles this batch, the next epoch's lists are
+            // ready before any worker needs them, instead of all workers waiting for them at
+            // the boundary.
+            self.shuffled(epoch + 1);
+        }
         let docs = &shuffled[bi];
         let rows = bucket.rows as usize;
         // The last chunk of a bucket may be short (drop_last = false): empty rows after it.
