@@ -200,6 +200,19 @@ struct Assembler<'a, W> {
     pad_id: i32,
 }
 
+/// A row of one document of `len` tokens, `labeled` of them with a label, from `src` (the
+/// document and more: `ids.len() + 1` tokens): `ids` and `labels` (a multiple of CHUNK long)
+/// written in fixed-width chunks, positions past the document getting padding and no label.
+#[inline(always)]
+fn masked_row<W: Word>(src: &[W], len: usize, labeled: usize, pad_id: i32, ids: &mut [i32], labels: &mut [i32]) {
+    for (c, (ids, labels)) in ids.chunks_exact_mut(CHUNK).zip(labels.chunks_exact_mut(CHUNK)).enumerate() {
+        let o = c * CHUNK;
+        let window: &[W; CHUNK + 1] = src[o..o + CHUNK + 1].try_into().expect("chunk");
+        let (ids, labels) = (ids.try_into().expect("chunk"), labels.try_into().expect("chunk"));
+        masked_chunk(window, len.saturating_sub(o).min(CHUNK), labeled.saturating_sub(o).min(CHUNK), pad_id, ids, labels);
+    }
+}
+
 /// One chunk of a row: `ids[i]` is `window[i]` for `i < real` and padding after it,
 /// `labels[i]` is `window[i + 1]` for `i < labeled` and IGNORE after it (`real`, `labeled`
 /// <= CHUNK).
@@ -343,54 +356,67 @@ impl<W: Word> Assembler<'_, W> {
     }
 
     /// Rows of one document piece each, then empty rows (see `BatchSpec::one_per_row`): a
-    /// bucketed batch of short documents has thousands of rows, so this is the general loop
-    /// without its per-row decisions, with `cu_seqlens` written in place and the counters kept
-    /// in registers.
+    /// bucketed batch of short documents has thousands of rows, so the copy loop does nothing
+    /// but copy (checks before it, `cu_seqlens` and counts after it).
     #[inline(always)]
     fn one_per_row(&self, spec: &BatchSpec, data: &mut [i32], b: &mut Batch) -> Result<()> {
         let (rows, cols) = (b.rows, b.cols);
         let n = rows * cols;
-        let (ids, labels) = data.split_at_mut(n + SLACK);
-        let mut out = Out { ids, labels };
         let segs = spec.segments();
         let span = cols.next_multiple_of(CHUNK);
-        // Each row ends a document and, when shorter, a padding segment; both entries are
-        // written every row and the second is kept only with padding (no branch), so one
-        // spare entry at the end.
-        let mut cu = vec![0i32; 2 * rows + 2];
-        let mut k = 1;
-        let (mut n_tokens, mut n_pad, mut max_seqlen) = (0usize, 0usize, 0usize);
+        // Ids against the vocabulary, unless the whole file was checked already.
+        if !self.tokens.all_checked() {
+            for s in segs {
+                let start = s.start as usize;
+                self.tokens.verify(start, (start + s.len as usize + 1).min(self.words.len()))?;
+            }
+        }
+        let (ids, labels) = data.split_at_mut(n + SLACK);
+        let mut out = Out { ids, labels };
         for (r, seg) in segs.iter().enumerate() {
-            // Issue the cache miss of a row a few ahead now, so it overlaps this row's work.
+            // Start the cache misses of a row a few ahead now, so they overlap this row's work.
             if let Some(ahead) = segs.get(r + PREFETCH_AHEAD) {
                 prefetch(self.words, ahead.start as usize);
                 prefetch(self.words, ahead.start as usize + span);
             }
-            let (at, len) = (r * cols, seg.len as usize);
-            if (seg.start as usize) + span < self.words.len() {
-                self.chunks(*seg, at, span, &mut out)?;
-            } else {
-                self.exact_row(*seg, at, cols, &mut out)?;
+            let (at, start, len) = (r * cols, seg.start as usize, seg.len as usize);
+            match self.words.get(start..start + span + 1) {
+                Some(src) => {
+                    self.tokens.note_read();
+                    let labeled = len - usize::from(seg.ends_doc);
+                    let (ids, labels) = (&mut out.ids[at..at + span], &mut out.labels[at..at + span]);
+                    masked_row(src, len, labeled, self.pad_id, ids, labels);
+                }
+                None => self.exact_row(*seg, at, cols, &mut out)?,
             }
+        }
+        // Empty rows.
+        let filled = segs.len() * cols;
+        out.ids[filled..n].fill(self.pad_id);
+        out.labels[filled..n].fill(IGNORE);
+        // cu_seqlens: each row's document, then its padding (if any) as a segment of its own.
+        // Both entries are written for every row and the second kept only with padding: no
+        // branch (rows with and without padding alternate at random), one spare entry.
+        let mut cu = vec![0i32; 2 * rows + 2];
+        let mut k = 1;
+        let (mut n_tokens, mut max_seqlen) = (0usize, 0usize);
+        for (r, seg) in segs.iter().enumerate() {
+            let (at, len) = (r * cols, seg.len as usize);
             cu[k] = (at + len) as i32;
             cu[k + 1] = (at + cols) as i32;
             k += 1 + usize::from(len < cols);
             n_tokens += len - usize::from(seg.ends_doc);
-            n_pad += cols - len;
             max_seqlen = max_seqlen.max(len).max(cols - len);
         }
-        // Empty rows: padding segments of a row each.
-        let filled = segs.len() * cols;
-        out.ids[filled..n].fill(self.pad_id);
-        out.labels[filled..n].fill(IGNORE);
-        for end in (filled..n).step_by(cols.max(1)) {
-            cu[k] = (end + cols) as i32;
+        for at in (filled..n).step_by(cols) {
+            cu[k] = (at + cols) as i32;
             k += 1;
             max_seqlen = max_seqlen.max(cols);
         }
         cu.truncate(k);
+        let used: usize = segs.iter().map(|s| s.len as usize).sum();
         b.cu = cu;
-        (b.n_tokens, b.n_pad, b.max_seqlen) = (n_tokens, n_pad + (n - filled), max_seqlen);
+        (b.n_tokens, b.n_pad, b.max_seqlen) = (n_tokens, n - used, max_seqlen);
         Ok(())
     }
 
@@ -411,26 +437,13 @@ impl<W: Word> Assembler<'_, W> {
     }
 
     /// The row holding `seg` (`seg.len <= span`) at `at`, the file holding `span + 1` tokens
-    /// from its start: both arrays written over `span` values in fixed-width chunks with
-    /// masks (positions past the document get padding and no label).
+    /// from its start: both arrays written over `span` values (see `masked_row`).
     #[inline(always)]
     fn chunks(&self, seg: Segment, at: usize, span: usize, out: &mut Out<'_>) -> Result<()> {
-        let start = seg.start as usize;
         let len = seg.len as usize;
-        let src = self.tokens.range(self.words, start, span + 1)?;
-        // Labels exist up to the end of the piece, or one before when it ends its document.
+        let src = self.tokens.range(self.words, seg.start as usize, span + 1)?;
         let labeled = len - usize::from(seg.ends_doc);
-        let pad_id = self.pad_id;
-        let mut c = 0;
-        while c < span {
-            let window: &[W; CHUNK + 1] = src[c..c + CHUNK + 1].try_into().expect("chunk");
-            let o = at + c;
-            let ids: &mut [i32; CHUNK] = (&mut out.ids[o..o + CHUNK]).try_into().expect("chunk");
-            let labels: &mut [i32; CHUNK] = (&mut out.labels[o..o + CHUNK]).try_into().expect("chunk");
-            let (real, with_label) = (len.saturating_sub(c).min(CHUNK), labeled.saturating_sub(c).min(CHUNK));
-            masked_chunk(window, real, with_label, pad_id, ids, labels);
-            c += CHUNK;
-        }
+        masked_row(src, len, labeled, self.pad_id, &mut out.ids[at..at + span], &mut out.labels[at..at + span]);
         Ok(())
     }
 

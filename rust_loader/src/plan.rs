@@ -57,7 +57,7 @@ impl std::ops::Deref for Segments {
     fn deref(&self) -> &[Segment] {
         match self {
             Self::Owned(v) => v,
-            Self::Shared { lists, list, run } => &lists[*list][run.clone()],
+            Self::Shared { lists, list, run } => &lists[*list].get().expect("filled before it is shared")[run.clone()],
         }
     }
 }
@@ -433,8 +433,9 @@ pub fn best_fit_decreasing_lens(lens: &[u32], cap: u32) -> Vec<Vec<usize>> {
 
 // ----------------------------------------------------------------------------------- bucketed
 
-/// Every bucket's document pieces in one epoch's shuffled order.
-type EpochDocs = Arc<Vec<Vec<Segment>>>;
+/// Every bucket's document pieces in one epoch's shuffled order, each list shuffled by the
+/// first thread that needs it (outside any lock: threads that need other lists do not wait).
+type EpochDocs = Arc<[OnceLock<Vec<Segment>>]>;
 
 /// Documents (split at the longest bucket) grouped by the smallest bucket length that holds
 /// them, one document per row padded to the bucket length; each bucket's batches have
@@ -450,12 +451,8 @@ pub struct BucketedPlan {
     /// documents has thousands of rows: gathering them through the permutation one by one
     /// costs a cache miss each, referencing a run of a shuffled list does not. Three entries:
     /// the next epoch is prepared while workers are still in the current one (see `batch`).
-    shuffled: Mutex<Vec<(u64, EpochCell)>>,
+    shuffled: Mutex<Vec<(u64, EpochDocs)>>,
 }
-
-/// One epoch's lists, computed once by the first thread that needs them (outside the cache's
-/// lock, so threads that need other epochs do not wait).
-type EpochCell = Arc<OnceLock<EpochDocs>>;
 
 /// Entries kept in `BucketedPlan::shuffled`.
 const EPOCHS_KEPT: usize = 3;
@@ -502,35 +499,30 @@ impl BucketedPlan {
         self.cum.last().copied().unwrap_or(0)
     }
 
+    /// Epoch `epoch`'s lists (each shuffled when first asked for, see `list`).
     fn shuffled(&self, epoch: u64) -> EpochDocs {
-        let cell = {
-            // A panic elsewhere cannot leave this cache inconsistent: ignore poisoning.
-            let mut cache = self.shuffled.lock().unwrap_or_else(PoisonError::into_inner);
-            match cache.iter().find(|(e, _)| *e == epoch) {
-                Some((_, cell)) => Arc::clone(cell),
-                None => {
-                    if cache.len() >= EPOCHS_KEPT {
-                        cache.remove(0);
-                    }
-                    let cell = EpochCell::default();
-                    cache.push((epoch, Arc::clone(&cell)));
-                    cell
-                }
-            }
-        };
-        Arc::clone(cell.get_or_init(|| self.shuffle_epoch(epoch)))
+        // A panic elsewhere cannot leave this cache inconsistent: ignore poisoning.
+        let mut cache = self.shuffled.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((_, lists)) = cache.iter().find(|(e, _)| *e == epoch) {
+            return Arc::clone(lists);
+        }
+        if cache.len() >= EPOCHS_KEPT {
+            cache.remove(0);
+        }
+        let lists: EpochDocs = self.buckets.iter().map(|_| OnceLock::new()).collect();
+        cache.push((epoch, Arc::clone(&lists)));
+        lists
     }
 
-    /// Every bucket's documents in epoch `epoch`'s order.
-    fn shuffle_epoch(&self, epoch: u64) -> EpochDocs {
-        let lists = self.buckets.iter().enumerate().map(|(bi, b)| {
-            let mut docs = b.docs.clone();
+    /// Bucket `bi`'s documents in epoch `epoch`'s order.
+    fn list<'a>(&self, lists: &'a EpochDocs, epoch: u64, bi: usize) -> &'a [Segment] {
+        lists[bi].get_or_init(|| {
+            let mut docs = self.buckets[bi].docs.clone();
             if self.shard.shuffle {
                 shuffle(&mut docs, mix(&[self.shard.seed, epoch, 3 + bi as u64]));
             }
             docs
-        });
-        Arc::new(lists.collect())
+        })
     }
 }
 
@@ -551,18 +543,17 @@ impl Plan for BucketedPlan {
         let bucket = &self.buckets[bi];
         let chunk = (j - self.cum[bi]) as usize;
         let shuffled = self.shuffled(epoch);
-        if index == self.batches_per_epoch() / 2 {
-            // Shuffling an epoch's lists takes a while (~0.15 ms per 100k documents): done
-            // here, by the one worker that assembles this batch, the next epoch's lists are
-            // ready before any worker needs them, instead of all workers waiting for them at
-            // the boundary.
-            self.shuffled(epoch + 1);
+        // Shuffling a list takes a while (~0.15 ms per 100k documents). The next epoch's are
+        // shuffled from the middle of this one on, a bucket per batch, so the workers share
+        // the work and none of them waits for a list at the boundary.
+        if let Some(next) = index.checked_sub(self.batches_per_epoch() / 2).filter(|&k| k < self.buckets.len() as u64) {
+            self.list(&self.shuffled(epoch + 1), epoch + 1, next as usize);
         }
-        let docs = &shuffled[bi];
+        let docs = self.list(&shuffled, epoch, bi);
         let rows = bucket.rows as usize;
         // The last chunk of a bucket may be short (drop_last = false): empty rows after it.
         let run = (chunk * rows).min(docs.len())..((chunk + 1) * rows).min(docs.len());
-        BatchSpec::one_per_row_of(bucket.len as usize, rows, Segments::Shared { lists: shuffled, list: bi, run })
+        BatchSpec::one_per_row_of(bucket.len as usize, rows, Segments::Shared { lists: Arc::clone(&shuffled), list: bi, run })
     }
 
     fn padding_frac(&self) -> f64 {

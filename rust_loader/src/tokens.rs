@@ -215,11 +215,17 @@ impl TokenFile {
         }
     }
 
+    /// Every block was checked against the vocabulary: `verify` has nothing left to do.
+    #[inline(always)]
+    pub fn all_checked(&self) -> bool {
+        self.unchecked.load(Ordering::Relaxed) == 0
+    }
+
     /// Checks that every id in `start..end` (within the file) is < vocab_size, scanning each
     /// block of `CHECK_BLOCK` tokens it touches the first time only.
     #[inline(always)]
     pub fn verify(&self, start: usize, end: usize) -> Result<()> {
-        if end <= start || self.unchecked.load(Ordering::Relaxed) == 0 {
+        if end <= start || self.all_checked() {
             return Ok(());
         }
         let (mut block, last) = (start / CHECK_BLOCK, (end - 1) / CHECK_BLOCK);
@@ -288,7 +294,7 @@ impl TokenFile {
     /// the mappings every few reads keeps RSS flat. A dropped page that is read again just
     /// faults back in from the page cache.
     #[inline(always)]
-    fn note_read(&self) {
+    pub fn note_read(&self) {
         let Some(reads) = &self.reads else { return };
         if (reads.fetch_add(1, Ordering::Relaxed) + 1).is_multiple_of(RELEASE_EVERY_READS) {
             #[cfg(unix)]
