@@ -55,6 +55,9 @@ static PREFIX_MASKS: [[i32; CHUNK]; CHUNK + 1] = {
     m
 };
 
+/// Two chunks: the other row width `one_per_row` is compiled for.
+const SPAN_2: usize = 2 * CHUNK;
+
 /// Values after each array in a batch's buffer that the last row's chunks may run into.
 pub const SLACK: usize = CHUNK;
 
@@ -251,7 +254,12 @@ impl<W: Word> Assembler<'_, W> {
         let result = if windows {
             self.windows(spec, &mut data, &mut b)
         } else if spec.one_per_row {
-            self.one_per_row(spec, &mut data, &mut b)
+            // The row width of the common short buckets as a constant: the chunk loop unrolled.
+            match spec.cols.next_multiple_of(CHUNK) {
+                CHUNK => self.one_per_row::<CHUNK>(spec, &mut data, &mut b),
+                SPAN_2 => self.one_per_row::<SPAN_2>(spec, &mut data, &mut b),
+                _ => self.one_per_row::<0>(spec, &mut data, &mut b),
+            }
         } else {
             self.general(spec, &mut data, &mut b)
         };
@@ -358,12 +366,13 @@ impl<W: Word> Assembler<'_, W> {
     /// Rows of one document piece each, then empty rows (see `BatchSpec::one_per_row`): a
     /// bucketed batch of short documents has thousands of rows, so the copy loop does nothing
     /// but copy (checks before it, `cu_seqlens` and counts after it).
+    /// `SPAN`: the rows' chunked width when known at compile time, else 0.
     #[inline(always)]
-    fn one_per_row(&self, spec: &BatchSpec, data: &mut [i32], b: &mut Batch) -> Result<()> {
+    fn one_per_row<const SPAN: usize>(&self, spec: &BatchSpec, data: &mut [i32], b: &mut Batch) -> Result<()> {
         let (rows, cols) = (b.rows, b.cols);
         let n = rows * cols;
         let segs = spec.segments();
-        let span = cols.next_multiple_of(CHUNK);
+        let span = if SPAN > 0 { SPAN } else { cols.next_multiple_of(CHUNK) };
         // Ids against the vocabulary, unless the whole file was checked already.
         if !self.tokens.all_checked() {
             for s in segs {
@@ -373,27 +382,6 @@ impl<W: Word> Assembler<'_, W> {
         }
         let (ids, labels) = data.split_at_mut(n + SLACK);
         let mut out = Out { ids, labels };
-        for (r, seg) in segs.iter().enumerate() {
-            // Start the cache misses of a row a few ahead now, so they overlap this row's work.
-            if let Some(ahead) = segs.get(r + PREFETCH_AHEAD) {
-                prefetch(self.words, ahead.start as usize);
-                prefetch(self.words, ahead.start as usize + span);
-            }
-            let (at, start, len) = (r * cols, seg.start as usize, seg.len as usize);
-            match self.words.get(start..start + span + 1) {
-                Some(src) => {
-                    self.tokens.note_read();
-                    let labeled = len - usize::from(seg.ends_doc);
-                    let (ids, labels) = (&mut out.ids[at..at + span], &mut out.labels[at..at + span]);
-                    masked_row(src, len, labeled, self.pad_id, ids, labels);
-                }
-                None => self.exact_row(*seg, at, cols, &mut out)?,
-            }
-        }
-        // Empty rows.
-        let filled = segs.len() * cols;
-        out.ids[filled..n].fill(self.pad_id);
-        out.labels[filled..n].fill(IGNORE);
         // cu_seqlens: each row's document, then its padding (if any) as a segment of its own.
         // Both entries are written for every row and the second kept only with padding: no
         // branch (rows with and without padding alternate at random), one spare entry.
@@ -401,13 +389,31 @@ impl<W: Word> Assembler<'_, W> {
         let mut k = 1;
         let (mut n_tokens, mut max_seqlen) = (0usize, 0usize);
         for (r, seg) in segs.iter().enumerate() {
-            let (at, len) = (r * cols, seg.len as usize);
+            // Start the cache misses of a row a few ahead now, so they overlap this row's work.
+            if let Some(ahead) = segs.get(r + PREFETCH_AHEAD) {
+                prefetch(self.words, ahead.start as usize);
+                prefetch(self.words, ahead.start as usize + span);
+            }
+            let (at, start, len) = (r * cols, seg.start as usize, seg.len as usize);
+            let labeled = len - usize::from(seg.ends_doc);
+            match self.words.get(start..start + span + 1) {
+                Some(src) => {
+                    self.tokens.note_read();
+                    let (ids, labels) = (&mut out.ids[at..at + span], &mut out.labels[at..at + span]);
+                    masked_row(src, len, labeled, self.pad_id, ids, labels);
+                }
+                None => self.exact_row(*seg, at, cols, &mut out)?,
+            }
             cu[k] = (at + len) as i32;
             cu[k + 1] = (at + cols) as i32;
             k += 1 + usize::from(len < cols);
-            n_tokens += len - usize::from(seg.ends_doc);
+            n_tokens += labeled;
             max_seqlen = max_seqlen.max(len).max(cols - len);
         }
+        // Empty rows.
+        let filled = segs.len() * cols;
+        out.ids[filled..n].fill(self.pad_id);
+        out.labels[filled..n].fill(IGNORE);
         for at in (filled..n).step_by(cols) {
             cu[k] = (at + cols) as i32;
             k += 1;
