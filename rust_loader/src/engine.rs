@@ -94,6 +94,7 @@ impl Engine {
 mod tests {
     use super::*;
     use crate::prefetch::Prefetcher;
+    use crate::tokens::TokenFile;
     use std::io::Write;
     use std::path::PathBuf;
 
@@ -147,6 +148,30 @@ mod tests {
             p.next_batch().unwrap().unwrap();
             drop(p);
         }
+    }
+
+    #[test]
+    fn a_worker_error_arrives_in_order_and_ends_the_iteration() {
+        // A bad id deep inside a file that is checked as batches read it (as files above
+        // 64 MB are): the batches before it arrive, then its error, then nothing.
+        let (bin, _) = write_split("worker-error", 10_000);
+        let mut bytes = std::fs::read(&bin).unwrap();
+        let bad = (bytes.len() / 4) & !1; // a token in the middle of the file
+        bytes[bad..bad + 2].copy_from_slice(&150u16.to_le_bytes());
+        std::fs::write(&bin, &bytes).unwrap();
+        let tokens = TokenFile::open_checking(&bin, Dtype::U16, 100, None, 0).unwrap();
+        let shard = Sharding { seed: 1, shuffle: false, rank: 0, world: 1, drop_last: true };
+        let plan = StreamPlan::new(tokens.len() as u64, 32, 4, shard).unwrap();
+        let engine = Arc::new(Engine { tokens, plan: Box::new(plan), pad_id: 0, n_docs: 10_000, pool: Arc::default() });
+        let first_bad = (0..).find(|&pos| engine.batch(pos).is_err()).unwrap();
+        assert!(first_bad > 0);
+        let mut p = Prefetcher::spawn(Arc::clone(&engine), 0, None, 4, 2);
+        for pos in 0..first_bad {
+            assert_eq!(p.next_batch().unwrap().unwrap(), engine.batch(pos).unwrap(), "{pos}");
+        }
+        let e = p.next_batch().unwrap().unwrap_err();
+        assert!(e.0.contains("token id 150") && e.0.contains("vocab_size 100"), "{e}");
+        assert!(p.next_batch().is_none());
     }
 
     #[test]

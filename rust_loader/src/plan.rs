@@ -449,13 +449,14 @@ pub struct BucketedPlan {
     shard: Sharding,
     /// Each bucket's documents in the order of the last epochs asked for. A batch of short
     /// documents has thousands of rows: gathering them through the permutation one by one
-    /// costs a cache miss each, referencing a run of a shuffled list does not. Three entries:
-    /// the next epoch is prepared while workers are still in the current one (see `batch`).
+    /// costs a cache miss each, referencing a run of a shuffled list does not. Two entries: the
+    /// current epoch's and the next one's, prepared while workers are still in the current
+    /// one (see `batch`). A batch holds on to its epoch's lists (an `Arc`) even when evicted.
     shuffled: Mutex<Vec<(u64, EpochDocs)>>,
 }
 
 /// Entries kept in `BucketedPlan::shuffled`.
-const EPOCHS_KEPT: usize = 3;
+const EPOCHS_KEPT: usize = 2;
 
 #[derive(Debug, Clone)]
 struct Bucket {
@@ -669,6 +670,19 @@ mod tests {
         for i in 0..plan.batches_per_epoch() {
             let spec = plan.batch(0, i);
             assert_eq!(spec.n_rows() * spec.cols, 1024);
+        }
+    }
+
+    #[test]
+    fn bucketed_batches_do_not_depend_on_the_order_asked() {
+        // Epoch lists are cached, prepared ahead and evicted: none of that may change a batch.
+        let offs = docs(700, 300);
+        let make = || BucketedPlan::new(&offs, &[32, 64, 128, 256], 1024, shard(0, 1, false)).unwrap();
+        let (a, b) = (make(), make());
+        let n = a.batches_per_epoch();
+        let in_order: Vec<BatchSpec> = (0..4).flat_map(|e| (0..n).map(move |i| (e, i))).map(|(e, i)| a.batch(e, i)).collect();
+        for (e, i) in (0..4u64).rev().flat_map(|e| (0..n).rev().map(move |i| (e, i))).chain([(0, 0), (3, n - 1), (1, 0)]) {
+            assert_eq!(b.batch(e, i), in_order[(e * n + i) as usize], "epoch {e} batch {i}");
         }
     }
 
