@@ -138,14 +138,19 @@ mod tests {
         for sampler in ["stream", "packed", "bucketed"] {
             let engine = Arc::new(Engine::open(&bin, &idx, &options(sampler)).unwrap());
             let start = engine.batches_per_epoch() - 2; // across an epoch boundary
-            let mut p = Prefetcher::spawn(Arc::clone(&engine), start, Some(start + 6), 3, 2);
-            for pos in start..start + 6 {
-                assert_eq!(p.next_batch().unwrap().unwrap(), engine.batch(pos).unwrap(), "{sampler} at {pos}");
+            // Windows of one batch to more than the run; workers alone and with the consumer
+            // assembling too (it does when its next batch is not ready).
+            for (depth, workers) in [(1, 1), (3, 1), (3, 2), (20, 3)] {
+                let mut p = Prefetcher::spawn(Arc::clone(&engine), start, Some(start + 6), depth, workers);
+                for pos in start..start + 6 {
+                    assert_eq!(p.next_batch().unwrap().unwrap(), engine.batch(pos).unwrap(), "{sampler} at {pos}");
+                }
+                assert!(p.next_batch().is_none());
             }
-            assert!(p.next_batch().is_none());
-            // An endless prefetcher dropped while its workers wait on full queues stops them.
+            // An endless prefetcher dropped while its workers wait for room stops them.
             let mut p = Prefetcher::spawn(Arc::clone(&engine), 0, None, 2, 2);
             p.next_batch().unwrap().unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(5));
             drop(p);
         }
     }

@@ -1,8 +1,12 @@
-//! Background batch assembly: worker threads fill bounded queues ahead of the consumer.
+//! Background batch assembly: worker threads fill a window of upcoming batches ahead of the
+//! consumer.
 //!
-//! Worker `w` of `n` assembles positions `start + w, start + w + n, ...` into its own queue and
-//! the consumer reads the queues round-robin, so batches arrive in order without any
-//! reordering buffer. Dropping the [`Prefetcher`] closes the queues, which stops the workers.
+//! Workers claim positions in order from a shared counter, up to `depth` ahead of the one the
+//! consumer takes next, and put each batch in that position's slot; the consumer takes the
+//! slots in order. So batches arrive in order, and a worker held up by a slow batch (one that
+//! also shuffles an epoch's lists, say) holds up nobody else: the others claim the next
+//! positions. A consumer whose next batch is not ready yet assembles a later one itself
+//! rather than sleep. Dropping the [`Prefetcher`] closes the window, which stops the workers.
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
@@ -11,120 +15,162 @@ use crate::batch::Batch;
 use crate::engine::Engine;
 use crate::error::{DataError, Result};
 
-/// A bounded queue from one worker to the consumer that wakes each side in batches.
+/// The window shared by the workers and the consumer.
 ///
 /// Putting a thread to sleep and waking it costs microseconds (a futex round trip, more in a
-/// VM): as much as assembling a bucketed batch. A full queue makes its worker sleep until half
-/// of it has been taken, and an empty queue makes the consumer sleep until half of it is
-/// filled (or the worker has finished), so a wake-up moves half a queue of batches, not one;
-/// a side is only signalled when it sleeps. The consumer still never waits while a batch is
-/// ready: it only sleeps on an empty queue.
-struct Queue {
+/// VM): as much as assembling a bucketed batch. So threads are only signalled while they
+/// sleep, and sleeping workers are woken once half the window is free, not per batch.
+struct Window {
     state: Mutex<State>,
-    /// The consumer waits here for batches.
+    /// The consumer waits here for its next batch.
     ready: Condvar,
-    /// The worker waits here for room.
+    /// Workers wait here for room.
     room: Condvar,
-    cap: usize,
+    depth: u64,
+    stop: Option<u64>,
 }
 
-#[derive(Default)]
 struct State {
-    items: VecDeque<Result<Batch>>,
-    /// The worker will push nothing more (finished, failed or panicked).
-    done: bool,
-    /// The consumer is gone: the worker should stop.
+    /// Slot i holds position `next + i` once assembled (positions up to `claimed` have one).
+    slots: VecDeque<Option<Result<Batch>>>,
+    /// The position the consumer takes next.
+    next: u64,
+    /// The position claimed next.
+    claimed: u64,
+    /// An assembly failed: no more positions are claimed.
+    failed: bool,
+    /// The consumer is gone: workers stop.
     closed: bool,
+    /// A worker panicked (a bug): its position will never be filled.
+    panicked: bool,
     consumer_sleeps: bool,
-    worker_sleeps: bool,
+    workers_sleeping: usize,
 }
 
-impl Queue {
-    fn new(cap: usize) -> Self {
-        let cap = cap.max(1);
-        Self { state: Mutex::default(), ready: Condvar::new(), room: Condvar::new(), cap }
-    }
-
-    /// Half the capacity (at least one): the fill that wakes a sleeping consumer, and the
-    /// room that wakes a sleeping worker.
-    fn half(&self) -> usize {
-        self.cap.div_ceil(2)
+impl Window {
+    fn new(start: u64, stop: Option<u64>, depth: u64) -> Self {
+        let state = State {
+            slots: VecDeque::new(),
+            next: start,
+            claimed: start,
+            failed: false,
+            closed: false,
+            panicked: false,
+            consumer_sleeps: false,
+            workers_sleeping: 0,
+        };
+        Self { state: Mutex::new(state), ready: Condvar::new(), room: Condvar::new(), depth: depth.max(1), stop }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        // The state stays consistent whatever panicked while holding the lock.
+        // Every update below leaves the state consistent: a panic elsewhere cannot break it.
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Adds `item` once there is room; false when the consumer is gone.
-    fn push(&self, item: Result<Batch>) -> bool {
+    fn wait<'a>(cv: &Condvar, s: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
+        cv.wait(s).unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Claims the next position if the window has room for it (and there is one to claim).
+    fn try_claim(&self, s: &mut State) -> Option<u64> {
+        let open = !s.closed && !s.failed && self.stop.is_none_or(|stop| s.claimed < stop);
+        (open && s.claimed < s.next + self.depth).then(|| {
+            s.slots.push_back(None);
+            s.claimed += 1;
+            s.claimed - 1
+        })
+    }
+
+    /// A position for a worker to assemble, once there is room; None when it should stop.
+    fn claim(&self) -> Option<u64> {
         let mut s = self.lock();
-        if s.items.len() >= self.cap && !s.closed {
-            s.worker_sleeps = true;
-            while s.items.len() > self.cap - self.half() && !s.closed {
-                s = self.room.wait(s).unwrap_or_else(PoisonError::into_inner);
+        loop {
+            if let Some(p) = self.try_claim(&mut s) {
+                return Some(p);
             }
-            s.worker_sleeps = false;
+            if s.closed || s.failed || self.stop.is_some_and(|stop| s.claimed >= stop) {
+                return None;
+            }
+            s.workers_sleeping += 1;
+            s = Self::wait(&self.room, s);
+            s.workers_sleeping -= 1;
         }
+    }
+
+    /// Puts the batch of position `p` (claimed by this thread) in its slot.
+    fn put(&self, p: u64, batch: Result<Batch>) {
+        let mut s = self.lock();
         if s.closed {
-            return false;
+            return;
         }
-        s.items.push_back(item);
-        if s.consumer_sleeps && s.items.len() >= self.half() {
-            self.ready.notify_one();
-        }
-        true
-    }
-
-    /// Marks the worker finished and wakes the consumer for what is left.
-    fn finish(&self) {
-        let mut s = self.lock();
-        s.done = true;
-        if s.consumer_sleeps {
+        s.failed |= batch.is_err();
+        let i = (p - s.next) as usize;
+        s.slots[i] = Some(batch);
+        if i == 0 && s.consumer_sleeps {
             self.ready.notify_one();
         }
     }
 
-    /// The next item; None once the worker has finished and everything was taken.
-    fn pop(&self) -> Option<Result<Batch>> {
+    /// The batch of position `next`; None if no thread will ever assemble it (a worker
+    /// panicked). While it is not ready, assembles later positions (on this thread) as long
+    /// as there is one to claim, and only then sleeps.
+    fn take(&self, engine: &Engine) -> Option<Result<Batch>> {
         let mut s = self.lock();
-        if s.items.is_empty() && !s.done {
-            s.consumer_sleeps = true;
-            while s.items.len() < self.half() && !s.done {
-                s = self.ready.wait(s).unwrap_or_else(PoisonError::into_inner);
+        loop {
+            if matches!(s.slots.front(), Some(Some(_))) || s.panicked {
+                break;
             }
+            if let Some(p) = self.try_claim(&mut s) {
+                drop(s);
+                self.put(p, engine.batch(p));
+                s = self.lock();
+                continue;
+            }
+            s.consumer_sleeps = true;
+            s = Self::wait(&self.ready, s);
             s.consumer_sleeps = false;
         }
-        let item = s.items.pop_front();
-        if s.worker_sleeps && s.items.len() <= self.cap - self.half() {
-            self.room.notify_one();
+        let item = s.slots.pop_front().flatten()?;
+        s.next += 1;
+        let room = s.next + self.depth - s.claimed;
+        if s.workers_sleeping > 0 && room >= self.depth.div_ceil(2) {
+            self.room.notify_all();
         }
-        item
+        Some(item)
     }
 
-    /// The consumer is gone: wakes the worker so it stops.
+    /// A worker is ending: by panicking, the consumer must not wait for its position.
+    fn worker_exits(&self) {
+        if std::thread::panicking() {
+            let mut s = self.lock();
+            s.panicked = true;
+            self.ready.notify_one();
+        }
+    }
+
+    /// The consumer is gone: wakes the workers so they stop.
     fn close(&self) {
         let mut s = self.lock();
         s.closed = true;
-        s.items.clear();
-        self.room.notify_one();
+        s.slots.clear();
+        self.room.notify_all();
     }
 }
 
-/// Marks a worker's queue finished however the worker ends, a panic included, so the consumer
-/// never waits forever.
-struct FinishOnDrop(Arc<Queue>);
+/// Tells the window when its worker ends, a panic included, so the consumer never waits
+/// forever.
+struct ExitGuard(Arc<Window>);
 
-impl Drop for FinishOnDrop {
+impl Drop for ExitGuard {
     fn drop(&mut self) {
-        self.0.finish();
+        self.0.worker_exits();
     }
 }
 
 pub struct Prefetcher {
-    queues: Vec<Arc<Queue>>,
+    engine: Arc<Engine>,
+    window: Arc<Window>,
     workers: Vec<JoinHandle<()>>,
-    start: u64,
     next: u64,
     stop: Option<u64>,
     failed: bool,
@@ -133,29 +179,20 @@ pub struct Prefetcher {
 impl Prefetcher {
     /// Batches at global positions `start..stop` (forever when `stop` is None), `depth` ahead.
     pub fn spawn(engine: Arc<Engine>, start: u64, stop: Option<u64>, depth: usize, workers: usize) -> Self {
-        let n = workers.max(1);
-        let per_queue = depth.div_ceil(n).max(1);
-        let mut queues = Vec::with_capacity(n);
-        let mut handles = Vec::with_capacity(n);
-        for w in 0..n as u64 {
-            let queue = Arc::new(Queue::new(per_queue));
-            let engine = Arc::clone(&engine);
-            let finish = FinishOnDrop(Arc::clone(&queue));
-            handles.push(std::thread::spawn(move || {
-                let queue = &finish.0;
-                let mut pos = start + w;
-                while stop.is_none_or(|s| pos < s) {
-                    let batch = engine.batch(pos);
-                    let failed = batch.is_err();
-                    if !queue.push(batch) || failed {
-                        break;
+        let window = Arc::new(Window::new(start, stop, depth as u64));
+        let workers = (0..workers.max(1))
+            .map(|_| {
+                let engine = Arc::clone(&engine);
+                let guard = ExitGuard(Arc::clone(&window));
+                std::thread::spawn(move || {
+                    let window = &guard.0;
+                    while let Some(p) = window.claim() {
+                        window.put(p, engine.batch(p));
                     }
-                    pos += n as u64;
-                }
-            }));
-            queues.push(queue);
-        }
-        Self { queues, workers: handles, start, next: start, stop, failed: false }
+                })
+            })
+            .collect();
+        Self { engine, window, workers, next: start, stop, failed: false }
     }
 
     /// The next batch in order; None at `stop` (or after an error was returned).
@@ -163,11 +200,9 @@ impl Prefetcher {
         if self.failed || self.stop.is_some_and(|s| self.next >= s) {
             return None;
         }
-        // Worker w holds positions start + w + k * n: the queue follows from the offset.
-        let queue = &self.queues[((self.next - self.start) % self.queues.len() as u64) as usize];
-        // A worker only finishes before `stop` by failing (its error is queued) or panicking
-        // (a bug): report the latter rather than end quietly.
-        let item = queue.pop().unwrap_or_else(|| Err(DataError::new("a batch worker thread stopped unexpectedly")));
+        // Only a panicking worker (a bug) leaves a position unfilled: report it rather than
+        // end quietly.
+        let item = self.window.take(&self.engine).unwrap_or_else(|| Err(DataError::new("a batch worker thread stopped unexpectedly")));
         self.failed = item.is_err();
         self.next += 1;
         Some(item)
@@ -181,10 +216,8 @@ impl Prefetcher {
 
 impl Drop for Prefetcher {
     fn drop(&mut self) {
-        // Close the queues first so blocked workers wake up, then wait for them.
-        for q in &self.queues {
-            q.close();
-        }
+        // Close the window first so sleeping workers wake up, then wait for them.
+        self.window.close();
         for h in self.workers.drain(..) {
             let _ = h.join();
         }
