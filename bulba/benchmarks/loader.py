@@ -49,7 +49,9 @@ def add_arguments(p) -> None:
                    help="folder with be.txt ru.txt en.txt (default: %(default)s)")
     p.add_argument("--seconds", type=float, default=3.0,
                    help="measuring time per row, best of 3 windows (default: %(default)s)")
-    p.add_argument("--workers", type=int, default=2, help="engine assembly threads (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="engine background threads (default: %(default)s, as the trainer uses; the thread that "
+                   "consumes batches assembles later ones itself whenever its next one is not ready)")
     p.add_argument("--big-gb", type=float, default=4.0, help="size of the large train.bin for RSS (default: 4)")
     p.add_argument("--skip-rss", action="store_true", help="skip the 10 MB / 4 GB RSS measurement")
     p.add_argument("--skip-hf", action="store_true", help="skip the HF DataLoader baseline")
