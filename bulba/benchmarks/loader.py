@@ -185,7 +185,7 @@ def _hf_dataloader(bin_path: Path, dtype: str, ctx: int, args) -> tuple[float, f
 _RSS_PROBE = r"""
 import json, sys
 from bulba.data import Batches
-b = Batches(sys.argv[1], sampler="stream", batch_size=32, ctx=1024, prefetch=8, workers=2)
+b = Batches(sys.argv[1], sampler="stream", batch_size=32, ctx=1024, prefetch=8, workers=int(sys.argv[3]))
 it = iter(b)
 for _ in range(int(sys.argv[2])):
     next(it)
@@ -228,7 +228,7 @@ def _tile(src: Path, dst: Path, target_bytes: int) -> None:
     (dst / "meta.json").write_text(json.dumps(meta))
 
 
-def _rss(data: Path, big_gb: float, batches: int = 300) -> list[dict]:
+def _rss(data: Path, big_gb: float, workers: int, batches: int = 300) -> list[dict]:
     need = int(big_gb * 1.3 * 2**30)
     tmp_root = Path(tempfile.gettempdir())
     free = shutil.disk_usage(tmp_root).free
@@ -245,7 +245,7 @@ def _rss(data: Path, big_gb: float, batches: int = 300) -> list[dict]:
             _tile(data, d, size)
             made = time.perf_counter() - t0
             env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
-            out = subprocess.run([sys.executable, "-c", _RSS_PROBE, str(d), str(batches)], capture_output=True,
+            out = subprocess.run([sys.executable, "-c", _RSS_PROBE, str(d), str(batches), str(workers)], capture_output=True,
                                  text=True, env=env, timeout=600)
             if out.returncode:
                 raise RuntimeError(f"RSS probe failed: {out.stderr.strip()[-500:]}")
@@ -289,7 +289,7 @@ def run(args) -> list[dict]:
                     row[f"x_{label}_cpu"] = tpc / base[(key, ctx)][1]
             rows.append(row)
     if not args.skip_rss:
-        rss = _rss(data_dir, args.big_gb)
+        rss = _rss(data_dir, args.big_gb, args.workers)
         rows += rss
         if len(rss) == 2:
             EXTRA["rss_growth_mb (goal < 64)"] = round(rss[1]["peak_rss_mb"] - rss[0]["peak_rss_mb"], 1)
