@@ -162,8 +162,9 @@ pub fn window_cu_seqlens(rows: usize, cols: usize) -> Vec<i32> {
 
 /// Assembles `spec`, filling padding with `pad_id`.
 pub fn assemble(spec: &BatchSpec, tokens: &TokenFile, pad_id: i32, pool: &Pool) -> Result<Batch> {
-    // The same code compiled for AVX2 as well: twice the vector width for the conversions
-    // and chunked stores, where the CPU has it (the wheel itself targets baseline x86-64).
+    // The same code compiled for AVX2 and AVX-512 as well: two and four times the vector
+    // width for the conversions and chunked stores, where the CPU has them (the wheel itself
+    // targets baseline x86-64).
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bw") {
         // SAFETY: the CPU supports these, checked just above.
@@ -364,8 +365,8 @@ impl<W: Word> Assembler<'_, W> {
     }
 
     /// Rows of one document piece each, then empty rows (see `BatchSpec::one_per_row`): a
-    /// bucketed batch of short documents has thousands of rows, so the copy loop does nothing
-    /// but copy (checks before it, `cu_seqlens` and counts after it).
+    /// bucketed batch of short documents has thousands of rows, so the loop per row is kept
+    /// to the copy and a few branch-free updates (the vocabulary check comes before it).
     /// `SPAN`: the rows' chunked width when known at compile time, else 0.
     #[inline(always)]
     fn one_per_row<const SPAN: usize>(&self, spec: &BatchSpec, data: &mut [i32], b: &mut Batch) -> Result<()> {
