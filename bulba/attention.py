@@ -52,8 +52,9 @@ def math_attention(q, k, v, seq_ids=None):
     KV = k.shape[1]
     G = H // KV
     scores = (q.reshape(B, KV, G * T, hd) @ k.transpose(-1, -2)).view(B, KV, G, T, T) * (1.0 / math.sqrt(hd))
-    allowed = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-    if seq_ids is not None:
+    if seq_ids is None:
+        allowed = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    else:
         allowed = document_mask(seq_ids)[:, :, None]  # [B, 1, 1, T, T]
     # Softmax in at least fp32, as SDPA does for bf16/fp16 inputs.
     scores = scores.to(torch.promote_types(scores.dtype, torch.float32)).masked_fill(~allowed, float("-inf"))

@@ -28,7 +28,7 @@ import torch
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, SingleDeviceStrategy
 
 from . import attention
-from .model import Block, Llama
+from .model import Block, Llama, lm_loss_sum
 
 MODES = ("eager", "flash", "compile", "both")
 
@@ -81,8 +81,6 @@ def apply_speed_mode(model: Llama, mode: str, device: torch.device) -> dict:
                 # checkpoints and final.safetensors) stay exactly as in eager mode.
                 block.compile(dynamic=False)
         # the loss head too: output matmul + fp32 log-softmax fused, no stored fp32 logits
-        from .model import lm_loss_sum
-
         model.loss_head = torch.compile(lm_loss_sum, dynamic=False)
     model.speed = {"mode": mode, "attention": backend, "compiled": compiled}
     return model.speed

@@ -281,10 +281,7 @@ def prepare_recipe(recipe: Recipe):
         recipe.model.vocab_size = data.vocab_size
     if not (data.dir / "tokenizer.json").is_file():
         raise UserError(f"{data.dir}/tokenizer.json is missing: re-run prepare.py")
-    for key in ("bos_id", "eos_id"):
-        v = data.meta.get(key)
-        if v is not None and not (isinstance(v, int) and not isinstance(v, bool) and 0 <= v < data.vocab_size):
-            raise UserError(f"{data.dir}/meta.json: {key}={v} is outside the vocabulary (0..{data.vocab_size - 1})")
+    # bos_id / eos_id / pad_id were checked against the vocabulary by open_data.
     check_splits(recipe, data)
     return data
 

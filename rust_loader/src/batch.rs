@@ -28,10 +28,9 @@ use crate::tokens::{TokenFile, Word, Words};
 /// Label of positions without a loss (padding, the last token of a document).
 pub const IGNORE: i32 = -100;
 
-/// Segments whose memory is touched together before copying (see `Assembler::touch`).
-const TOUCH_AHEAD: usize = 16;
-
-/// Rows ahead whose source tokens are prefetched in `one_per_row`.
+/// How many segments ahead of the one being copied their source tokens are asked for (see
+/// `hint::prefetch`): enough to overlap the cache misses of a batch gathered from all over
+/// the file, not so many that they evict each other.
 const PREFETCH_AHEAD: usize = 16;
 
 /// Short documents are written in chunks of this many values, the last one running past the
@@ -272,17 +271,14 @@ impl<W: Word> Assembler<'_, W> {
         Ok(b)
     }
 
-    /// Loads the first token of each segment and discards it, to warm the cache: a batch
-    /// gathers documents from all over the file, and touching the next few in one go issues
-    /// their cache misses together (independent loads overlap) instead of one after another
-    /// while copying. (No `_mm_prefetch`: it would need `unsafe`, and plain loads do the job.)
+    /// Prefetches the first token of each segment: a batch gathers documents from all over
+    /// the file, and asking for the next few in one go overlaps their cache misses instead of
+    /// taking them one after another while copying.
     #[inline(always)]
-    fn touch(&self, segs: &[Segment]) {
-        let mut sum = 0u32;
+    fn prefetch_starts(&self, segs: &[Segment]) {
         for s in segs {
-            sum = sum.wrapping_add(self.words.get(s.start as usize).map_or(0, |t| t.id()));
+            prefetch(self.words, s.start as usize);
         }
-        std::hint::black_box(sum);
     }
 
     /// Full windows: each row's tokens and the one after them, converted once.
@@ -292,8 +288,8 @@ impl<W: Word> Assembler<'_, W> {
         let (ids, labels) = data.split_at_mut(n + SLACK);
         let segs = spec.segments();
         for (r, seg) in segs.iter().enumerate() {
-            if r % TOUCH_AHEAD == 0 {
-                self.touch(&segs[r..segs.len().min(r + TOUCH_AHEAD)]);
+            if r % PREFETCH_AHEAD == 0 {
+                self.prefetch_starts(&segs[r..segs.len().min(r + PREFETCH_AHEAD)]);
             }
             let start = seg.start as usize;
             let src = self.tokens.range(self.words, start, cols + 1)?;
@@ -315,16 +311,16 @@ impl<W: Word> Assembler<'_, W> {
         let mut cu = Vec::with_capacity(spec.segments().len() + b.rows + 1);
         cu.push(0);
         let all = spec.segments();
-        let (mut seen, mut touched) = (0usize, 0usize);
+        let (mut seen, mut prefetched) = (0usize, 0usize);
         // Rows in order: a row's chunks may run into the next row, which overwrites them.
         let mut first = 0;
         for (r, &last) in spec.row_ends().iter().enumerate() {
             let segs = &all[first..last];
             first = last;
             let row = r * cols..(r + 1) * cols;
-            if seen >= touched {
-                touched = all.len().min(seen + TOUCH_AHEAD);
-                self.touch(&all[seen..touched]);
+            if seen >= prefetched {
+                prefetched = all.len().min(seen + PREFETCH_AHEAD);
+                self.prefetch_starts(&all[seen..prefetched]);
             }
             seen += segs.len();
             if let [seg] = segs {
@@ -427,19 +423,17 @@ impl<W: Word> Assembler<'_, W> {
         Ok(())
     }
 
-    /// The row `seg` at `at`, then padding to `cols`: exact copies, for a document whose
-    /// row's whole chunks would run past the end of the file (the fixed-width path's limit).
+    /// The row `seg` at `at`, then padding to `cols`, for a document whose row's whole chunks
+    /// would run past the end of the file (the fixed-width path's limit).
     #[cold]
     fn exact_row(&self, seg: Segment, at: usize, cols: usize, out: &mut Out<'_>) -> Result<()> {
-        let len = seg.len as usize;
+        let (start, len) = (seg.start as usize, seg.len as usize);
         let next = usize::from(!seg.ends_doc);
-        let src = self.tokens.range(self.words, seg.start as usize, len + next)?;
-        let row = at..at + len;
-        convert(&src[..len], &mut out.ids[row.clone()]);
-        out.labels[at..at + len - 1].copy_from_slice(&out.ids[at + 1..at + len]);
+        let src = self.tokens.range(self.words, start, len + next)?;
+        self.copy_run(start, len, at, out);
         out.labels[at + len - 1] = if next == 1 { src[len].id() as i32 } else { IGNORE };
-        out.ids[row.end..at + cols].fill(self.pad_id);
-        out.labels[row.end..at + cols].fill(IGNORE);
+        out.ids[at + len..at + cols].fill(self.pad_id);
+        out.labels[at + len..at + cols].fill(IGNORE);
         Ok(())
     }
 

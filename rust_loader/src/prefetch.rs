@@ -111,11 +111,13 @@ impl Window {
         }
     }
 
-    /// The batch of position `next`; None if no thread will ever assemble it (a worker
-    /// panicked). While it is not ready, assembles later positions (on this thread) as long
-    /// as there is one to claim, and only then sleeps.
+    /// The batch of position `next`; None at `stop`. While it is not ready, assembles later
+    /// positions (on this thread) as long as there is one to claim, and only then sleeps.
     fn take(&self, engine: &Engine) -> Option<Result<Batch>> {
         let mut s = self.lock();
+        if self.stop.is_some_and(|stop| s.next >= stop) {
+            return None;
+        }
         loop {
             if matches!(s.slots.front(), Some(Some(_))) || s.panicked {
                 break;
@@ -130,7 +132,9 @@ impl Window {
             s = Self::wait(&self.ready, s);
             s.consumer_sleeps = false;
         }
-        let item = s.slots.pop_front().flatten()?;
+        // Only a panicking worker (a bug) leaves a position unfilled: report it rather than
+        // end quietly.
+        let item = s.slots.pop_front().flatten().unwrap_or_else(|| Err(DataError::new("a batch worker thread stopped unexpectedly")));
         s.next += 1;
         let room = s.next + self.depth - s.claimed;
         if s.workers_sleeping > 0 && room >= self.depth.div_ceil(2) {
@@ -171,8 +175,7 @@ pub struct Prefetcher {
     engine: Arc<Engine>,
     window: Arc<Window>,
     workers: Vec<JoinHandle<()>>,
-    next: u64,
-    stop: Option<u64>,
+    /// An error was returned: the iteration is over.
     failed: bool,
 }
 
@@ -192,25 +195,22 @@ impl Prefetcher {
                 })
             })
             .collect();
-        Self { engine, window, workers, next: start, stop, failed: false }
+        Self { engine, window, workers, failed: false }
     }
 
     /// The next batch in order; None at `stop` (or after an error was returned).
     pub fn next_batch(&mut self) -> Option<Result<Batch>> {
-        if self.failed || self.stop.is_some_and(|s| self.next >= s) {
+        if self.failed {
             return None;
         }
-        // Only a panicking worker (a bug) leaves a position unfilled: report it rather than
-        // end quietly.
-        let item = self.window.take(&self.engine).unwrap_or_else(|| Err(DataError::new("a batch worker thread stopped unexpectedly")));
+        let item = self.window.take(&self.engine)?;
         self.failed = item.is_err();
-        self.next += 1;
         Some(item)
     }
 
     /// Global position of the batch `next_batch` returns next.
     pub fn position(&self) -> u64 {
-        self.next
+        self.window.lock().next
     }
 }
 

@@ -145,8 +145,9 @@ impl TokenFile {
         if bytes <= check_all_bytes {
             tf.verify(0, len)?;
         } else {
-            tf.check_vocab(0, len.min(VOCAB_CHECK_TOKENS))?;
-            tf.check_vocab(len.saturating_sub(VOCAB_CHECK_TOKENS), len)?;
+            // Whole blocks, marked checked: batches reading them later do not check them again.
+            tf.verify(0, len.min(VOCAB_CHECK_TOKENS))?;
+            tf.verify(len.saturating_sub(VOCAB_CHECK_TOKENS), len)?;
         }
         Ok(tf)
     }
@@ -257,11 +258,6 @@ impl TokenFile {
         Ok(())
     }
 
-    /// The error for a token >= vocab_size somewhere in `start..end`.
-    pub fn vocab_error_in(&self, start: usize, end: usize) -> DataError {
-        self.vocab_error(start, end.min(self.len))
-    }
-
     /// Appends tokens `start..start + len` to `out` as i32, checking each against the
     /// vocabulary. Returns an error (never reads out of bounds) if the range is past the end.
     pub fn extend_into(&self, start: usize, len: usize, out: &mut Vec<i32>) -> Result<()> {
@@ -319,13 +315,6 @@ impl TokenFile {
             return Err(self.vocab_error(i, i + 1));
         }
         Ok(t as i32)
-    }
-
-    fn check_vocab(&self, start: usize, end: usize) -> Result<()> {
-        if (start..end).any(|i| self.get(i) >= self.vocab_size) {
-            return Err(self.vocab_error(start, end));
-        }
-        Ok(())
     }
 
     fn vocab_error(&self, start: usize, end: usize) -> DataError {
