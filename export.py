@@ -19,7 +19,7 @@ from bulba.errors import ArgumentParser, run_cli
 
 
 def main(argv=None):
-    from bulba.gguf_export import all_types
+    from bulba.export.gguf import all_types
 
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", metavar="SOURCE", help="run directory, .safetensors file, or runs:/<run_id>")
@@ -38,7 +38,7 @@ def main(argv=None):
     if args.no_mlflow and args.register:
         p.error("--register needs MLflow; drop --no-mlflow")
 
-    from bulba.exporter import export
+    from bulba.export.pipeline import export
 
     export(args.source, args.type.lower(), args.out, register=args.register, hf_out=args.hf_out,
            hf_dtype=args.hf_dtype, force=args.force, verify=False if args.no_verify else None,

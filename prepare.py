@@ -28,8 +28,8 @@ from bulba.errors import ArgumentParser, UserError, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from bulba.prepare import DEFAULT_EXPERIMENT
-    from bulba.tokenizer import DEFAULT_VOCAB, MIN_VOCAB
+    from bulba.data.prepare import DEFAULT_EXPERIMENT
+    from bulba.data.tokenizer import DEFAULT_VOCAB, MIN_VOCAB
 
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", metavar="INPUT[@WEIGHT]", help="files, directories, globs, datasets")
@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from bulba.prepare import PrepareConfig, prepare
+    from bulba.data.prepare import PrepareConfig, prepare
 
     if args.block_mb <= 0:
         raise UserError("--block-mb must be positive")

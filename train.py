@@ -43,7 +43,7 @@ def main(argv=None):
 
     recipe = load_recipe(args.recipe, args.overrides)  # all validation before anything heavy
 
-    from bulba.trainer import Interrupted, train
+    from bulba.train.run import Interrupted, train
 
     try:
         train(recipe, enable_tracking=not args.no_mlflow)

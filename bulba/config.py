@@ -18,9 +18,10 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from .errors import UserError
+from bulba.errors import UserError
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+# Presets ship inside the package (package data), so an installed bulba finds them too.
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 
 
 @dataclass
@@ -267,7 +268,7 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
 
 
 def resolve_recipe_path(name_or_path: str) -> Path:
-    """`recipes/aist.yaml`, `aist.yaml` or just `aist`."""
+    """A YAML path, or a preset of bulba/recipes/ by name (`aist`, `aist.yaml`, or the old `recipes/aist.yaml`)."""
     p = Path(name_or_path)
     if p.is_file():
         return p

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The whole pipeline on the shipped demo corpus, as a user runs it: `make demo`.
 
-prepare.py (demo/corpus -> data/demo) -> train.py (recipes/tiny.yaml) -> export.py
+prepare.py (demo/corpus -> data/demo) -> train.py (the tiny preset) -> export.py
 (GGUF f16, verified in llama.cpp, registered in the MLflow Model Registry), then a short
 generation in llama.cpp. Each run gets a fresh timestamped directory, so nothing a user
 already has is overwritten. A few minutes on 2 CPU cores.
@@ -44,7 +44,7 @@ def main() -> None:
     else:
         step("prepare", [py, "prepare.py", "demo/corpus", "--out", str(data.relative_to(ROOT)),
                          "--vocab-size", "2048"])
-    step("train", [py, "train.py", "recipes/tiny.yaml", f"data.dir={data.relative_to(ROOT)}",
+    step("train", [py, "train.py", "tiny", f"data.dir={data.relative_to(ROOT)}",
                    f"out_dir={run.relative_to(ROOT)}", f"train.max_steps={args.steps}"])
     step("export", [py, "export.py", str(run.relative_to(ROOT)), "--type", args.type,
                     "--out", str(gguf.relative_to(ROOT)), "--register", "bulba-demo"])

@@ -1,13 +1,14 @@
-"""Shared fixtures. Each block is self-contained: append new fixtures below, keep imports local."""
+"""Suite-wide checks and fixtures. Fixture modules live in tests/support/ and are registered here."""
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
+from support.paths import corpus_dir as _corpus_dir
 
-REPO = Path(__file__).resolve().parents[1]
+# Real MLflow server (mlflow_server, mlflow_uri) and the training tests' dataset (train_data).
+pytest_plugins = ["support.mlflow_server", "support.train_data"]
 
 
 def pytest_sessionstart(session):
@@ -30,32 +31,28 @@ def pytest_sessionstart(session):
 
 # ---------------------------------------------------------------------------- prepared data
 
-def _corpus_dir() -> Path:
-    env = os.environ.get("BULBA_CORPUS")
-    return Path(env) if env else REPO.parent / "shared" / "corpus"
+
+@pytest.fixture(scope="session")
+def corpus_dir():
+    """The real be/ru/en corpus (../shared/corpus, or $BULBA_CORPUS); sessionstart checked it."""
+    return _corpus_dir()
 
 
 @pytest.fixture(scope="session")
-def corpus_dir() -> Path:
-    """The real be/ru/en corpus (../shared/corpus, or $BULBA_CORPUS)."""
-    d = _corpus_dir()
-    if not all((d / f"{lang}.txt").is_file() for lang in ("be", "ru", "en")):
-        pytest.skip(f"real corpus not found in {d} (set BULBA_CORPUS)")
-    return d
-
-
-@pytest.fixture(scope="session")
-def prepared_data(corpus_dir, tmp_path_factory) -> Path:
+def prepared_data(corpus_dir, tmp_path_factory):
     """A dataset prepared from the whole real corpus (be, ru, en) with a 1024-token vocabulary
     (tokenizer trained on a 3 MB sample; no MLflow). Returns the data directory; read-only."""
-    from bulba.prepare import PrepareConfig, prepare
+    from bulba.data.prepare import PrepareConfig, prepare
 
     out = tmp_path_factory.mktemp("prepared") / "data"
-    prepare(PrepareConfig(
-        inputs=[str(corpus_dir / f"{lang}.txt") for lang in ("be", "ru", "en")],
-        out=out, vocab_size=1024, tokenizer_max_mb=3.0, mlflow=False, quiet=True,
-    ))
+    prepare(
+        PrepareConfig(
+            inputs=[str(corpus_dir / f"{lang}.txt") for lang in ("be", "ru", "en")],
+            out=out,
+            vocab_size=1024,
+            tokenizer_max_mb=3.0,
+            mlflow=False,
+            quiet=True,
+        )
+    )
     return out
-
-
-from _fx_mlflow import *  # noqa: E402,F401,F403  (real mlflow server: mlflow_server, mlflow_uri)

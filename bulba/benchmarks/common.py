@@ -8,7 +8,7 @@ import resource
 import sys
 import time
 
-from ..atomic import write_json, write_text
+from bulba.atomic import write_json, write_text
 
 
 def add_common_arguments(p) -> None:
@@ -87,7 +87,7 @@ def report(command: str, rows: list[dict], args, extra: dict | None = None) -> N
 
 def log_to_mlflow(command: str, rows: list[dict], payload: dict, table: str, experiment: str) -> None:
     """A parent run holding the table, one child run per row with its numeric figures."""
-    from ..tracking import setup_mlflow
+    from bulba.tracking import setup_mlflow
 
     mlflow = setup_mlflow(experiment)
     with mlflow.start_run(run_name=f"bench-{command}") as parent:

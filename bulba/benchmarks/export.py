@@ -30,15 +30,15 @@ def add_arguments(p) -> None:
 
 
 def model_config(recipe: str):
-    from ..config import ModelConfig
+    from bulba.config import ModelConfig
 
     try:
-        from ..config import load_recipe
+        from bulba.config import load_recipe
 
         cfg = load_recipe(recipe).model
         if cfg.vocab_size is None:
             cfg.vocab_size = ZUBR_FALLBACK["vocab_size"]
-        return cfg, f"recipes/{recipe}.yaml"
+        return cfg, f"bulba/recipes/{recipe}.yaml"
     except Exception:  # recipe not written yet: the shapes the issue names
         return ModelConfig(**ZUBR_FALLBACK), "built-in zubr shapes"
 
@@ -48,8 +48,8 @@ def make_random_run(run_dir: Path, cfg) -> None:
     import torch
     from safetensors.torch import save_file
 
-    from ..export_source import expected_shapes
-    from ..tokenizer import BOS, EOS, train_tokenizer
+    from bulba.export.source import expected_shapes
+    from bulba.data.tokenizer import BOS, EOS, train_tokenizer
 
     run_dir.mkdir(parents=True, exist_ok=True)
     texts = [f"{w} {i}" for i, w in enumerate(("zubr bulba kot aist krolik " * 200).split())]
@@ -71,7 +71,7 @@ def _child(mode: str, run_dir: str, type_name: str, out: str) -> None:
     """Runs in the subprocess: one export, then prints {"seconds", "peak_rss_mb"}."""
     t0 = time.perf_counter()
     if mode == "bulba":
-        from ..exporter import export
+        from bulba.export.pipeline import export
 
         export(run_dir, type_name, out, verify=False, mlflow=False, force=True, quiet=True)
     else:
@@ -99,8 +99,8 @@ def _in_memory_export(run_dir: str, type_name: str, out: str) -> None:
     import gguf
     from safetensors.torch import load_file
 
-    from ..export_source import open_source
-    from ..gguf_export import _add_metadata, _convert, _numpy_types, permute_rotate_half, tensor_plan
+    from bulba.export.source import open_source
+    from bulba.export.gguf import _add_metadata, _convert, _numpy_types, permute_rotate_half, tensor_plan
 
     src = open_source(run_dir)
     qtype, ftype = _numpy_types()[type_name]
@@ -141,7 +141,7 @@ EXTRA: dict = {}
 
 
 def run(args) -> list[dict]:
-    from ..export_source import expected_shapes
+    from bulba.export.source import expected_shapes
 
     cfg, where = model_config(args.recipe)
     with tempfile.TemporaryDirectory(prefix="bench-export-", dir=args.workdir) as tmp:

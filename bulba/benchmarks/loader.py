@@ -4,7 +4,7 @@ On one train.bin (by default the shared be/ru/en corpus, prepared once into a ca
 
 * `bulba-<sampler>-<ctx>`: tokens/s (padding not counted) of assembled batches (B=32, ctx
   1024 and 2048; bucketed: a token budget of 32 x ctx, buckets 16..ctx) from
-  `bulba.data.Batches`, converted to torch with `torch.from_numpy` as the trainer does, and
+  `bulba.data.loader.Batches`, converted to torch with `torch.from_numpy` as the trainer does, and
   each sampler's padding fraction on this corpus;
 * `np-memmap-<ctx>`: nanoGPT's `get_batch` (np.memmap, random offsets, int64 torch tensors);
 * `hf-dataloader-<ctx>`: an HF `datasets` dataset of the same windows through
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import UserError
+from bulba.errors import UserError
 
 SAMPLERS = ("stream", "packed", "bucketed")
 CTXS = (1024, 2048)
@@ -70,7 +70,7 @@ def _dataset(args) -> Path:
     inputs = [corpus / f"{lang}.txt" for lang in ("be", "ru", "en")]
     if not all(p.is_file() for p in inputs):
         raise UserError(f"corpus not found in {corpus}: pass --corpus DIR or --data DATA_DIR")
-    from ..prepare import PrepareConfig, prepare
+    from bulba.data.prepare import PrepareConfig, prepare
 
     print(f"preparing {corpus} into {out} (once)...", file=sys.stderr)
     prepare(PrepareConfig(inputs=[str(p) for p in inputs], out=out, tokenizer_max_mb=3.0, mlflow=False,
@@ -126,7 +126,7 @@ def _bulba(data: Path, sampler: str, ctx: int, args) -> tuple[float, float, floa
 
     import torch
 
-    from ..data import Batches
+    from bulba.data.loader import Batches
 
     # Stream batches share read-only position_ids/seq_ids/cu_seqlens (docs/loader.md); torch
     # warns once about wrapping a read-only array. Nothing here writes to them.
@@ -184,7 +184,7 @@ def _hf_dataloader(bin_path: Path, dtype: str, ctx: int, args) -> tuple[float, f
 
 _RSS_PROBE = r"""
 import json, sys
-from bulba.data import Batches
+from bulba.data.loader import Batches
 b = Batches(sys.argv[1], sampler="stream", batch_size=32, ctx=1024, prefetch=8, workers=int(sys.argv[3]))
 it = iter(b)
 for _ in range(int(sys.argv[2])):
@@ -264,7 +264,7 @@ def _rss(data: Path, big_gb: float, workers: int, batches: int = 300) -> list[di
 
 
 def run(args) -> list[dict]:
-    from ..data import open_data
+    from bulba.data.loader import open_data
 
     data_dir = _dataset(args)
     data = open_data(data_dir)

@@ -46,7 +46,7 @@ def add_arguments(p) -> None:
 
 def _make_corpus(src: Path, dst: Path, mb: float) -> int:
     files = [src / f"{lang}.txt" for lang in ("be", "ru", "en")]
-    from ..errors import UserError
+    from bulba.errors import UserError
 
     if not all(f.is_file() for f in files):
         raise UserError(f"corpus not found: {src} needs be.txt, ru.txt, en.txt (set --corpus or BULBA_CORPUS)")
@@ -61,7 +61,7 @@ def _make_corpus(src: Path, dst: Path, mb: float) -> int:
 
 
 def _train_tokenizer(src: Path, out: Path, vocab_size: int) -> None:
-    from ..prepare import PrepareConfig, prepare
+    from bulba.data.prepare import PrepareConfig, prepare
 
     prepare(PrepareConfig(inputs=[str(src / f"{lang}.txt") for lang in ("be", "ru", "en")], out=out,
                           vocab_size=vocab_size, tokenizer_max_mb=64, mlflow=False, quiet=True))
@@ -114,7 +114,7 @@ def run(args) -> list[dict]:
 
 
 def _peak_rss_mb() -> float:
-    from bulba.encoding import peak_rss_mb  # VmHWM: ru_maxrss would include bench.py's own peak
+    from bulba.data.encoding import peak_rss_mb  # VmHWM: ru_maxrss would include bench.py's own peak
 
     return peak_rss_mb()
 
@@ -127,7 +127,7 @@ def _cpu_s() -> float:
 
 
 def worker_bulba(text: str, tok: str, out: str) -> dict:
-    from bulba.prepare import PrepareConfig, prepare
+    from bulba.data.prepare import PrepareConfig, prepare
 
     t0, c0 = time.perf_counter(), _cpu_s()
     meta = prepare(PrepareConfig(inputs=[text], out=Path(out), tokenizer=Path(tok), mlflow=False, quiet=True))

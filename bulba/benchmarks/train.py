@@ -15,7 +15,7 @@ Rows (each in its own process, so peak host RSS and peak device memory belong to
 
 Every row runs warm-up steps (compilation happens there) and then the timed steps; tokens/s is
 measured over the timed steps only (steady state). MFU uses the shared FLOPs formula
-(6·N·T + attention) against the device's dense bf16 peak from `bulba.flops`, for every row,
+(6·N·T + attention) against the device's dense bf16 peak from `bulba.model.flops`, for every row,
 fp32 rows included. The table, the hardware, torch/CUDA versions and every setting (shared ones
 below the table, differing ones as columns) go to stdout, to --md (default
 bench_results/train.md), and to MLflow: a parent run with the table, one child run per row.
@@ -36,7 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..errors import UserError
+from bulba.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 ROWS = ["hf-trainer-default", "hf-trainer-best", "bulba-eager", "bulba-flash", "bulba-compile", "bulba-both"]
@@ -178,7 +178,7 @@ def _positive(name: str, v):
 
 
 def run(args) -> list[dict]:
-    from ..config import load_recipe
+    from bulba.config import load_recipe
 
     for name in ("steps", "batch_size", "ctx", "threads"):
         _positive(name.replace("_", "-"), getattr(args, name))
@@ -198,7 +198,7 @@ def run(args) -> list[dict]:
     meta = json.loads((data_dir / "meta.json").read_text(encoding="utf-8"))
 
     # Same for every row: stream windows (contiguous ctx tokens, as HF's group_texts blocks), a
-    # one-step lr warm-up then cosine to min_lr over warmup + steps (bulba.trainer.benchmark's
+    # one-step lr warm-up then cosine to min_lr over warmup + steps (bulba.train.run.benchmark's
     # schedule), the data's vocabulary.
     overrides = [f"data.dir={data_dir}", "data.sampler=stream", "model.vocab_size=" + str(meta["vocab_size"]),
                  "train.warmup_steps=1", "train.grad_accum=1"]
@@ -263,7 +263,7 @@ def run(args) -> list[dict]:
                     + ("as a `datasets` dataset on disk" if hf_data else "read through np.memmap (datasets not installed)")
                     + ", labels = input_ids") if HF_ROWS & set(rows) else "") + ")",
         "device": _device_line(device),
-        "mfu": "6*N*T + attention FLOPs per token (bulba.flops) x tokens/s / the device's dense bf16 peak "
+        "mfu": "6*N*T + attention FLOPs per token (bulba.model.flops) x tokens/s / the device's dense bf16 peak "
                f"({_peak_line(device)}), for every row (fp32 rows too)",
         "peak_rss_mb": "peak resident set of the row's own process (ru_maxrss), imports and data included",
         "seconds, host_load": "wall time of the row's process (start-up, compilation, all steps); the host's "
@@ -313,8 +313,7 @@ def _device_line(device: str) -> str:
 
 def _peak_line(device: str) -> str:
     try:
-        from .. import flops
-
+        from bulba.model import flops
         peak, what = flops.device_peak_flops(device)
         return f"{what}: {peak / 1e12:.3g} TFLOP/s"
     except Exception as e:  # noqa: BLE001 - the table still prints
@@ -412,15 +411,15 @@ def _bf16_ok(device: str) -> bool:
 
 def _mfu(recipe, tokens_per_s: float, device: str):
     try:
-        from .. import flops
+        from bulba.model import flops
     except ImportError:
         return None
     return flops.mfu(recipe.model, tokens_per_s, device)
 
 
 def _worker(spec_path: str, out_path: str) -> None:
-    from ..atomic import write_json
-    from ..config import load_recipe
+    from bulba.atomic import write_json
+    from bulba.config import load_recipe
 
     spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
     recipe = load_recipe(spec["preset"], spec["overrides"])
@@ -493,7 +492,7 @@ def _run_hf(spec: dict, recipe, best: bool) -> dict:
             sync()
             self.ends.append(time.perf_counter())
             if len(self.ends) == warmup and device == "cuda":
-                torch.cuda.reset_peak_memory_stats()  # peak over the timed steps, as bulba.trainer.benchmark
+                torch.cuda.reset_peak_memory_stats()  # peak over the timed steps, as bulba.train.run.benchmark
 
     timer = StepTimer()
     class LossTrainer(Trainer):  # keeps the last step's loss tensor: no extra host sync per step
@@ -552,12 +551,12 @@ class _MemmapBlocks:
 
 
 def _run_bulba(spec: dict, recipe, mode: str) -> dict:
-    """The training engineer's `bulba.trainer.benchmark`: the real LightningModule, strategy and
+    """The training engineer's `bulba.train.run.benchmark`: the real LightningModule, strategy and
     Rust batch engine, `warmup + steps` optimizer steps, no run directory or tracking."""
 
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
-    from ..trainer import benchmark
+    from bulba.train.run import benchmark
 
     recipe.train.mode = mode
     recipe.train.accelerator = spec["device"]
@@ -573,7 +572,7 @@ def _run_bulba(spec: dict, recipe, mode: str) -> dict:
         "attention": r.get("attention"),
         "compile": "blocks (Inductor, dynamic=False)" if mode in ("compile", "both") else "no",
         "optimizer": _optimizer_name(seen.get("opt")),
-        "loader": f"Rust engine (bulba.data, prefetch {recipe.data.prefetch})",
+        "loader": f"Rust engine (bulba.data.loader, prefetch {recipe.data.prefetch})",
         "tokens_per_s": r["tokens_per_s"],
         "mfu": r.get("mfu"),
         "peak_rss_mb": r.get("peak_rss_mb"),

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from .errors import UserError
+from bulba.errors import UserError
 
 TEXT_EXTENSIONS = {".txt", ".md", ".markdown", ".text"}
 JSON_EXTENSIONS = {".json", ".jsonl", ".ndjson"}

@@ -17,8 +17,7 @@ import zlib
 from array import array
 from itertools import chain
 
-from . import corpus as C
-
+from bulba.data import corpus as C
 _STATE: dict = {}
 
 
@@ -64,7 +63,7 @@ def copies_in_pass(weight: float, k: int, u) -> bool:
 
 def init_worker(tokenizer_json: str, fast: bool, seed: int) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
-    from .tokenizer import DocumentEncoder
+    from bulba.data.tokenizer import DocumentEncoder
 
     _STATE["enc"] = DocumentEncoder(tokenizer_json, fast=fast)
     _STATE["keyer"] = Keyer(seed)

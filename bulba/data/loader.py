@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from .errors import UserError
+from bulba.errors import UserError
 
 META_NAME = "meta.json"
 SPLITS = ("train", "val")
@@ -148,7 +148,7 @@ def _check_meta_types(meta_path: Path, meta: dict, vocab: int) -> None:
 
 def _engine_module():
     try:
-        from . import _rust
+        from bulba import _rust
     except ImportError as e:
         raise UserError(f"the Rust data engine is not built ({e}): run `pip install -e .` in the project root") from None
     return _rust

@@ -6,7 +6,7 @@ Stages (each streams the corpus; memory is bounded by the block size, not the co
 2. train the tokenizer (or load `--tokenizer`) on a weighted sample capped by
    `--tokenizer-max-mb`;
 3. encode: the parent reads blocks of documents (~`--block-mb`) and hands them to worker
-   processes (`bulba.encoding.encode_block`: split key, weights, statistics, token ids via
+   processes (`bulba.data.encoding.encode_block`: split key, weights, statistics, token ids via
    `DocumentEncoder`), at most two blocks per worker in flight — or runs that itself on
    small corpora and on 2 CPUs; results come back in order as compact arrays and are
    appended to `train.bin`/`val.bin` and their `.idx`, all inside a temporary directory
@@ -37,11 +37,11 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from . import corpus as C
-from .atomic import TMP_PREFIX, atomic_dir, sha256_file
-from .encoding import Keyer, encode_block, init_worker
-from .errors import UserError
-from .tokenizer import BOS, DEFAULT_VOCAB, EOS, SPECIAL_TOKENS, check_tokenizer, check_vocab_size, \
+from bulba.data import corpus as C
+from bulba.atomic import TMP_PREFIX, atomic_dir, sha256_file
+from bulba.data.encoding import Keyer, encode_block, init_worker
+from bulba.errors import UserError
+from bulba.data.tokenizer import BOS, DEFAULT_VOCAB, EOS, SPECIAL_TOKENS, check_tokenizer, check_vocab_size, \
     load_tokenizer, train_tokenizer
 
 FORMAT = "bulba-tokens"
@@ -454,7 +454,7 @@ def _start_mlflow(cfg: PrepareConfig, meta: dict, tmp: Path, out: Path) -> str |
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
     try:
-        from .tracking import setup_mlflow
+        from bulba.tracking import setup_mlflow
 
         mlflow = setup_mlflow(cfg.experiment)
         run = mlflow.start_run(run_name=f"prepare-{out.name}")

@@ -21,7 +21,7 @@ from typing import Callable, Iterable
 
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from .errors import UserError
+from bulba.errors import UserError
 
 # Llama-3's pre-tokenizer regex (from its tokenizer.json / tiktoken cl100k-style pattern).
 LLAMA3_PATTERN = (

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError
-from .export_source import Source
+from bulba.errors import UserError
+from bulba.export.source import Source
 
 # name -> (GGML tensor type for 2-D weights, general.file_type). Quantized in numpy by gguf-py.
 def _numpy_types():
@@ -56,7 +56,7 @@ def all_types() -> list[str]:
 
 
 def available_types() -> list[str]:
-    from .llamacpp import llama_cpp_available
+    from bulba.export.llamacpp import llama_cpp_available
 
     return list(_numpy_types()) + (list(LLAMA_CPP_TYPES) if llama_cpp_available() else [])
 
@@ -148,7 +148,7 @@ def _add_metadata(w, src: Source, file_type: int, name: str, quantized: bool) ->
     w.add_rope_dimension_count(cfg.head_dim)
     # Tokenizer: byte-level BPE ("gpt2") with the Llama-3 pre-tokenizer regex.
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(tok.pre)  # "llama-bpe": the Llama-3 regex (bulba.tokenizer)
+    w.add_tokenizer_pre(tok.pre)  # "llama-bpe": the Llama-3 regex (bulba.data.tokenizer)
     w.add_token_list(tok.tokens)
     w.add_token_types(tok.token_types)
     w.add_token_merges(tok.merges)
@@ -228,7 +228,7 @@ def write_gguf(src: Source, type_name: str, path: str | os.PathLike, name: str) 
 
 def quantize_with_llama_cpp(f32_path: str | os.PathLike, out_path: str | os.PathLike, type_name: str) -> None:
     """K-quant mixes (q4_k_m, ...) by llama.cpp's llama_model_quantize, from our F32 file."""
-    from .llamacpp import quantize
+    from bulba.export.llamacpp import quantize
 
     quantize(Path(f32_path), Path(out_path), LLAMA_CPP_TYPES[type_name])
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .atomic import atomic_dir
-from .errors import UserError
-from .export_source import Source
-from .gguf_export import chat_template
+from bulba.atomic import atomic_dir
+from bulba.errors import UserError
+from bulba.export.source import Source
+from bulba.export.gguf import chat_template
 
 HF_DTYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
 
@@ -98,7 +98,7 @@ def _tokenizer_json(src: Source) -> str:
     """The training tokenizer, with BOS added by its post-processor when add_bos_token says so.
 
     PreTrainedTokenizerFast adds special tokens only through the post-processor; the
-    training tokenizer has one already (bulba.tokenizer), older ones may not.
+    training tokenizer has one already (bulba.data.tokenizer), older ones may not.
     """
     tj = json.loads(src.tokenizer_path.read_text(encoding="utf-8"))
     if src.tokenizer.add_bos and not tj.get("post_processor"):

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError
+from bulba.errors import UserError
 
 _LOG: collections.deque[str] = collections.deque(maxlen=40)
 

@@ -13,10 +13,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .atomic import TMP_PREFIX, _fsync_dir, write_text
-from .errors import UserError
-from .export_source import open_source, remove_quietly
-from .gguf_export import LLAMA_CPP_TYPES, all_types, check_type, quantize_with_llama_cpp, write_gguf
+from bulba.atomic import TMP_PREFIX, _fsync_dir, write_text
+from bulba.errors import UserError
+from bulba.export.source import open_source, remove_quietly
+from bulba.export.gguf import LLAMA_CPP_TYPES, all_types, check_type, quantize_with_llama_cpp, write_gguf
 
 
 @dataclass
@@ -26,7 +26,7 @@ class ExportResult:
     sha256: str
     seconds: dict = field(default_factory=dict)
     verdict: str | None = None
-    report: object | None = None  # bulba.verify.Report
+    report: object | None = None  # bulba.export.verify.Report
     hf_out: Path | None = None
     hf: dict | None = None
     modelfile: Path | None = None
@@ -66,7 +66,7 @@ def export(source: str, type_name: str, out: str | os.PathLike, *, register: str
            verify: bool | None = None, name: str | None = None, mlflow: bool = True,
            experiment: str | None = None, quiet: bool = False) -> ExportResult:
     """verify=None: verify when llama-cpp-python is installed (True requires it)."""
-    from .llamacpp import llama_cpp_available
+    from bulba.export.llamacpp import llama_cpp_available
 
     say = (lambda m: None) if quiet else _say
     out = Path(out)
@@ -88,7 +88,7 @@ def export(source: str, type_name: str, out: str | os.PathLike, *, register: str
         raise UserError("verification needs llama-cpp-python (pip install llama-cpp-python), or pass --no-verify")
 
     if register or mlflow:  # a dead server: find out now, not after minutes of MLflow retries
-        from .registry import check_reachable
+        from bulba.export.registry import check_reachable
 
         try:
             check_reachable(f"cannot register '{register}'" if register else "cannot log the export")
@@ -129,8 +129,8 @@ def export(source: str, type_name: str, out: str | os.PathLike, *, register: str
 
         report = model = None
         if verify:
-            from .export_source import load_torch_model
-            from .verify import verify_gguf
+            from bulba.export.source import load_torch_model
+            from bulba.export.verify import verify_gguf
 
             t1 = time.perf_counter()
             model = load_torch_model(src)
@@ -143,7 +143,7 @@ def export(source: str, type_name: str, out: str | os.PathLike, *, register: str
         else:
             say("verification skipped (" + ("--no-verify" if llama_cpp_available() else "llama-cpp-python not installed") + ")")
 
-        from .registry import place_in_output_models, sha256_file
+        from bulba.export.registry import place_in_output_models, sha256_file
 
         res.sha256 = sha256_file(tmp)
         os.replace(tmp, out)
@@ -153,13 +153,13 @@ def export(source: str, type_name: str, out: str | os.PathLike, *, register: str
         say(f"{out} (sha256 {res.sha256[:16]}...), Ollama: ollama create {name} -f {res.modelfile}")
 
         if hf_out is not None:
-            from .hf_export import write_hf
+            from bulba.export.hf import write_hf
 
             t2 = time.perf_counter()
             res.hf_out = write_hf(src, hf_out, dtype=hf_dtype, force=force)
             res.seconds["hf_write_s"] = time.perf_counter() - t2
             if verify:
-                from .verify import verify_hf
+                from bulba.export.verify import verify_hf
 
                 res.hf = verify_hf(res.hf_out, src, model=model, dtype=hf_dtype)
                 line = (f"verify HF folder in transformers: {'PASS' if res.hf['passed'] else 'FAIL'}: "
@@ -177,7 +177,7 @@ def export(source: str, type_name: str, out: str | os.PathLike, *, register: str
         if register:
             res.output_models = place_in_output_models(out, register, type_name)
         if mlflow or register:
-            from .registry import log_export
+            from bulba.export.registry import log_export
 
             try:
                 res.mlflow = log_export(src=src, gguf_path=out, type_name=type_name, sha256=res.sha256,

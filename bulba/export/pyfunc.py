@@ -1,6 +1,6 @@
 """The registered model's pyfunc flavor: a GGUF run through llama.cpp.
 
-Its own module so that `bulba.registry` (and export.py without --register) does not import
+Its own module so that `bulba.export.registry` (and export.py without --register) does not import
 mlflow.pyfunc; MLflow pickles the class by reference, so loading a version needs bulba.
 """
 
@@ -13,13 +13,13 @@ class GGUFModel(mlflow.pyfunc.PythonModel):
     """pyfunc wrapper: predict(list of prompts) -> greedy completions from llama.cpp."""
 
     def load_context(self, context):
-        from .gguf_export import read_back
+        from bulba.export.gguf import read_back
 
         self.path = context.artifacts["gguf"]
         self.ctx_len = int(read_back(self.path)["kv"].get("llama.context_length", 512))
 
     def predict(self, context, model_input: list[str], params: dict | None = None) -> list[str]:
-        from .llamacpp import LlamaCpp
+        from bulba.export.llamacpp import LlamaCpp
 
         try:
             n_new = int((params or {}).get("max_tokens", 32))

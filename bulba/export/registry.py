@@ -17,15 +17,15 @@ import os
 import shutil
 from pathlib import Path
 
-from .atomic import sha256_file  # noqa: F401  (re-exported for callers)
-from .errors import UserError
+from bulba.atomic import sha256_file  # noqa: F401  (re-exported for callers)
+from bulba.errors import UserError
 
 def check_reachable(what: str, timeout: float = 5.0) -> None:
     """Fail fast on a dead tracking server (MLflow itself would retry for minutes)."""
     import urllib.error
     import urllib.request
 
-    from .tracking import tracking_uri
+    from bulba.tracking import tracking_uri
 
     uri = tracking_uri()
     if not uri.startswith(("http://", "https://")):
@@ -81,8 +81,8 @@ def log_export(*, src, gguf_path: Path, type_name: str, sha256: str, report=None
     import mlflow
     from mlflow import MlflowClient
 
-    from .gguf_pyfunc import GGUFModel
-    from .tracking import DEFAULT_EXPERIMENT, setup_mlflow
+    from bulba.export.pyfunc import GGUFModel
+    from bulba.tracking import DEFAULT_EXPERIMENT, setup_mlflow
 
     check_reachable("cannot log the export" + (f" or register '{register}'" if register else ""))
     setup_mlflow(experiment or DEFAULT_EXPERIMENT)
@@ -124,7 +124,7 @@ def log_export(*, src, gguf_path: Path, type_name: str, sha256: str, report=None
         if register:
             mi = mlflow.pyfunc.log_model(
                 name="gguf",
-                python_model=GGUFModel(),  # bulba.gguf_pyfunc
+                python_model=GGUFModel(),  # bulba.export.pyfunc
                 artifacts={"gguf": str(gguf_path)},
                 # Explicit requirements: inferring them would import and run the model in a subprocess.
                 pip_requirements=["mlflow>=3.17,<4", "llama-cpp-python>=0.3.8", "bulbagpt"],

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import ModelConfig, model_config_from_dict
-from .errors import UserError
+from bulba.config import ModelConfig, model_config_from_dict
+from bulba.errors import UserError
 
 WEIGHTS_NAME = "final.safetensors"
 CHECKPOINT_WEIGHTS = "model.safetensors"  # runs/<run>/checkpoints/step-N/
@@ -100,7 +100,7 @@ class Source:
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Weight names and shapes of `bulba.model.Llama.state_dict()` (docs/contracts.md)."""
+    """Weight names and shapes of `bulba.model.llama.Llama.state_dict()` (docs/contracts.md)."""
     V, D, F, hd = cfg.vocab_size, cfg.n_embd, cfg.ffn_hidden, cfg.head_dim
     out: dict[str, tuple[int, ...]] = {"tok_embeddings.weight": (V, D)}
     for i in range(cfg.n_layer):
@@ -243,11 +243,11 @@ def _read_tokenizer(path: Path, tj: dict, tok_cfg: dict, vocab_size: int) -> Tok
 def _pre_tokenizer_name(pre: dict | None, path: Path) -> str:
     """llama.cpp applies its own regex, chosen by name: map the tokenizer's to that name.
 
-    bulba.tokenizer writes Split(Llama-3 regex) + ByteLevel(use_regex=false): "llama-bpe".
+    bulba.data.tokenizer writes Split(Llama-3 regex) + ByteLevel(use_regex=false): "llama-bpe".
     A plain ByteLevel(use_regex=true) is GPT-2's regex: "gpt-2". Anything else would
     tokenize differently in llama.cpp, so it is refused here rather than shipped.
     """
-    from .tokenizer import LLAMA3_PATTERN
+    from bulba.data.tokenizer import LLAMA3_PATTERN
 
     def flat(p):
         if not p:
@@ -270,8 +270,8 @@ def _download_run(uri: str) -> tuple[Path, str]:
     """`runs:/<run_id>[/path]` -> a local folder holding final.safetensors, config and tokenizer."""
     import mlflow
 
-    from .registry import check_reachable
-    from .tracking import tracking_uri
+    from bulba.export.registry import check_reachable
+    from bulba.tracking import tracking_uri
 
     mlflow.set_tracking_uri(tracking_uri())
     check_reachable(f"cannot download {uri}")
@@ -385,7 +385,7 @@ def load_torch_model(src: Source):
     import torch
     from safetensors.torch import load_file
 
-    from .model import Llama, rope_cache
+    from bulba.model.llama import Llama, rope_cache
 
     state = {k: v.float() for k, v in load_file(str(src.weights)).items()}
     with torch.device("meta"):

@@ -11,7 +11,7 @@ On a mixed Russian / Belarusian / English / code sample (the project's own text)
   top-1 for >= 95% of positions (llama.cpp also rounds activations to 8 bits for these
   types). A wrong layout or metadata gives near-chance agreement. Figures against the
   original weights are reported for every type.
-llama.cpp runs with an F32 K/V cache and no flash attention (see bulba.llamacpp), so the
+llama.cpp runs with an F32 K/V cache and no flash attention (see bulba.export.llamacpp), so the
 figures measure the weights' format only.
 """
 
@@ -97,8 +97,8 @@ def verify_gguf(gguf_path, src, type_name: str, model=None, text: str = SAMPLE) 
     """Run the checks; `model` is the PyTorch reference (loaded from `src` when None)."""
     import torch
 
-    from .export_source import load_torch_model
-    from .llamacpp import LlamaCpp
+    from bulba.export.source import load_torch_model
+    from bulba.export.llamacpp import LlamaCpp
 
     t0 = time.perf_counter()
     rep = Report(type=type_name)
@@ -160,8 +160,8 @@ def dequantized_model(gguf_path, src):
     import gguf
     import torch
 
-    from .export_source import load_torch_model
-    from .gguf_export import tensor_plan
+    from bulba.export.source import load_torch_model
+    from bulba.export.gguf import tensor_plan
 
     cfg = src.model
     to_ours = {g: s for g, s, _ in tensor_plan(src)}
@@ -199,8 +199,8 @@ def verify_hf(hf_dir, src, model=None, text: str = SAMPLE, dtype: str = "f32") -
     import torch
     from transformers import AutoTokenizer
 
-    from .export_source import load_torch_model
-    from .hf_export import hf_logits
+    from bulba.export.source import load_torch_model
+    from bulba.export.hf import hf_logits
 
     model = model if model is not None else load_torch_model(src)
     ids = reference_ids(src.tokenizer_path, text, src.tokenizer.bos_id, src.tokenizer.add_bos)[: src.model.ctx_len]

@@ -14,7 +14,7 @@ import os
 import re
 from functools import lru_cache
 
-from .config import ModelConfig
+from bulba.config import ModelConfig
 
 # Dense (no sparsity) bf16 tensor peak, FLOP/s, per device. Sources: vendor data sheets
 # (SXM/PCIe parts differ; we match the most specific name first).
@@ -139,7 +139,7 @@ def device_peak_flops(device) -> tuple[float, str]:
 
 
 def param_count(cfg: ModelConfig) -> int:
-    """Exact parameter count of bulba.model.Llama(cfg), without building it."""
+    """Exact parameter count of bulba.model.llama.Llama(cfg), without building it."""
     D, L, hd = cfg.n_embd, cfg.n_layer, cfg.head_dim
     attn = D * cfg.n_head * hd * 2 + 2 * D * cfg.n_kv_head * hd
     ffn = 3 * D * cfg.ffn_hidden

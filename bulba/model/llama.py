@@ -14,8 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import attend
-from .config import ModelConfig
+from bulba.model.attention import attend
+from bulba.config import ModelConfig
 
 
 class RMSNorm(nn.Module):

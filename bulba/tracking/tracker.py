@@ -91,8 +91,8 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
-from .atomic import write_bytes, write_json
-from .errors import UserError, run_cli
+from bulba.atomic import write_bytes, write_json
+from bulba.errors import UserError
 
 DEFAULT_EXPERIMENT = "bulbagpt"
 
@@ -1064,6 +1064,3 @@ def _main(argv: list[str] | None = None) -> int:
           f" ({t.last_error or 'timed out'}); run the same command again later", file=sys.stderr)
     return 1
 
-
-if __name__ == "__main__":
-    run_cli(_main)

@@ -1,7 +1,7 @@
 """Resumable checkpoints without pickle: safetensors for tensors, JSON for everything else.
 
     out_dir/checkpoints/step-00000050/
-        model.safetensors      fp32 weights (bulba.model names)
+        model.safetensors      fp32 weights (bulba.model.llama names)
         optimizer.safetensors  optimizer state tensors, keyed "<param index>.<name>"
         rng.safetensors        torch CPU / CUDA generator states, numpy's key array
         state.json             step, consumed batches, tokens, sampler state, optimizer
@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .atomic import TMP_PREFIX, atomic_dir, sha256_file
-from .errors import UserError
+from bulba.atomic import TMP_PREFIX, atomic_dir, sha256_file
+from bulba.errors import UserError
 
 FORMAT = "bulba-checkpoint"
 VERSION = 1

@@ -5,7 +5,7 @@ clipped), a NaN/Inf verdict shared by all ranks before the weights move (skip or
 train.nan_policy), the lr of our warmup + cosine schedule (a pure function of the step, so a
 resumed run follows the exact same curve), and a step boundary at which checkpoints are
 consistent. Lightning still owns devices, precision (autocast), the DDP/FSDP wrapping (through
-bulba.strategy) and process launch.
+bulba.train.strategy) and process launch.
 
 Every counter that resume needs lives in `TrainState` and goes into the checkpoint; the
 batch position in particular is counted here (micro-batches consumed), not taken from the
@@ -23,10 +23,10 @@ import lightning as L
 import numpy as np
 import torch
 
-from . import flops
-from .config import Recipe
-from .data import document_layout
-from .model import Llama
+from bulba.model import flops
+from bulba.config import Recipe
+from bulba.data.loader import document_layout
+from bulba.model.llama import Llama
 
 
 @dataclass
@@ -41,7 +41,7 @@ class TrainState:
 
 @dataclass
 class Outcome:
-    """How fit ended; read by bulba.trainer after trainer.fit returns."""
+    """How fit ended; read by bulba.train.run after trainer.fit returns."""
 
     reason: str = "running"  # done | max_tokens | signal | fault
     signal: str | None = None

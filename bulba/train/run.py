@@ -11,7 +11,7 @@ Run directory (docs/contracts.md, "Runs"):
     out_dir/recipe.yaml        the resolved recipe
     out_dir/metrics.jsonl      every logged metric, also when the tracking server is down
     out_dir/samples.jsonl      generated samples
-    out_dir/checkpoints/step-N resumable state (bulba.checkpoint)
+    out_dir/checkpoints/step-N resumable state (bulba.train.checkpoint)
     out_dir/final.safetensors  fp32 weights, written last, only from finite weights
 """
 
@@ -34,11 +34,11 @@ from pathlib import Path
 import torch
 import yaml
 
-from . import checkpoint as ckpt
-from . import flops
-from .atomic import atomic_open, write_json, write_text
-from .config import Recipe
-from .errors import UserError
+from bulba.train import checkpoint as ckpt
+from bulba.model import flops
+from bulba.atomic import atomic_open, write_json, write_text
+from bulba.config import Recipe
+from bulba.errors import UserError
 
 RUN_FORMAT = "bulba-run"
 RUN_VERSION = 1
@@ -91,7 +91,7 @@ class Tracker:
               tags: dict, params: dict | None) -> str | None:
         if not self.enabled:
             return None
-        from .tracking import RunTracker
+        from bulba.tracking import RunTracker
 
         # resume=True + run_dir: a run dir holding mlflow_run.json continues that run (same id).
         self._rt = RunTracker(experiment, run_name, run_dir=run_dir, run_id=run_id, tags=tags, params=params,
@@ -162,13 +162,13 @@ def git_commit() -> str:
 
 
 class TorchBatches:
-    """bulba.data.Batches -> host torch tensors (pinned on CUDA), starting at a given batch."""
+    """bulba.data.loader.Batches -> host torch tensors (pinned on CUDA), starting at a given batch."""
 
     def __init__(self, batches, start: int, pin: bool, stream: bool, limit: int | None = None):
         self.batches, self.start, self.pin, self.stream, self.limit = batches, start, pin, stream, limit
 
     def __iter__(self):
-        from .lit_module import batch_to_torch
+        from bulba.train.module import batch_to_torch
 
         self.batches.seek(self.start)
         for i, b in enumerate(self.batches):
@@ -178,7 +178,7 @@ class TorchBatches:
 
 
 def make_batches_factory(recipe: Recipe, data, pin: bool):
-    from .data import Batches
+    from bulba.data.loader import Batches
 
     d, m, t = recipe.data, recipe.model, recipe.train
 
@@ -274,7 +274,7 @@ def check_out_dir(recipe: Recipe) -> Path | None:
 
 def prepare_recipe(recipe: Recipe):
     """Validate data against the recipe; fill model.vocab_size from meta.json. Returns TokenData."""
-    from .data import open_data
+    from bulba.data.loader import open_data
 
     data = open_data(recipe.data.dir, recipe.model.vocab_size)
     if recipe.model.vocab_size is None:
@@ -290,7 +290,7 @@ def check_splits(recipe: Recipe, data) -> None:
     """Open both splits as training will (cheap: mmap, sizes, index, the vocabulary check of the
     first and last blocks, enough tokens for ctx_len), so a truncated or corrupted token file or
     a ctx_len longer than the data holds fails before the run directory or MLflow run exists."""
-    from .data import Batches
+    from bulba.data.loader import Batches
 
     d, m, t = recipe.data, recipe.model, recipe.train
     for split in ("train", "val"):
@@ -392,7 +392,7 @@ def train(recipe: Recipe, *, module_hook=None, enable_tracking: bool = True) -> 
     """Train per `recipe`; returns a summary dict. `module_hook(module)` lets tests patch."""
     import lightning as L
 
-    from .lit_module import BulbaModule
+    from bulba.train.module import BulbaModule
 
     t_start = time.perf_counter()
     rank0 = early_global_rank() == 0
@@ -503,7 +503,7 @@ def train(recipe: Recipe, *, module_hook=None, enable_tracking: bool = True) -> 
         module_hook(module)
 
     # ---- Lightning
-    from .strategy import make_strategy
+    from bulba.train.strategy import make_strategy
 
     devices = recipe.train.devices
     if devices == "auto":
@@ -677,8 +677,8 @@ def benchmark(recipe: Recipe, steps: int = 20, warmup: int = 5) -> dict:
     returns steady-state tokens_per_s, mfu, peak_device_mb, peak_rss_mb over the timed steps."""
     import lightning as L
 
-    from .lit_module import BulbaModule
-    from .strategy import make_strategy
+    from bulba.train.module import BulbaModule
+    from bulba.train.strategy import make_strategy
 
     t = recipe.train
     t.max_steps = warmup + steps

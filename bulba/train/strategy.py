@@ -27,8 +27,8 @@ import warnings
 import torch
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, SingleDeviceStrategy
 
-from . import attention
-from .model import Block, Llama, lm_loss_sum
+from bulba.model import attention
+from bulba.model.llama import Block, Llama, lm_loss_sum
 
 MODES = ("eager", "flash", "compile", "both")
 

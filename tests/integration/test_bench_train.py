@@ -1,6 +1,6 @@
 """`python bench.py train`: a short run on `tiny` fills every row of the table, writes it to
 --md / --json, and logs a parent MLflow run (the table) plus one child run per row holding the
-same numbers, against a real `mlflow server` (tests/_fx_mlflow.py)."""
+same numbers, against a real `mlflow server` (tests/support/mlflow_server.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from support.paths import REPO as ROOT
 ROWS = ["hf-trainer-default", "hf-trainer-best", "bulba-eager", "bulba-flash", "bulba-compile", "bulba-both"]
 
 pytest.importorskip("transformers")

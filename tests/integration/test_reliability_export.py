@@ -20,10 +20,9 @@ import time
 from pathlib import Path
 
 import pytest
-from _cli import assert_one_line_exit_2
+from support.cli import assert_one_line_exit_2
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from support.paths import REPO
 
 from bulba.errors import UserError  # noqa: E402
 
@@ -36,8 +35,8 @@ def make_run(out: Path, n_layer=2, n_embd=256, ffn=768, vocab=300) -> Path:
     from safetensors.torch import save_file
 
     from bulba.config import ModelConfig
-    from bulba.model import Llama
-    from bulba.tokenizer import BOS, EOS, train_tokenizer
+    from bulba.model.llama import Llama
+    from bulba.data.tokenizer import BOS, EOS, train_tokenizer
 
     out.mkdir(parents=True, exist_ok=True)
     tok = train_tokenizer(TEXT.splitlines(), vocab_size=vocab)
@@ -82,7 +81,7 @@ def sha(p: Path) -> str:
 
 # ~100 MB of weights so that the kill lands mid-write (~4 s)
 def test_sigkill_during_export_keeps_previous_gguf(tmp_path):
-    from bulba.gguf_export import read_back
+    from bulba.export.gguf import read_back
 
     run = make_run(tmp_path / "big", n_layer=6, n_embd=512, ffn=1536)
     outdir = tmp_path / "models"
@@ -140,7 +139,7 @@ def test_disk_full_during_export_keeps_previous_gguf(small_run, tmp_path):
 
 @pytest.fixture(scope="module")
 def good_gguf(small_run, tmp_path_factory) -> Path:
-    from bulba.exporter import export
+    from bulba.export.pipeline import export
 
     out = tmp_path_factory.mktemp("gguf") / "good.gguf"
     export(str(small_run), "q8_0", out, verify=False, mlflow=False, quiet=True)
@@ -183,7 +182,7 @@ def test_export_refuses_a_gguf_or_ckpt_as_source(good_gguf, tmp_path):
 
 
 def test_corrupted_gguf_read_back_is_a_user_error(good_gguf, tmp_path):
-    from bulba.gguf_export import read_back
+    from bulba.export.gguf import read_back
 
     assert read_back(good_gguf)["kv"]["general.architecture"] == "llama"
     for name, data in corruptions(good_gguf.read_bytes()).items():
@@ -201,8 +200,8 @@ _LOAD_SCRIPT = """
 import sys
 from bulba.errors import run_cli
 def main(argv):
-    from bulba.llamacpp import LlamaCpp
-    from bulba.gguf_pyfunc import GGUFModel
+    from bulba.export.llamacpp import LlamaCpp
+    from bulba.export.pyfunc import GGUFModel
     class Ctx:
         artifacts = {"gguf": sys.argv[1]}
     m = GGUFModel()
@@ -215,7 +214,7 @@ run_cli(main)
 
 # one llama.cpp process per corrupted file (~1-2 s each)
 def test_corrupted_gguf_in_llama_cpp_and_registry_pyfunc_is_exit_2(good_gguf, tmp_path):
-    from bulba.llamacpp import llama_cpp_available
+    from bulba.export.llamacpp import llama_cpp_available
 
     if not llama_cpp_available():
         pytest.skip("llama-cpp-python not installed")
@@ -244,7 +243,7 @@ def test_register_name_cannot_escape_output_models(small_run, tmp_path, name):
     r = export_cli(small_run, "--type", "f16", "--out", out, "--register", name, "--no-verify", cwd=tmp_path)
     assert_one_line_exit_2(r, "--register")
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written anywhere
-    from bulba.registry import place_in_output_models
+    from bulba.export.registry import place_in_output_models
 
     f = tmp_path / "f.gguf"
     f.write_bytes(b"GGUF")
@@ -286,7 +285,7 @@ def test_export_source_fuzz(small_run, tmp_path_factory):
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
-    from bulba.export_source import open_source
+    from bulba.export.source import open_source
 
     paths = st.sampled_from([
         ["model"], ["model", "vocab_size"], ["model", "n_layer"], ["model", "n_embd"], ["model", "tie_embeddings"],
@@ -335,7 +334,7 @@ def test_absurd_numbers_in_run_files_are_errors_not_oom(small_run, tmp_path, cas
     open_source list 10**12 names / a 2**60-element set (OOM kill); now a one-line error."""
     import shutil
 
-    from bulba.export_source import open_source
+    from bulba.export.source import open_source
 
     d = tmp_path / "run"
     shutil.copytree(small_run, d)
@@ -355,11 +354,11 @@ def test_absurd_numbers_in_run_files_are_errors_not_oom(small_run, tmp_path, cas
 def test_pyfunc_asked_for_more_than_the_context_stays_inside_it(good_gguf):
     """The registered model's predict() with max_tokens beyond the GGUF's context_length (and a
     prompt longer than it): clamped to the context, no llama.cpp error or crash."""
-    from bulba.llamacpp import llama_cpp_available
+    from bulba.export.llamacpp import llama_cpp_available
 
     if not llama_cpp_available():
         pytest.skip("llama-cpp-python not installed")
-    from bulba.gguf_pyfunc import GGUFModel
+    from bulba.export.pyfunc import GGUFModel
 
     class Ctx:
         artifacts = {"gguf": str(good_gguf)}

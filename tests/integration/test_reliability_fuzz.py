@@ -3,9 +3,9 @@
 - The recipe loader (`bulba.config.recipe_from_dict`, `load_recipe`, dotted overrides): any YAML
   tree, YAML text or override string gives a valid `Recipe` or a one-line `UserError`, never
   another exception.
-- The token-file reader (`bulba.data.open_data` + `Batches`, Rust engine behind it): random and
+- The token-file reader (`bulba.data.loader.open_data` + `Batches`, Rust engine behind it): random and
   corrupted `.bin`/`.idx`/`meta.json` give valid batches or a `UserError`. It runs in a child
-  process (tests/_fuzz_loader.py), so a segfault or abort in the native code fails this test
+  process (tests/support/fuzz_loader.py), so a segfault or abort in the native code fails this test
   instead of killing pytest.
 """
 
@@ -16,15 +16,13 @@ import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from support.paths import REPO
 
 from bulba.config import Recipe, load_recipe, recipe_from_dict  # noqa: E402
 from bulba.errors import UserError  # noqa: E402
@@ -124,8 +122,8 @@ def test_load_recipe_bad_bytes_and_yaml_tags(tmp_path):
 @pytest.mark.parametrize("what", ["bytes", "meta"])
 def test_token_file_reader_fuzz_in_child_process(what, tmp_path):
     n = os.environ.get("BULBA_FUZZ_EXAMPLES", "150")
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, str(Path(__file__).with_name("_fuzz_loader.py")), what, n, str(tmp_path)],
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")]), OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "support.fuzz_loader", what, n, str(tmp_path)],
                        capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, f"child exited {r.returncode} (negative: killed by a signal)\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     assert "fuzz ok" in r.stdout
@@ -146,10 +144,9 @@ def test_meta_json_wrong_types_are_user_errors(tmp_path, key, value):
     """Minimal cases the meta.json fuzz found (a hand-edited or foreign meta.json)."""
     import json
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from loader_data import make_docs, write_dataset
+    from support.token_files import make_docs, write_dataset
 
-    from bulba.data import Batches, open_data
+    from bulba.data.loader import Batches, open_data
 
     d = write_dataset(tmp_path / "d", make_docs([5, 9, 17, 33, 64] * 6, vocab_size=500), vocab_size=500)
     meta = json.loads((d / "meta.json").read_text())

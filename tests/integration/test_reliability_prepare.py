@@ -18,10 +18,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from _cli import assert_one_line_exit_2
+from support.cli import assert_one_line_exit_2
 
-REPO = Path(__file__).resolve().parents[1]
-CORPUS = REPO.parent / "shared" / "corpus"
+from support.paths import CORPUS, REPO
 
 
 def _run_prepare(args, cwd: Path, fsize: int | None = None):
@@ -62,8 +61,7 @@ def _check_disk_full(parent: Path, texts, fsize=None, errno_text=""):
     assert _digest(out) == before  # the previous dataset, byte for byte
     assert sorted(p.name for p in parent.iterdir()) == ["data"]  # no .tmp-* left beside it
     # and it still loads
-    sys.path.insert(0, str(REPO))
-    from bulba.data import open_data
+    from bulba.data.loader import open_data
 
     assert open_data(out).meta["splits"]["train"]["tokens"] > 0
     # a first prepare (no previous dataset) that hits the limit leaves nothing at all

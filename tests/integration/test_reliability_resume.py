@@ -23,11 +23,9 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from support.paths import REPO
 
-from _fx_train import TINY, build_dataset, losses_from  # noqa: E402
+from support.train_data import TINY, build_dataset, losses_from  # noqa: E402
 
 # Kills aim at steps 1-7; the run goes on well past them (a step takes tens of ms), so a kill
 # always lands in a running process, however fast the machine.
@@ -75,8 +73,7 @@ def _assert_same_losses(out: Path, reference: dict[int, float]):
 
 
 def _resume_and_check(data, out, reference):
-    from bulba import checkpoint as ckpt
-
+    from bulba.train import checkpoint as ckpt
     latest = ckpt.latest_checkpoint(out / "checkpoints")
     if latest is not None:
         ckpt.load_checkpoint(latest)  # the newest complete checkpoint is intact (sha256 verified)
@@ -161,8 +158,7 @@ def test_file_size_limit_on_checkpoints_is_exit_2_and_resumable(data, tmp_path, 
     assert "Traceback" not in p.stderr and len(err) == 1 and err[0].startswith("error: "), p.stderr[-3000:]
     assert "step-00000002 is intact" in err[0] and "File too large" in err[0], err
     assert "training continues" in p.stderr  # the interval checkpoints failed with a warning
-    from bulba import checkpoint as ckpt
-
+    from bulba.train import checkpoint as ckpt
     assert ckpt.latest_checkpoint(out / "checkpoints").name == "step-00000002"
     assert not list((out / "checkpoints").glob(".tmp-*")) and not (out / "final.safetensors").exists()
     _resume_and_check(data, out, reference)

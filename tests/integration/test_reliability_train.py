@@ -11,18 +11,15 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from _cli import assert_one_line_exit_2
+from support.cli import assert_one_line_exit_2
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from support.paths import REPO
 
-from _fx_train import TINY, build_dataset, run_train  # noqa: E402
+from support.train_data import TINY, build_dataset, run_train  # noqa: E402
 
 from bulba.errors import UserError  # noqa: E402
 
@@ -88,7 +85,7 @@ def test_corrupted_token_files_exit_2_before_the_run_exists(data, tmp_path, case
 @pytest.mark.slow  # trains 2 steps first (~10 s)
 def test_resume_with_data_of_another_tokenizer_is_refused(data, tmp_path):
     from bulba.config import load_recipe
-    from bulba.trainer import train
+    from bulba.train.run import train
 
     out = tmp_path / "run"
     train(load_recipe("tiny", [f"data.dir={data}", f"out_dir={out}", *FAST, "train.max_steps=2"]),
@@ -186,7 +183,7 @@ def test_ckpt_pickle_given_as_recipe_is_not_unpickled(tmp_path):
 
 def test_metrics_log_on_a_full_disk_warns_once_and_goes_on(capsys):
     """/dev/full: every write fails with ENOSPC (a real device, no mock)."""
-    from bulba.trainer import Tracker
+    from bulba.train.run import Tracker
 
     if not Path("/dev/full").exists():
         pytest.skip("no /dev/full")

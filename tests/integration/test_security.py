@@ -16,9 +16,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from support.paths import REPO
 
 from bulba.errors import UserError  # noqa: E402
 
@@ -132,8 +130,8 @@ def _evil_bytes(marker: Path) -> bytes:
 def test_pickles_are_never_loaded(tmp_path):
     """A pickle as export source (.ckpt, .pt, or renamed to final.safetensors / model.safetensors),
     and a pickle beside a checkpoint: refused or ignored, never unpickled."""
-    from bulba.checkpoint import load_checkpoint
-    from bulba.exporter import export
+    from bulba.train.checkpoint import load_checkpoint
+    from bulba.export.pipeline import export
 
     marker = tmp_path / "pwned"
     for name in ("model.ckpt", "model.pt", "weights.bin"):
@@ -174,7 +172,7 @@ def _evil_paths(*roots: Path) -> list[str]:
 
 @pytest.mark.slow  # a real (embedded SQLite) MLflow store, one training step, two exports (~15-40 s)
 def test_recipe_names_and_runs_uri_cannot_escape(tmp_path):
-    from _fx_train import TINY, build_dataset
+    from support.train_data import TINY, build_dataset
 
     if not (REPO.parent / "shared" / "corpus" / "be.txt").is_file():
         pytest.skip("shared corpus missing")
@@ -218,7 +216,6 @@ def test_default_spool_folder_keeps_experiment_names_inside(tmp_path, monkeypatc
     """RunTracker without run_dir spools under runs/.mlflow-spool/<experiment>-...: an experiment
     name with '../' or '/' stays one folder there."""
     from bulba import tracking
-
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # nothing listens: no server needed
     t = tracking.RunTracker("../../evil/exp", "r", start_timeout=0, finish_timeout=0, quiet=True)
@@ -255,5 +252,5 @@ def test_documented_mlflow_server_binds_localhost_and_mentions_auth():
     text = (REPO / "docs" / "tracking.md").read_text(encoding="utf-8")
     assert "--host 127.0.0.1" in text and re.search(r"[Aa]uthentication", text) and "basic-auth" in text
     # and the test server binds to loopback only
-    fx = (Path(__file__).with_name("_fx_mlflow.py")).read_text(encoding="utf-8")
+    fx = (REPO / "tests" / "support" / "mlflow_server.py").read_text(encoding="utf-8")
     assert "0.0.0.0" not in fx and "127.0.0.1" in fx

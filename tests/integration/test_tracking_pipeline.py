@@ -9,16 +9,14 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("mlflow")
 
-from _fx_train import TINY  # noqa: E402
+from support.train_data import TINY  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-CORPUS = ROOT.parent / "shared" / "corpus"
+from support.paths import CORPUS, REPO as ROOT
 
 
 def _run(args, env, timeout=300):
@@ -74,7 +72,7 @@ def test_prepare_train_export_register_on_server(mlflow_uri, mlflow_server, tmp_
     assert export.data.tags.get("mlflow.parentRunId") == train_id  # nested under the training run
     assert v.tags["source_run"] == train_id and v.tags["type"] == "q8_0"
 
-    from bulba.registry import fetch_gguf
+    from bulba.export.registry import fetch_gguf
 
     got = fetch_gguf(f"models:/pipe-test/{v.version}", tmp_path / "dl")
     assert hashlib.sha256(got.read_bytes()).hexdigest() == hashlib.sha256(gguf.read_bytes()).hexdigest()

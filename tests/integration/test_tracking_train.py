@@ -15,7 +15,7 @@ import pytest
 
 pytest.importorskip("mlflow")
 
-from _fx_train import ROOT, TINY, train_data  # noqa: E402,F401 (fixture)
+from support.train_data import ROOT, TINY
 
 
 def _records(out: Path) -> list[dict]:

@@ -1,6 +1,6 @@
-"""Child process of tests/test_reliability_fuzz.py: fuzz the token-file reader.
+"""Child process of tests/integration/test_reliability_fuzz.py: fuzz the token-file reader.
 
-    python tests/_fuzz_loader.py bytes|meta N_EXAMPLES WORKDIR
+    PYTHONPATH=.:tests python -m support.fuzz_loader bytes|meta N_EXAMPLES WORKDIR
 
 `bytes`: a valid dataset whose train/val .bin/.idx are truncated, extended, overwritten with
 random bytes or bit-flipped. `meta`: meta.json fields replaced by random JSON values. Each
@@ -22,11 +22,10 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from loader_data import make_docs, write_dataset  # noqa: E402
+from support.token_files import make_docs, write_dataset
 
-from bulba.data import Batches, open_data  # noqa: E402
-from bulba.errors import UserError  # noqa: E402
+from bulba.data.loader import Batches, open_data
+from bulba.errors import UserError
 
 WHAT, N, WORK = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
 BASE = WORK / "base"

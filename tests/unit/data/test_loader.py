@@ -1,4 +1,4 @@
-"""The Rust data engine through `bulba.data`: files written by numpy per docs/contracts.md,
+"""The Rust data engine through `bulba.data.loader`: files written by numpy per docs/contracts.md,
 batch contents, determinism, resuming, and clean errors for broken data."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import shutil
 import numpy as np
 import pytest
 
-from bulba.data import Batches, document_layout, open_data
+from bulba.data.loader import Batches, document_layout, open_data
 from bulba.errors import UserError
-from loader_data import BOS, EOS, make_docs, write_dataset
+from support.token_files import BOS, EOS, make_docs, write_dataset
 
 pytest.importorskip("bulba._rust")
 

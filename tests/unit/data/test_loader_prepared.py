@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bulba.data import Batches, document_layout, open_data
+from bulba.data.loader import Batches, document_layout, open_data
 
 pytest.importorskip("bulba._rust")
 

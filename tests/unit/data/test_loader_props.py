@@ -15,9 +15,9 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from bulba.data import Batches, document_layout
+from bulba.data.loader import Batches, document_layout
 from bulba.errors import UserError
-from loader_data import write_split
+from support.token_files import write_split
 
 pytest.importorskip("bulba._rust")
 

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from support.paths import REPO
 from tokenizers import Tokenizer
 
-from bulba.prepare import PrepareConfig, dataset_digest, prepare
+from bulba.data.prepare import PrepareConfig, dataset_digest, prepare
 
 PROSE = {
     "be": "Зубр жыве ў Белавежскай пушчы.\nЁн есць траву і кару дрэў.\n\nЗімой зубры ходзяць статкамі.\n",
@@ -169,8 +170,7 @@ def test_small_corpus_still_gets_val(tmp_path):
 
 
 def test_interrupted_prepare_leaves_nothing(tmp_path, monkeypatch):
-    from bulba import prepare as P
-
+    from bulba.data import prepare as P
     c = write_corpus(tmp_path)
 
     def boom(self, *args):
@@ -217,7 +217,7 @@ def test_mlflow_down_does_not_fail(tmp_path, monkeypatch, capsys):
 
 def test_demo_corpus(tmp_path):
     """The shipped demo corpus prepares as scripts/demo.py runs it: four languages, exact vocab."""
-    demo = Path(__file__).resolve().parents[1] / "demo" / "corpus"
+    demo = REPO / "demo" / "corpus"
     meta = run_prepare([demo], tmp_path / "demo", vocab_size=2048)
     assert meta["vocab_size"] == 2048
     assert {"be", "ru", "en", "code"} <= set(meta["languages"])

@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from _cli import assert_one_line_exit_2
+from support.cli import assert_one_line_exit_2
 
-REPO = Path(__file__).resolve().parents[1]
+from support.paths import REPO
 GOOD = "Зубр жыве ў пушчы.\nThe stork builds a nest.\nАист вьёт гнездо.\n"
 
 

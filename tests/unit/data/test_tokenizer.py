@@ -8,7 +8,7 @@ import pytest
 from tokenizers import Tokenizer
 
 from bulba.errors import UserError
-from bulba.tokenizer import (BOS, EOS, MIN_VOCAB, SPECIAL_TOKENS, encoder_for_documents, load_tokenizer,
+from bulba.data.tokenizer import (BOS, EOS, MIN_VOCAB, SPECIAL_TOKENS, encoder_for_documents, load_tokenizer,
                              train_tokenizer)
 
 SMALL_TEXT = ["The bison walks in the forest.", "Зубр ходзіць па пушчы.", "Зубр гуляет по лесу.",
@@ -90,7 +90,7 @@ def test_document_encoder_same_ids(prepared_data, corpus_dir):
 def test_cached_encoder_matches_tokenizers_every_line(prepared_data, corpus_dir, lang):
     """prepare's fast encoder (Python regex + id cache) writes exactly the ids that HF
     `tokenizers` gives, on every line of the real corpus."""
-    from bulba.tokenizer import DocumentEncoder
+    from bulba.data.tokenizer import DocumentEncoder
 
     tok = load_tokenizer(prepared_data / "tokenizer.json")
     lines = [unicodedata.normalize("NFC", x) for x in corpus_lines(corpus_dir, lang)]
@@ -105,7 +105,7 @@ def test_cached_encoder_unicode_sweep():
     """Every 61st code point, in contexts that expose how the regex classifies it: same ids as
     `tokenizers`. Characters the two regex engines classify differently (newer Unicode
     letters such as U+088F) are detected and routed to the Rust encoder."""
-    from bulba.tokenizer import DocumentEncoder
+    from bulba.data.tokenizer import DocumentEncoder
 
     tok = train_tokenizer(iter(SMALL_TEXT), vocab_size=400)
     cps = [c for c in range(0, 0x110000, 61) if not 0xD800 <= c < 0xE000] + [0x88F, 0x17F, 0x212A, 0xFB05]

@@ -21,12 +21,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-CORPUS = ROOT.parent / "shared" / "corpus"
-sys.path.insert(0, str(ROOT))
+from support.paths import CORPUS, REPO as ROOT
 
 from bulba.errors import UserError  # noqa: E402
-from bulba.llamacpp import llama_cpp_available  # noqa: E402
+from bulba.export.llamacpp import llama_cpp_available  # noqa: E402
 
 needs_llama = pytest.mark.skipif(not llama_cpp_available(), reason="llama-cpp-python not installed")
 
@@ -45,8 +43,8 @@ def _train(model, tok, lines: list[str], steps: int) -> None:
     """A few AdamW steps on the corpus: enough for peaked logits (clear top-1)."""
     import torch
 
-    from bulba.model import loss_fn
-    from bulba.tokenizer import EOS
+    from bulba.model.llama import loss_fn
+    from bulba.data.tokenizer import EOS
 
     eos = tok.token_to_id(EOS)
     ids = torch.tensor([i for e in tok.encode_batch(lines[::4]) for i in e.ids + [eos]])
@@ -69,8 +67,8 @@ def build_run(out: Path, steps: int = 30, tie: bool = True, n_embd: int = 256, f
     from safetensors.torch import save_file
 
     from bulba.config import ModelConfig
-    from bulba.model import Llama
-    from bulba.tokenizer import BOS, EOS, train_tokenizer
+    from bulba.model.llama import Llama
+    from bulba.data.tokenizer import BOS, EOS, train_tokenizer
 
     out.mkdir(parents=True, exist_ok=True)
     lines = _texts()
@@ -129,7 +127,7 @@ def tiny_run(request, tmp_path_factory) -> Path:
 
 
 def _export(*args, **kw):
-    from bulba.exporter import export
+    from bulba.export.pipeline import export
 
     kw.setdefault("mlflow", False)
     kw.setdefault("quiet", True)
@@ -146,7 +144,7 @@ def _leftovers(d: Path) -> list[str]:
 @needs_llama
 @pytest.mark.parametrize("type_name", NUMPY_TYPES + K_TYPES)
 def test_type_loads_in_llama_cpp_with_parity(tiny_run, tmp_path, type_name):
-    from bulba.verify import FIDELITY_TOP1_BAR, REL_LOGIT_TOL, TOP1_BAR
+    from bulba.export.verify import FIDELITY_TOP1_BAR, REL_LOGIT_TOL, TOP1_BAR
 
     res = _export(str(tiny_run), type_name, tmp_path / f"tiny-{type_name}.gguf")
     print(res.verdict)
@@ -170,7 +168,7 @@ def test_type_loads_in_llama_cpp_with_parity(tiny_run, tmp_path, type_name):
 @needs_llama
 def test_verification_catches_a_wrong_rope_layout(tiny_run, tmp_path, monkeypatch):
     """Without the Q/K permutation the file loads but computes nonsense: the check must fail it."""
-    import bulba.gguf_export as ge
+    import bulba.export.gguf as ge
 
     monkeypatch.setattr(ge, "permute_rotate_half", lambda w, n_head: w)
     with pytest.raises(UserError, match="FAIL"):
@@ -182,8 +180,8 @@ def test_gguf_metadata_and_tensors(tiny_run, tmp_path):
     """What llama.cpp reads, exactly; no output.weight when tied; rows == tokens (no llama.cpp needed)."""
     import gguf
 
-    from bulba.export_source import open_source
-    from bulba.gguf_export import read_back
+    from bulba.export.source import open_source
+    from bulba.export.gguf import read_back
 
     out = tmp_path / "m.gguf"
     _export(str(tiny_run), "q8_0", out, verify=False)
@@ -220,7 +218,7 @@ def test_gguf_metadata_and_tensors(tiny_run, tmp_path):
 
 def test_permutation_matches_llama_cpp_reference():
     """Our permute equals convert_hf_to_gguf's LlamaModel.permute (rotate-half -> interleaved)."""
-    from bulba.gguf_export import permute_rotate_half
+    from bulba.export.gguf import permute_rotate_half
 
     hd, n_head, D = 8, 2, 3
     w = np.arange(n_head * hd * D, dtype=np.float32).reshape(n_head * hd, D)
@@ -234,7 +232,7 @@ def test_untied_output_weight(tmp_path_factory, tmp_path):
     run = build_run(tmp_path_factory.mktemp("untied") / "untied", steps=10, tie=False)
     out = tmp_path / "u.gguf"
     res = _export(str(run), "f32", out)
-    from bulba.gguf_export import read_back
+    from bulba.export.gguf import read_back
 
     assert "output.weight" in read_back(out)["tensors"]
     assert "PASS" in res.verdict
@@ -247,8 +245,8 @@ def test_hf_folder_loads_in_transformers(tiny_run, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from bulba.export_source import load_torch_model, open_source
-    from bulba.verify import SAMPLE, verify_hf
+    from bulba.export.source import load_torch_model, open_source
+    from bulba.export.verify import SAMPLE, verify_hf
 
     hf = tmp_path / "hf"
     _export(str(tiny_run), "f16", tmp_path / "m.gguf", hf_out=hf, verify=False)
@@ -280,7 +278,7 @@ def test_registry_round_trip_from_runs_uri(tiny_run, tmp_path, mlflow_uri, monke
     import mlflow
     from mlflow import MlflowClient
 
-    from bulba.registry import fetch_gguf, sha256_file
+    from bulba.export.registry import fetch_gguf, sha256_file
 
     monkeypatch.chdir(tmp_path)  # output_models/ lands here
     mlflow.set_experiment("export-test")
@@ -412,8 +410,8 @@ def test_bad_inputs_leave_nothing(tiny_run, tmp_path, case):
 @needs_llama
 def test_k_quant_rows_need_256(tiny_run):
     """K-quants need 256-wide rows; the check runs before anything is written."""
-    from bulba.export_source import open_source
-    from bulba.gguf_export import check_type
+    from bulba.export.source import open_source
+    from bulba.export.gguf import check_type
 
     src = open_source(str(tiny_run))
     src.model = dataclasses.replace(src.model, n_embd=320, n_head=5)
@@ -428,6 +426,6 @@ def test_checkpoint_source(tiny_run, tmp_path):
     if not ckpts:
         pytest.skip("no checkpoint in this run (hand-built fixture)")
     res = _export(str(ckpts[-1]), "f16", tmp_path / "ck.gguf", verify=False)
-    from bulba.gguf_export import read_back
+    from bulba.export.gguf import read_back
 
     assert read_back(res.out)["kv"]["general.name"] == tiny_run.name

@@ -8,13 +8,13 @@ import shutil
 import pytest
 import torch
 
-from bulba import checkpoint as ckpt
-from bulba import flops
+from bulba.train import checkpoint as ckpt
+from bulba.model import flops
 from bulba.config import ModelConfig, load_recipe
-from bulba.data import document_layout
+from bulba.data.loader import document_layout
 from bulba.errors import UserError
-from bulba.lit_module import TrainState, lr_at, param_groups
-from bulba.model import Llama
+from bulba.train.module import TrainState, lr_at, param_groups
+from bulba.model.llama import Llama
 
 NAMED = {"krolik": 50e6, "aist": 150e6, "zubr": 350e6}
 
@@ -152,7 +152,7 @@ def test_checkpoint_contains_no_pickle(tmp_path):
 def test_math_attention_matches_sdpa(masked):
     """The CPU attention for compiled blocks (plain matmuls + softmax) is SDPA's result, with
     GQA and with a document mask, forward and backward."""
-    from bulba.attention import math_attention, sdpa_attention
+    from bulba.model.attention import math_attention, sdpa_attention
 
     torch.manual_seed(0)
     B, H, KV, T, hd = 2, 4, 2, 24, 16
@@ -168,7 +168,7 @@ def test_math_attention_matches_sdpa(masked):
 
 
 def test_compiled_cpu_blocks_use_math_attention_only_for_short_contexts():
-    from bulba.strategy import MATH_ATTENTION_MAX_CTX, apply_speed_mode
+    from bulba.train.strategy import MATH_ATTENTION_MAX_CTX, apply_speed_mode
 
     for ctx, want in ((MATH_ATTENTION_MAX_CTX, "math"), (2 * MATH_ATTENTION_MAX_CTX, "sdpa")):
         model = Llama(_cfg(ctx_len=ctx))

@@ -12,7 +12,6 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
@@ -20,7 +19,7 @@ pytest.importorskip("mlflow")
 
 from bulba.tracking import RUN_FILE, SPOOL_FILE, RunTracker  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+from support.paths import REPO
 
 
 def _client(uri):
@@ -217,7 +216,7 @@ def test_server_down_at_start(mlflow_uri, mlflow_server, tmp_path, capsys):
     assert not (run_dir / SPOOL_FILE).exists()
 
     # again (in-process): nothing left, nothing sent twice, same run
-    from bulba.tracking import _main
+    from bulba.tracking.tracker import _main
 
     assert _main(["sync", str(run_dir)]) == 0
     assert len(c.search_runs([run.info.experiment_id], f"tags.`bulba.client_id` = '{info['client_id']}'")) == 1

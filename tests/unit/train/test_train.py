@@ -14,10 +14,10 @@ import time
 import pytest
 import torch
 
-from _fx_train import ROOT, TINY, losses_from, run_train, train_data  # noqa: F401 (fixture)
+from support.train_data import ROOT, TINY, losses_from, run_train
 from bulba.config import load_recipe
 from bulba.errors import UserError
-from bulba.trainer import TrainingFault, train
+from bulba.train.run import TrainingFault, train
 
 RESUME_ARGS = TINY + ["train.max_steps=6", "train.ckpt_every=2", "train.val_every=0", "train.ckpt_keep=0"]
 
@@ -240,8 +240,7 @@ def test_nan_stop_checkpoints_before_fault_and_writes_no_weights(train_data, tmp
     with pytest.raises(TrainingFault, match="non-finite loss at step 3"):
         train(r, module_hook=_nan_at(3), enable_tracking=False)
     assert not (out / "final.safetensors").exists()
-    from bulba import checkpoint as ckpt
-
+    from bulba.train import checkpoint as ckpt
     last = ckpt.latest_checkpoint(out / "checkpoints")
     state = ckpt.load_checkpoint(last)
     assert state["state"]["train"]["step"] == 2 and state["state"]["reason"] == "fault"
@@ -265,8 +264,7 @@ def test_nan_skip_skips_the_step_and_finishes(train_data, tmp_path):
 def test_disk_full_during_checkpoint_keeps_previous(train_data, tmp_path, monkeypatch):
     import errno
 
-    from bulba import checkpoint as ckpt
-
+    from bulba.train import checkpoint as ckpt
     real = ckpt.save_file
 
     def full(tensors, filename, metadata=None):
