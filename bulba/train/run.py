@@ -94,8 +94,11 @@ class Tracker:
         from bulba.tracking import RunTracker
 
         # resume=True + run_dir: a run dir holding mlflow_run.json continues that run (same id).
+        # skip_logged_steps: after a SIGKILL, resume=auto replays the steps between the last
+        # checkpoint and the kill; the spool says which the dead process already logged, and
+        # those are not logged again (each step once in MLflow's history, as an uninterrupted run).
         self._rt = RunTracker(experiment, run_name, run_dir=run_dir, run_id=run_id, tags=tags, params=params,
-                              resume=True, system_metrics=True)
+                              resume=True, system_metrics=True, skip_logged_steps=True)
         return self._rt.run_id
 
     def tags(self, d: dict):
