@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import subprocess
 import sys
@@ -48,8 +47,8 @@ def make_random_run(run_dir: Path, cfg) -> None:
     import torch
     from safetensors.torch import save_file
 
-    from bulba.export.source import expected_shapes
     from bulba.data.tokenizer import BOS, EOS, train_tokenizer
+    from bulba.model.weights import expected_shapes
 
     run_dir.mkdir(parents=True, exist_ok=True)
     texts = [f"{w} {i}" for i, w in enumerate(("zubr bulba kot aist krolik " * 200).split())]
@@ -100,22 +99,18 @@ def _in_memory_export(run_dir: str, type_name: str, out: str) -> None:
     from safetensors.torch import load_file
 
     from bulba.export.source import open_source
-    from bulba.export.gguf import _add_metadata, _convert, _numpy_types, permute_rotate_half, tensor_plan
+    from bulba.export.gguf import _add_metadata, _convert, _numpy_types, gguf_rows
+    from bulba.model.weights import layout
 
     src = open_source(run_dir)
     qtype, ftype = _numpy_types()[type_name]
     state = {k: v.float().numpy() for k, v in load_file(str(src.weights)).items()}
     w = gguf.GGUFWriter(out, "llama")
     _add_metadata(w, src, ftype, "baseline", quantized=type_name not in ("f32", "f16", "bf16"))
-    for gname, sname, shape in tensor_plan(src):
-        arr = state[sname]
-        if gname.endswith("attn_q.weight"):
-            arr = permute_rotate_half(arr, src.model.n_head)
-        elif gname.endswith("attn_k.weight"):
-            arr = permute_rotate_half(arr, src.model.n_kv_head)
-        t = qtype if arr.ndim == 2 else gguf.GGMLQuantizationType.F32
-        data = _convert(arr, t)
-        w.add_tensor(gname, data, raw_dtype=t)  # uint8 data: GGUFWriter derives the shape
+    for t in layout(src.model):
+        arr = gguf_rows(t, state[t.name])
+        qt = qtype if arr.ndim == 2 else gguf.GGMLQuantizationType.F32
+        w.add_tensor(t.gguf, _convert(arr, qt), raw_dtype=qt)  # uint8 data: GGUFWriter derives the shape
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -141,14 +136,14 @@ EXTRA: dict = {}
 
 
 def run(args) -> list[dict]:
-    from bulba.export.source import expected_shapes
+    from bulba.model.weights import param_count
 
     cfg, where = model_config(args.recipe)
     with tempfile.TemporaryDirectory(prefix="bench-export-", dir=args.workdir) as tmp:
         run_dir = Path(tmp) / "zubr-random"
         t0 = time.perf_counter()
         make_random_run(run_dir, cfg)
-        n_params = sum(math.prod(s) for s in expected_shapes(cfg).values())
+        n_params = param_count(cfg)
         src_mb = (run_dir / "final.safetensors").stat().st_size / 1e6
         EXTRA.update({"model": f"{args.recipe} ({where}): {n_params / 1e6:.0f}M parameters, "
                                f"{cfg.n_layer} layers, n_embd {cfg.n_embd}, ffn {cfg.ffn_hidden}, vocab {cfg.vocab_size}",

@@ -21,6 +21,7 @@ import numpy as np
 
 from bulba.errors import UserError
 from bulba.export.source import Source
+from bulba.model.weights import Tensor, layout, permute_rotate_half
 
 # name -> (GGML tensor type for 2-D weights, general.file_type). Quantized in numpy by gguf-py.
 def _numpy_types():
@@ -88,30 +89,9 @@ def check_type(type_name: str, src: Source) -> None:
                         f"pick f16/bf16/q8_0 or train with multiples of {bs}")
 
 
-def permute_rotate_half(w: np.ndarray, n_head: int) -> np.ndarray:
-    """HF/rotate-half RoPE rows -> llama.cpp's interleaved pairs (convert_hf_to_gguf's permute).
-
-    Per head, rotate-half pairs dimension j with j + hd/2; llama.cpp pairs 2j with 2j+1.
-    """
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def tensor_plan(src: Source) -> list[tuple[str, str, tuple[int, ...]]]:
-    """(gguf name, source name, numpy shape) in file order; nothing beyond what llama.cpp loads."""
-    cfg = src.model
-    plan = [("token_embd.weight", "tok_embeddings.weight", src.shapes["tok_embeddings.weight"])]
-    names = [
-        ("attn_norm", "attention_norm"), ("attn_q", "attention.wq"), ("attn_k", "attention.wk"),
-        ("attn_v", "attention.wv"), ("attn_output", "attention.wo"), ("ffn_norm", "ffn_norm"),
-        ("ffn_gate", "feed_forward.w1"), ("ffn_up", "feed_forward.w3"), ("ffn_down", "feed_forward.w2"),
-    ]
-    for i in range(cfg.n_layer):
-        for g, s in names:
-            plan.append((f"blk.{i}.{g}.weight", f"layers.{i}.{s}.weight", src.shapes[f"layers.{i}.{s}.weight"]))
-    plan.append(("output_norm.weight", "norm.weight", src.shapes["norm.weight"]))
-    if not cfg.tie_embeddings:  # tied: llama.cpp reuses token_embd as the output matrix
-        plan.append(("output.weight", "output.weight", src.shapes["output.weight"]))
-    return plan
+def gguf_rows(t: Tensor, arr: np.ndarray) -> np.ndarray:
+    """A weight as llama.cpp stores it: Q and K rows permuted to its interleaved RoPE layout."""
+    return permute_rotate_half(arr, t.rope_heads) if t.rope_heads else arr
 
 
 def chat_template(tok) -> str:
@@ -195,27 +175,22 @@ def write_gguf(src: Source, type_name: str, path: str | os.PathLike, name: str) 
 
     Q = gguf.GGMLQuantizationType
     qtype, ftype = _numpy_types()[type_name]
-    cfg = src.model
-    plan = tensor_plan(src)
+    plan = layout(src.model)  # nothing beyond what llama.cpp loads
     dtypes = {}
     w = gguf.GGUFWriter(path, "llama")
-    for gname, _, shape in plan:
+    for t in plan:
         # Norm vectors stay F32 (as llama.cpp's converter and quantizer keep them).
-        t = qtype if len(shape) == 2 else Q.F32
-        dtypes[gname] = t
-        w.add_tensor_info(gname, shape, np.dtype(np.float32), _nbytes(shape, t), raw_dtype=t)
+        dtypes[t.gguf] = qtype if len(t.shape) == 2 else Q.F32
+        w.add_tensor_info(t.gguf, t.shape, np.dtype(np.float32), _nbytes(t.shape, dtypes[t.gguf]),
+                          raw_dtype=dtypes[t.gguf])
     _add_metadata(w, src, ftype, name, quantized=qtype not in (Q.F32, Q.F16, Q.BF16))
     try:
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
-        for gname, sname, shape in plan:
-            arr = src.read_tensor(sname)
-            if gname.endswith("attn_q.weight"):
-                arr = permute_rotate_half(arr, cfg.n_head)
-            elif gname.endswith("attn_k.weight"):
-                arr = permute_rotate_half(arr, cfg.n_kv_head)  # K has only n_kv_head heads
-            w.write_tensor_data(_convert(arr, dtypes[gname]))
+        for t in plan:
+            arr = gguf_rows(t, src.read_tensor(t.name))
+            w.write_tensor_data(_convert(arr, dtypes[t.gguf]))
             del arr
         w.flush()
         for f in w.fout or []:

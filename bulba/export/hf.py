@@ -15,32 +15,9 @@ from bulba.atomic import atomic_dir
 from bulba.errors import UserError
 from bulba.export.source import Source
 from bulba.export.gguf import chat_template
+from bulba.model.weights import hf_name
 
 HF_DTYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
-
-
-def hf_name(name: str) -> str:
-    """Our weight name -> HF Llama's."""
-    if name == "tok_embeddings.weight":
-        return "model.embed_tokens.weight"
-    if name == "norm.weight":
-        return "model.norm.weight"
-    if name == "output.weight":
-        return "lm_head.weight"
-    parts = name.split(".")  # layers.{i}.<module...>.weight
-    i, rest = parts[1], ".".join(parts[2:])
-    table = {
-        "attention_norm.weight": "input_layernorm.weight",
-        "ffn_norm.weight": "post_attention_layernorm.weight",
-        "attention.wq.weight": "self_attn.q_proj.weight",
-        "attention.wk.weight": "self_attn.k_proj.weight",
-        "attention.wv.weight": "self_attn.v_proj.weight",
-        "attention.wo.weight": "self_attn.o_proj.weight",
-        "feed_forward.w1.weight": "mlp.gate_proj.weight",
-        "feed_forward.w3.weight": "mlp.up_proj.weight",
-        "feed_forward.w2.weight": "mlp.down_proj.weight",
-    }
-    return f"model.layers.{i}.{table[rest]}"
 
 
 def hf_config(src: Source, dtype: str) -> dict:

@@ -21,6 +21,7 @@ import numpy as np
 
 from bulba.config import ModelConfig, model_config_from_dict
 from bulba.errors import UserError
+from bulba.model.weights import expected_shapes, min_tensors
 
 WEIGHTS_NAME = "final.safetensors"
 CHECKPOINT_WEIGHTS = "model.safetensors"  # runs/<run>/checkpoints/step-N/
@@ -97,29 +98,6 @@ class Source:
             raise UserError(f"{self.weights}: weight '{name}' has {bad} NaN/Inf values; "
                             "export a checkpoint from before the training diverged")
         return t
-
-
-def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Weight names and shapes of `bulba.model.llama.Llama.state_dict()` (docs/contracts.md)."""
-    V, D, F, hd = cfg.vocab_size, cfg.n_embd, cfg.ffn_hidden, cfg.head_dim
-    out: dict[str, tuple[int, ...]] = {"tok_embeddings.weight": (V, D)}
-    for i in range(cfg.n_layer):
-        p = f"layers.{i}."
-        out |= {
-            p + "attention_norm.weight": (D,),
-            p + "attention.wq.weight": (cfg.n_head * hd, D),
-            p + "attention.wk.weight": (cfg.n_kv_head * hd, D),
-            p + "attention.wv.weight": (cfg.n_kv_head * hd, D),
-            p + "attention.wo.weight": (D, cfg.n_head * hd),
-            p + "ffn_norm.weight": (D,),
-            p + "feed_forward.w1.weight": (F, D),
-            p + "feed_forward.w3.weight": (F, D),
-            p + "feed_forward.w2.weight": (D, F),
-        }
-    out["norm.weight"] = (D,)
-    if not cfg.tie_embeddings:
-        out["output.weight"] = (V, D)
-    return out
 
 
 def read_safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -350,10 +328,9 @@ def _open_local(run_dir: Path, weights: Path, source: str, tmp: str | None) -> S
     tok = read_tokenizer(tok_path, config.get("tokenizer") or {}, cfg.vocab_size)
 
     header = read_safetensors_header(weights)
-    per_layer = 9  # weights per block in expected_shapes
-    if cfg.n_layer * per_layer > len(header):  # before listing n_layer x 9 names: n_layer may be absurd
+    if min_tensors(cfg) > len(header):  # before listing n_layer blocks of names: n_layer may be absurd
         raise UserError(f"{weights} does not match {cfg_path}: model.n_layer={cfg.n_layer} needs "
-                        f"{cfg.n_layer * per_layer}+ tensors, the file has {len(header)}")
+                        f"{min_tensors(cfg)}+ tensors, the file has {len(header)}")
     want = expected_shapes(cfg)
     missing = [k for k in want if k not in header]
     extra = [k for k in header if k not in want]

@@ -161,18 +161,16 @@ def dequantized_model(gguf_path, src):
     import torch
 
     from bulba.export.source import load_torch_model
-    from bulba.export.gguf import tensor_plan
+    from bulba.model.weights import by_gguf_name, unpermute_rotate_half
 
-    cfg = src.model
-    to_ours = {g: s for g, s, _ in tensor_plan(src)}
+    to_ours = by_gguf_name(src.model)
     state = {}
-    for t in gguf.GGUFReader(str(gguf_path)).tensors:
-        w = gguf.quants.dequantize(t.data, t.tensor_type).reshape([int(x) for x in reversed(t.shape)])
-        if t.name.endswith(("attn_q.weight", "attn_k.weight")):
-            n = cfg.n_head if t.name.endswith("attn_q.weight") else cfg.n_kv_head
-            # inverse of permute_rotate_half: interleaved pairs back to rotate-half halves
-            w = w.reshape(n, w.shape[0] // n // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-        state[to_ours[t.name]] = torch.tensor(np.asarray(w, dtype=np.float32))  # a copy: reader data is read-only
+    for g in gguf.GGUFReader(str(gguf_path)).tensors:
+        w = gguf.quants.dequantize(g.data, g.tensor_type).reshape([int(x) for x in reversed(g.shape)])
+        ours = to_ours[g.name]
+        if ours.rope_heads:
+            w = unpermute_rotate_half(w, ours.rope_heads)
+        state[ours.name] = torch.tensor(np.asarray(w, dtype=np.float32))  # a copy: reader data is read-only
     model = load_torch_model(src)
     model.load_state_dict(state, strict=True)
     return model

@@ -15,6 +15,7 @@ import re
 from functools import lru_cache
 
 from bulba.config import ModelConfig
+from bulba.model.weights import param_count
 
 # Dense (no sparsity) bf16 tensor peak, FLOP/s, per device. Sources: vendor data sheets
 # (SXM/PCIe parts differ; we match the most specific name first).
@@ -136,16 +137,6 @@ def device_peak_flops(device) -> tuple[float, str]:
 
 
 # --------------------------------------------------------------------------- model side
-
-
-def param_count(cfg: ModelConfig) -> int:
-    """Exact parameter count of bulba.model.llama.Llama(cfg), without building it."""
-    D, L, hd = cfg.n_embd, cfg.n_layer, cfg.head_dim
-    attn = D * cfg.n_head * hd * 2 + 2 * D * cfg.n_kv_head * hd
-    ffn = 3 * D * cfg.ffn_hidden
-    per_layer = attn + ffn + 2 * D  # two RMSNorm weights
-    emb = cfg.vocab_size * D
-    return emb * (1 if cfg.tie_embeddings else 2) + L * per_layer + D
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> float:

@@ -39,6 +39,7 @@ from bulba.model import flops
 from bulba.atomic import atomic_open, write_json, write_text
 from bulba.config import Recipe
 from bulba.errors import UserError
+from bulba.model.weights import param_count
 
 RUN_FORMAT = "bulba-run"
 RUN_VERSION = 1
@@ -245,7 +246,7 @@ def check_attention_memory(recipe: Recipe, accelerator: str) -> None:
         return
     m, t = recipe.model, recipe.train
     limit = memory_limit_bytes()
-    params = flops.param_count(m)
+    params = param_count(m)
     if limit and params * 16 > limit:  # fp32 weights + gradients + two AdamW moments
         raise UserError(f"the model has {flops.human(params)} parameters: weights, gradients and optimizer state "
                         f"need ~{params * 16 / 2**30:.0f} GiB, more than this machine's {limit / 2**30:.0f} GiB; "
@@ -422,7 +423,7 @@ def train(recipe: Recipe, *, module_hook=None, enable_tracking: bool = True) -> 
 
     # ---- model (same init on every rank: seeded before construction)
     L.seed_everything(recipe.seed, verbose=False)
-    n_params = flops.param_count(recipe.model)
+    n_params = param_count(recipe.model)
     if rank0:
         print(f"{recipe.name}: {n_params:,} parameters ({flops.human(n_params)}), "
               f"{recipe.model.n_layer} layers, d={recipe.model.n_embd}, heads {recipe.model.n_head}/"
@@ -733,5 +734,5 @@ def benchmark(recipe: Recipe, steps: int = 20, warmup: int = 5) -> dict:
         "tokens_per_s": tps, "mfu": flops.mfu(recipe.model, tps, device, recipe.model.ctx_len),
         "peak_device_mb": torch.cuda.max_memory_allocated() / 2**20 if accelerator == "cuda" else None,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
-        "tokens_per_s_mean": tps_mean, "step_time_s": median, "steps_timed": n, "final_loss": module.losses.get(module.state.step), "params": flops.param_count(recipe.model),
+        "tokens_per_s_mean": tps_mean, "step_time_s": median, "steps_timed": n, "final_loss": module.losses.get(module.state.step), "params": param_count(recipe.model),
     }

@@ -15,6 +15,7 @@ from bulba.data.loader import document_layout
 from bulba.errors import UserError
 from bulba.train.module import TrainState, lr_at, param_groups
 from bulba.model.llama import Llama
+from bulba.model.weights import param_count
 
 NAMED = {"krolik": 50e6, "aist": 150e6, "zubr": 350e6}
 
@@ -28,19 +29,38 @@ def test_preset_param_count_within_10_percent(name, target):
     assert m.n_head // m.n_kv_head in (3, 4) and m.n_head % m.n_kv_head == 0
     with torch.device("meta"):  # no memory, exact shapes
         real = Llama(m).num_params()
-    assert real == flops.param_count(m)
+    assert real == param_count(m)
     assert abs(real - target) / target < 0.10, f"{name}: {real / 1e6:.1f}M params"
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_weight_table_is_the_model(tie):
+    """bulba.model.weights names every tensor of Llama, in state-dict order, with its shape; its
+    HF names are transformers' LlamaForCausalLM's."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from bulba.model.weights import expected_shapes, hf_name
+
+    cfg = ModelConfig(vocab_size=300, n_layer=2, n_embd=64, n_head=4, n_kv_head=2, ffn_hidden=128, ctx_len=32,
+                      tie_embeddings=tie)
+    with torch.device("meta"):
+        ours = {k: tuple(v.shape) for k, v in Llama(cfg).state_dict().items()}
+        hf = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie))
+    assert list(ours.items()) == list(expected_shapes(cfg).items())
+    hf_shapes = {k: tuple(v.shape) for k, v in hf.state_dict().items() if not (tie and k == "lm_head.weight")}
+    assert {hf_name(k): s for k, s in ours.items()} == hf_shapes
 
 
 def test_tiny_preset_is_small():
     r = load_recipe("tiny", ["model.vocab_size=32003"])
     assert r.model.n_embd % 256 == 0 and r.model.ffn_hidden % 256 == 0
-    assert flops.param_count(r.model) < 15e6
+    assert param_count(r.model) < 15e6
 
 
 def test_flops_and_peaks():
     cfg = ModelConfig(vocab_size=1000, n_layer=2, n_embd=256, n_head=4, n_kv_head=1, ffn_hidden=512, ctx_len=64)
-    assert flops.flops_per_token(cfg) > 6 * (flops.param_count(cfg) - 1000 * 256 * 0) * 0.5
+    assert flops.flops_per_token(cfg) > 6 * (param_count(cfg) - 1000 * 256 * 0) * 0.5
     assert flops.gpu_peak_flops("NVIDIA H200") == 989e12
     assert flops.gpu_peak_flops("NVIDIA GeForce RTX 4090") == 165e12
     assert flops.gpu_peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
