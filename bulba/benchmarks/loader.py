@@ -31,9 +31,10 @@ from pathlib import Path
 
 import numpy as np
 
+from bulba.data.format import META_NAME
 from bulba.errors import UserError
 
-SAMPLERS = ("stream", "packed", "bucketed")
+from bulba.data.loader import SAMPLERS
 CTXS = (1024, 2048)
 BATCH = 32
 # Powers of two from 16: the shared corpus is one sentence per document (~17 tokens).
@@ -64,7 +65,7 @@ def _dataset(args) -> Path:
     if args.data:
         return Path(args.data)
     out = CACHE / "corpus"
-    if (out / "meta.json").is_file():
+    if (out / META_NAME).is_file():
         return out
     corpus = Path(args.corpus)
     inputs = [corpus / f"{lang}.txt" for lang in ("be", "ru", "en")]
@@ -202,8 +203,10 @@ print(json.dumps(rss))
 
 def _tile(src: Path, dst: Path, target_bytes: int) -> None:
     """A dataset dir whose train.bin is `src`'s repeated to `target_bytes` (index shifted to match)."""
-    meta = json.loads((src / "meta.json").read_text())
-    itemsize = 2 if meta["dtype"] == "uint16" else 4
+    from bulba.data.format import DTYPES, open_data, write_meta
+
+    meta = dict(open_data(src).meta)
+    itemsize = DTYPES[meta["dtype"]]
     one = (src / "train.bin").read_bytes()
     idx = np.fromfile(src / "train.idx", dtype="<u8")
     n_tok = len(one) // itemsize
@@ -225,7 +228,7 @@ def _tile(src: Path, dst: Path, target_bytes: int) -> None:
     total = (dst / "train.bin").stat().st_size // itemsize
     docs = (dst / "train.idx").stat().st_size // 8 - 1
     meta["splits"] = dict(meta["splits"], train={"tokens": total, "documents": docs, "sha256": "tiled"})
-    (dst / "meta.json").write_text(json.dumps(meta))
+    write_meta(dst, meta)
 
 
 def _rss(data: Path, big_gb: float, workers: int, batches: int = 300) -> list[dict]:
@@ -264,7 +267,7 @@ def _rss(data: Path, big_gb: float, workers: int, batches: int = 300) -> list[di
 
 
 def run(args) -> list[dict]:
-    from bulba.data.loader import open_data
+    from bulba.data.format import open_data
 
     data_dir = _dataset(args)
     data = open_data(data_dir)

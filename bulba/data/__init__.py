@@ -6,8 +6,8 @@ Public names are imported on first use (PEP 562), so `import bulba.data.format` 
 import importlib
 
 _EXPORTS = {
-    "TokenData": "bulba.data.loader",
-    "open_data": "bulba.data.loader",
+    "TokenData": "bulba.data.format",
+    "open_data": "bulba.data.format",
     "Batches": "bulba.data.loader",
     "document_layout": "bulba.data.loader",
     "PrepareConfig": "bulba.data.prepare",

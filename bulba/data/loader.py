@@ -1,7 +1,7 @@
 """Training data: a prepared dataset on disk and the batches the Rust engine assembles from it.
 
-`open_data(dir)` validates a directory written by prepare.py (docs/contracts.md, "Prepared
-data"); `Batches(...)` is the iterable the LightningModule uses instead of a torch DataLoader.
+`open_data(dir)` (bulba.data.format, the token-file contract) validates a directory written by
+prepare.py; `Batches(...)` is the iterable the LightningModule uses instead of a torch DataLoader.
 Batches are dicts of numpy arrays that the Rust engine (`bulba._rust`) assembled on background
 threads and handed over without a copy:
 
@@ -21,129 +21,17 @@ ahead, so the module must count consumed batches itself and save
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from bulba.data.format import SPLITS, TokenData, open_data
 from bulba.errors import UserError
 
-META_NAME = "meta.json"
-SPLITS = ("train", "val")
 SAMPLERS = ("stream", "packed", "bucketed")
-DTYPES = {"uint16": 2, "uint32": 4}
 STATE_VERSION = 1
 # Settings that change what batch N is: a state saved under other values cannot be resumed.
 # Not the rank: every rank is at the same position, so rank 0's saved state serves them all.
 _STATE_KEYS = ("sampler", "seed", "batch_size", "ctx", "world_size", "batches_per_epoch")
-
-
-@dataclass(frozen=True)
-class TokenData:
-    """A validated prepared-data directory (its meta.json and the paths of its files)."""
-
-    dir: Path
-    meta: dict
-
-    @property
-    def vocab_size(self) -> int:
-        return int(self.meta["vocab_size"])
-
-    @property
-    def dtype(self) -> str:
-        return self.meta["dtype"]
-
-    @property
-    def bos_id(self) -> int | None:
-        return self.meta.get("bos_id")
-
-    @property
-    def eos_id(self) -> int | None:
-        return self.meta.get("eos_id")
-
-    @property
-    def pad_id(self) -> int:
-        """Token that fills padding positions (their labels are -100 anyway)."""
-        for key in ("pad_id", "eos_id"):
-            if isinstance(self.meta.get(key), int):
-                return self.meta[key]
-        return 0
-
-    @property
-    def dataset_digest(self) -> str | None:
-        return self.meta.get("dataset_digest")
-
-    def bin_path(self, split: str) -> Path:
-        return self.dir / f"{split}.bin"
-
-    def idx_path(self, split: str) -> Path:
-        return self.dir / f"{split}.idx"
-
-    def split_info(self, split: str) -> dict:
-        return (self.meta.get("splits") or {}).get(split) or {}
-
-
-def open_data(data_dir: str | Path, vocab_size: int | None = None) -> TokenData:
-    """Validates `data_dir` (meta.json and the presence of the token files) → TokenData.
-
-    The byte-level checks (sizes, index, token ids) happen when the Rust engine opens a split.
-    `vocab_size`, when given, is what the model expects; a different data vocabulary is an error.
-    """
-    d = Path(data_dir)
-    if not d.is_dir():
-        raise UserError(f"data directory {d} does not exist: run prepare.py first (prepare.py INPUT... --out {d})")
-    meta_path = d / META_NAME
-    if not meta_path.is_file():
-        raise UserError(f"{d} has no {META_NAME} (missing or unfinished dataset): run prepare.py first")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{meta_path} is not readable JSON ({e}): re-run prepare.py") from None
-    if not isinstance(meta, dict) or meta.get("format") != "bulba-tokens":
-        raise UserError(f"{meta_path} is not a BulbaGPT dataset (format != 'bulba-tokens'): re-run prepare.py")
-    if meta.get("version") != 1:
-        raise UserError(f"{meta_path} has format version {meta.get('version')!r}; this version reads 1: re-run prepare.py")
-    vocab = meta.get("vocab_size")
-    if not _is_count(vocab, 1 << 32) or vocab == 0:
-        raise UserError(f"{meta_path}: vocab_size must be a positive integer, got {vocab!r}")
-    dtype = meta.get("dtype")
-    if not isinstance(dtype, str) or dtype not in DTYPES:
-        raise UserError(f"{meta_path}: dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    if dtype == "uint16" and vocab > 1 << 16:
-        raise UserError(f"{meta_path}: vocab_size {vocab} does not fit dtype uint16: re-run prepare.py")
-    _check_meta_types(meta_path, meta, vocab)
-    if vocab_size is not None and vocab_size != vocab:
-        raise UserError(
-            f"vocab size mismatch: {d} was prepared with vocab_size {vocab} but the model expects {vocab_size}; "
-            f"set model.vocab_size={vocab} (or leave it unset) or re-run prepare.py with --vocab-size {vocab_size}"
-        )
-    data = TokenData(d, meta)
-    for split in SPLITS:
-        for path in (data.bin_path(split), data.idx_path(split)):
-            if not path.is_file():
-                raise UserError(f"{path} is missing although {META_NAME} exists: re-run prepare.py")
-    return data
-
-
-def _is_count(v, limit: int = 1 << 62) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < limit
-
-
-def _check_meta_types(meta_path: Path, meta: dict, vocab: int) -> None:
-    """A hand-edited or foreign meta.json must fail here, in one line, not deep in the engine."""
-    for key in ("bos_id", "eos_id", "pad_id"):
-        if key in meta and meta[key] is not None and not _is_count(meta[key], vocab):
-            raise UserError(f"{meta_path}: {key} must be a token id in [0, {vocab}), got {meta[key]!r}: re-run prepare.py")
-    splits = meta.get("splits")
-    if not isinstance(splits, dict):
-        raise UserError(f"{meta_path}: 'splits' must be an object with train and val entries: re-run prepare.py")
-    for name, info in splits.items():
-        if not isinstance(info, dict):
-            raise UserError(f"{meta_path}: splits.{name} must be an object, got {info!r}: re-run prepare.py")
-        for key in ("tokens", "documents"):
-            if key in info and not _is_count(info[key]):
-                raise UserError(f"{meta_path}: splits.{name}.{key} must be a non-negative integer, "
-                                f"got {info[key]!r}: re-run prepare.py")
 
 
 def _engine_module():

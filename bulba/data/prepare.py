@@ -21,9 +21,7 @@ measures every source at its natural size); weights shape only train.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import json
 import math
 import os
 import sys
@@ -40,12 +38,11 @@ import numpy as np
 from bulba.data import corpus as C
 from bulba.atomic import TMP_PREFIX, atomic_dir, sha256_file
 from bulba.data.encoding import Keyer, encode_block, init_worker
+from bulba.data.format import META_NAME, SplitWriter, new_meta, token_dtype, write_meta
 from bulba.errors import UserError
 from bulba.data.tokenizer import BOS, DEFAULT_VOCAB, EOS, SPECIAL_TOKENS, check_tokenizer, check_vocab_size, \
     load_tokenizer, train_tokenizer
 
-FORMAT = "bulba-tokens"
-VERSION = 1
 DEFAULT_EXPERIMENT = "bulbagpt-prepare"
 
 
@@ -83,7 +80,7 @@ def check_output(out: Path, force: bool) -> None:
         if not out.is_dir():
             raise UserError(f"--out {out} exists and is not a directory")
         if not force:
-            if (out / "meta.json").exists():
+            if (out / META_NAME).exists():
                 raise UserError(f"--out {out} already holds a dataset (meta.json); pass --force to replace it")
             if any(out.iterdir()):
                 raise UserError(f"--out {out} exists and is not empty; pass --force to replace it")
@@ -134,53 +131,6 @@ def training_texts(sources: list[C.Source], cfg: PrepareConfig, bar=None) -> Ite
 
 
 # ---------------------------------------------------------------------------- writing
-
-
-class SplitWriter:
-    """Appends documents to NAME.bin (token ids) and NAME.idx (uint64 offsets, first 0)."""
-
-    def __init__(self, folder: Path, name: str, dtype):
-        self.dtype = np.dtype(dtype).newbyteorder("<")
-        self.bin = open(folder / f"{name}.bin", "wb")
-        self.idx = open(folder / f"{name}.idx", "wb")
-        self.idx.write(np.zeros(1, "<u8").tobytes())
-        self.sha = hashlib.sha256()
-        self.tokens = 0
-        self.documents = 0
-
-    def write(self, flat: np.ndarray, lengths: np.ndarray, mask: np.ndarray) -> int:
-        """Append the documents of (flat, lengths) selected by the boolean `mask`."""
-        lens = lengths[mask]
-        if lens.size == 0:
-            return 0
-        data = flat if lens.size == lengths.size else flat[np.repeat(mask, lengths)]
-        data = data.astype(self.dtype).tobytes()
-        self._put(self.bin, data)
-        self.sha.update(data)
-        self._put(self.idx, (np.cumsum(lens) + self.tokens).astype("<u8").tobytes())
-        n = int(lens.sum())
-        self.tokens += n
-        self.documents += int(lens.size)
-        return n
-
-    @staticmethod
-    def _put(f, data: bytes) -> None:
-        try:
-            f.write(data)
-        except OSError as e:  # disk full (ENOSPC), file size limit (EFBIG): name the file
-            raise OSError(e.errno, e.strerror, Path(f.name).name) from None
-
-    def close(self) -> dict:
-        for f in (self.bin, self.idx):
-            try:
-                f.flush()
-                os.fsync(f.fileno())
-            except OSError as e:
-                raise OSError(e.errno, e.strerror, Path(f.name).name) from None
-            finally:
-                with contextlib.suppress(OSError):
-                    f.close()
-        return {"tokens": self.tokens, "documents": self.documents, "sha256": self.sha.hexdigest()}
 
 
 @dataclass
@@ -371,10 +321,10 @@ def prepare(cfg: PrepareConfig) -> dict:
             warn(n)
     specials = check_tokenizer(tok)
     vocab_size = tok.get_vocab_size()
-    dtype = "uint16" if vocab_size <= 65536 else "uint32"
+    dtype = token_dtype(vocab_size)
     t_tok = time.time()
 
-    had_dataset = (out / "meta.json").is_file()
+    had_dataset = (out / META_NAME).is_file()
     holder = [tok]
     del tok  # _write_dataset drops it once the workers have the JSON: keeps this process small
     try:
@@ -411,31 +361,29 @@ def _write_dataset(cfg: PrepareConfig, out: Path, holder: list, specials: dict, 
             raise UserError("the train split is empty: give more text, lower --val-fraction, or raise the weights")
         t_enc = time.time()
         tok_sha = sha256_file(tmp / "tokenizer.json")
-        meta = {
-            "format": FORMAT, "version": VERSION, "dtype": dtype, "vocab_size": vocab_size,
-            "bos_id": specials[BOS], "eos_id": specials[EOS], "pad_id": specials[EOS],
-            "special_tokens": {t: specials[t] for t in SPECIAL_TOKENS},
-            "add_bos_token": True,
-            "splits": splits,
-            "sources": stats.sources,
-            "languages": {k: dict(v, tokens_per_word=round(v["tokens"] / v["words"], 4) if v["words"] else None)
+        meta = new_meta(
+            dtype=dtype, vocab_size=vocab_size, splits=splits,
+            bos_id=specials[BOS], eos_id=specials[EOS], pad_id=specials[EOS],
+            special_tokens={t: specials[t] for t in SPECIAL_TOKENS},
+            add_bos_token=True,
+            sources=stats.sources,
+            languages={k: dict(v, tokens_per_word=round(v["tokens"] / v["words"], 4) if v["words"] else None)
                           for k, v in sorted(stats.languages.items())},
-            "tokenizer_sha256": tok_sha,
-            "inputs_sha256": hashlib.sha256("\n".join(f"{s.sha256} {s.weight:g}" for s in sources).encode()).hexdigest(),
-            "dataset_digest": dataset_digest(tok_sha, splits),
-            "params": {"val_fraction": cfg.val_fraction, "text_field": cfg.text_field, "seed": cfg.seed,
+            tokenizer_sha256=tok_sha,
+            inputs_sha256=hashlib.sha256("\n".join(f"{s.sha256} {s.weight:g}" for s in sources).encode()).hexdigest(),
+            dataset_digest=dataset_digest(tok_sha, splits),
+            params={"val_fraction": cfg.val_fraction, "text_field": cfg.text_field, "seed": cfg.seed,
                        "tokenizer_max_mb": cfg.tokenizer_max_mb, "min_frequency": cfg.min_frequency,
                        "tokenizer": str(cfg.tokenizer) if cfg.tokenizer else None, "inputs": list(cfg.inputs)},
-            "timings_s": {"scan": round(t_scan - t0, 3), "tokenizer": round(t_tok - t_scan, 3),
+            timings_s={"scan": round(t_scan - t0, 3), "tokenizer": round(t_tok - t_scan, 3),
                           "encode": round(t_enc - t_tok, 3)},
-            "mlflow_run_id": None,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        }
+            mlflow_run_id=None,
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        )
         run = _start_mlflow(cfg, meta, tmp, out) if cfg.mlflow else None
         if run is not None:
             meta["mlflow_run_id"] = run
-        text = json.dumps(meta, indent=2, ensure_ascii=False) + "\n"
-        (tmp / "meta.json").write_text(text, encoding="utf-8")  # last: it marks the dataset complete
+        write_meta(tmp, meta)  # last: it marks the dataset complete
         if run is not None:
             _finish_mlflow(tmp)
     meta["_seconds"] = time.time() - t0
@@ -495,14 +443,14 @@ def _log_dataset_input(mlflow, meta: dict, out: Path) -> None:
     source = LocalArtifactDatasetSource(str(out.resolve()))
     schema = Schema([TensorSpec(np.dtype(meta["dtype"]), (-1,), "tokens")])
     ds = MetaDataset(source=source, name=out.name, digest=meta["dataset_digest"], schema=schema)
-    mlflow.log_input(ds, context="prepare", tags={"bulba.format": f"{FORMAT}/{VERSION}"})
+    mlflow.log_input(ds, context="prepare", tags={"bulba.format": f"{meta['format']}/{meta['version']}"})
 
 
 def _finish_mlflow(tmp: Path) -> None:
     try:
         import mlflow
 
-        mlflow.log_artifact(str(tmp / "meta.json"))
+        mlflow.log_artifact(str(tmp / META_NAME))
         mlflow.end_run()
     except Exception as e:  # noqa: BLE001
         warn(f"MLflow logging failed ({type(e).__name__}); the dataset is written anyway")

@@ -278,7 +278,7 @@ def check_out_dir(recipe: Recipe) -> Path | None:
 
 def prepare_recipe(recipe: Recipe):
     """Validate data against the recipe; fill model.vocab_size from meta.json. Returns TokenData."""
-    from bulba.data.loader import open_data
+    from bulba.data.format import open_data
 
     data = open_data(recipe.data.dir, recipe.model.vocab_size)
     if recipe.model.vocab_size is None:

@@ -146,7 +146,8 @@ def test_meta_json_wrong_types_are_user_errors(tmp_path, key, value):
 
     from support.token_files import make_docs, write_dataset
 
-    from bulba.data.loader import Batches, open_data
+    from bulba.data.format import open_data
+    from bulba.data.loader import Batches
 
     d = write_dataset(tmp_path / "d", make_docs([5, 9, 17, 33, 64] * 6, vocab_size=500), vocab_size=500)
     meta = json.loads((d / "meta.json").read_text())

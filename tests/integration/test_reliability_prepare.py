@@ -61,7 +61,7 @@ def _check_disk_full(parent: Path, texts, fsize=None, errno_text=""):
     assert _digest(out) == before  # the previous dataset, byte for byte
     assert sorted(p.name for p in parent.iterdir()) == ["data"]  # no .tmp-* left beside it
     # and it still loads
-    from bulba.data.loader import open_data
+    from bulba.data.format import open_data
 
     assert open_data(out).meta["splits"]["train"]["tokens"] > 0
     # a first prepare (no previous dataset) that hits the limit leaves nothing at all

@@ -50,8 +50,6 @@ def _popen(args):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    if not (REPO.parent / "shared" / "corpus" / "be.txt").is_file():
-        pytest.skip("shared corpus missing")
     return build_dataset(tmp_path_factory.mktemp("rel-resume") / "data")
 
 

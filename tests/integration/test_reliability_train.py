@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 from support.cli import assert_one_line_exit_2
 
-from support.paths import REPO
 
 from support.train_data import TINY, build_dataset, run_train  # noqa: E402
 
@@ -29,8 +28,6 @@ FAST = TINY + ["model.n_layer=1", "train.batch_size=2", "train.val_every=0", "tr
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    if not (REPO.parent / "shared" / "corpus" / "be.txt").is_file():
-        pytest.skip("shared corpus missing")
     return build_dataset(tmp_path_factory.mktemp("rel-train") / "data")
 
 

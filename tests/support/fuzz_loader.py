@@ -24,7 +24,8 @@ from hypothesis import strategies as st
 
 from support.token_files import make_docs, write_dataset
 
-from bulba.data.loader import Batches, open_data
+from bulba.data.format import open_data
+from bulba.data.loader import Batches
 from bulba.errors import UserError
 
 WHAT, N, WORK = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])

@@ -1,8 +1,8 @@
 """Training-test fixtures: a small prepared dataset from the shared corpus, built once per session.
 
-Uses the project's `prepared_data` fixture when conftest.py provides one; otherwise builds its
-own here with HF `tokenizers` (byte-level BPE, 1024 + 5 special tokens) and the on-disk format of
-docs/contracts.md, so the training tests do not depend on prepare.py's progress.
+`train_data` is the project's `prepared_data` (conftest.py). `build_dataset` makes a smaller one
+without prepare.py: HF `tokenizers` (byte-level BPE, 1024 + 5 special tokens), written through
+bulba.data.format, for tests that need their own copy.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from bulba.data.format import new_meta, write_meta, write_split
 
 from support.paths import CORPUS, REPO as ROOT
 SPECIALS = ["<|start_header_id|>", "<|end_header_id|>", "<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"]
@@ -51,33 +53,20 @@ def build_dataset(out: Path, n_bpe: int = 1024) -> Path:
     n_val = len(docs) // 20
     splits = {}
     for split, part in (("val", docs[:n_val]), ("train", docs[n_val:])):
-        ids = [np.array([bos] + e.ids + [eos], dtype=np.uint16) for e in tok.encode_batch(part, add_special_tokens=False)]
-        toks = np.concatenate(ids)
-        offs = np.zeros(len(ids) + 1, dtype="<u8")
-        np.cumsum([len(x) for x in ids], out=offs[1:])
-        toks.astype("<u2").tofile(out / f"{split}.bin")
-        offs.tofile(out / f"{split}.idx")
-        splits[split] = {"tokens": int(toks.size), "documents": len(ids),
-                         "sha256": hashlib.sha256((out / f"{split}.bin").read_bytes()).hexdigest()}
-    meta = {"format": "bulba-tokens", "version": 1, "dtype": "uint16", "vocab_size": V,
-            "bos_id": bos, "eos_id": eos, "pad_id": eos,
-            "special_tokens": {s: tok.token_to_id(s) for s in SPECIALS}, "splits": splits, "sources": [],
-            "tokenizer_sha256": "fixture", "inputs_sha256": "fixture",
-            "dataset_digest": hashlib.sha256(json.dumps(splits, sort_keys=True).encode()).hexdigest(),
-            "mlflow_run_id": None, "created": "fixture"}
-    (out / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
+        ids = [np.array([bos] + e.ids + [eos]) for e in tok.encode_batch(part, add_special_tokens=False)]
+        splits[split] = write_split(out, split, ids, "uint16")
+    write_meta(out, new_meta(dtype="uint16", vocab_size=V, splits=splits, bos_id=bos, eos_id=eos, pad_id=eos,
+                             special_tokens={s: tok.token_to_id(s) for s in SPECIALS}, sources=[],
+                             tokenizer_sha256="fixture", inputs_sha256="fixture",
+                             dataset_digest=hashlib.sha256(json.dumps(splits, sort_keys=True).encode()).hexdigest(),
+                             mlflow_run_id=None, created="fixture"))
     return out
 
 
 @pytest.fixture(scope="session")
-def train_data(request, tmp_path_factory) -> Path:
-    """A prepared-data directory for the training tests."""
-    try:
-        d = request.getfixturevalue("prepared_data")
-        return Path(getattr(d, "dir", d))
-    except pytest.FixtureLookupError:
-        pass
-    return build_dataset(tmp_path_factory.mktemp("train-data"))
+def train_data(prepared_data) -> Path:
+    """A prepared-data directory for the training tests: the session's real prepared corpus."""
+    return prepared_data
 
 
 # Tiny shapes: a few steps each in seconds on 2 cores.

@@ -9,7 +9,8 @@ import shutil
 import numpy as np
 import pytest
 
-from bulba.data.loader import Batches, document_layout, open_data
+from bulba.data.format import open_data
+from bulba.data.loader import Batches, document_layout
 from bulba.errors import UserError
 from support.token_files import BOS, EOS, make_docs, write_dataset
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bulba.data.loader import Batches, document_layout, open_data
+from bulba.data.format import open_data
+from bulba.data.loader import Batches, document_layout
 
 pytest.importorskip("bulba._rust")
 

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from bulba.data.loader import Batches, document_layout
 from bulba.errors import UserError
-from support.token_files import write_split
+from bulba.data.format import new_meta, write_meta, write_split
 
 pytest.importorskip("bulba._rust")
 
@@ -27,7 +27,6 @@ SETTINGS = settings(max_examples=50, deadline=None, suppress_health_check=[Healt
 
 def write_positions(d: Path, lengths: list[int]) -> tuple[int, set[int]]:
     """Dataset whose tokens are their own positions; returns (n_tokens, doc last positions)."""
-    import json
 
     ends = np.cumsum(lengths)
     starts = ends - np.asarray(lengths)
@@ -35,9 +34,7 @@ def write_positions(d: Path, lengths: list[int]) -> tuple[int, set[int]]:
     n = int(ends[-1])
     info = write_split(d, "train", docs, "uint32")
     write_split(d, "val", docs[:1], "uint32")
-    meta = {"format": "bulba-tokens", "version": 1, "dtype": "uint32", "vocab_size": n + 1,
-            "bos_id": None, "eos_id": n, "pad_id": n, "splits": {"train": info}}
-    (d / "meta.json").write_text(json.dumps(meta))
+    write_meta(d, new_meta(dtype="uint32", vocab_size=n + 1, splits={"train": info}, bos_id=None, eos_id=n, pad_id=n))
     return n, {int(e) - 1 for e in ends}
 
 
