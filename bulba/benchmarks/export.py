@@ -18,6 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bulba.memory import peak_rss_mb
+
 ZUBR_FALLBACK = dict(n_layer=24, n_embd=1024, n_head=16, n_kv_head=4, ffn_hidden=2816, ctx_len=2048, vocab_size=32003)
 
 
@@ -76,21 +78,9 @@ def _child(mode: str, run_dir: str, type_name: str, out: str) -> None:
     else:
         _in_memory_export(run_dir, type_name, out)
     secs = time.perf_counter() - t0
-    print(json.dumps({"seconds": secs, "peak_rss_mb": _vm_hwm_mb()}))
+    print(json.dumps({"seconds": secs, "peak_rss_mb": peak_rss_mb()}))
 
 
-def _vm_hwm_mb() -> float:
-    """Peak RSS of this process image. Not getrusage's ru_maxrss: Linux carries that across
-    fork + exec, so a child of a big parent would report the parent's peak."""
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _in_memory_export(run_dir: str, type_name: str, out: str) -> None:

@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bulba.memory import peak_rss_mb
+
 REPO = Path(__file__).resolve().parents[2]
 EXTRA: dict = {}
 
@@ -113,10 +115,6 @@ def run(args) -> list[dict]:
 # ---------------------------------------------------------------------------- workers (subprocesses)
 
 
-def _peak_rss_mb() -> float:
-    from bulba.data.encoding import peak_rss_mb  # VmHWM: ru_maxrss would include bench.py's own peak
-
-    return peak_rss_mb()
 
 
 def _cpu_s() -> float:
@@ -135,7 +133,7 @@ def worker_bulba(text: str, tok: str, out: str) -> dict:
     docs = meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"]
     tokens = meta["splits"]["train"]["tokens"] + meta["splits"]["val"]["tokens"]
     # the encoding workers are separate processes: their peaks count too
-    rss = _peak_rss_mb() + meta["_workers_peak_rss_mb"]
+    rss = peak_rss_mb() + meta["_workers_peak_rss_mb"]
     return {"seconds": seconds, "text_tokens": tokens - 2 * docs, "peak_rss_mb": rss, "cpu_s": _cpu_s() - c0}
 
 
@@ -157,7 +155,7 @@ def worker_hf(text: str, tok: str, out: str) -> dict:
     Path(out).mkdir(parents=True, exist_ok=True)
     ids.tofile(Path(out) / "train.bin")
     seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "text_tokens": int(ids.size) - len(ds), "peak_rss_mb": _peak_rss_mb(), "cpu_s": _cpu_s() - c0}
+    return {"seconds": seconds, "text_tokens": int(ids.size) - len(ds), "peak_rss_mb": peak_rss_mb(), "cpu_s": _cpu_s() - c0}
 
 
 if __name__ == "__main__":

@@ -38,6 +38,8 @@ from pathlib import Path
 
 from bulba.errors import UserError
 
+from bulba.memory import peak_rss_mb
+
 ROOT = Path(__file__).resolve().parent.parent.parent
 ROWS = ["hf-trainer-default", "hf-trainer-best", "bulba-eager", "bulba-flash", "bulba-compile", "bulba-both"]
 HF_ROWS = {"hf-trainer-default", "hf-trainer-best"}
@@ -198,7 +200,7 @@ def run(args) -> list[dict]:
     meta = json.loads((data_dir / "meta.json").read_text(encoding="utf-8"))
 
     # Same for every row: stream windows (contiguous ctx tokens, as HF's group_texts blocks), a
-    # one-step lr warm-up then cosine to min_lr over warmup + steps (bulba.train.run.benchmark's
+    # one-step lr warm-up then cosine to min_lr over warmup + steps (bulba.train.benchmark.benchmark's
     # schedule), the data's vocabulary.
     overrides = [f"data.dir={data_dir}", "data.sampler=stream", "model.vocab_size=" + str(meta["vocab_size"]),
                  "train.warmup_steps=1", "train.grad_accum=1"]
@@ -392,10 +394,6 @@ def _table_row(r: dict, device: str) -> dict:
 # =============================================================================== worker side
 
 
-def _peak_rss_mb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def _bf16_ok(device: str) -> bool:
@@ -428,7 +426,7 @@ def _worker(spec_path: str, out_path: str) -> None:
         res = _run_hf(spec, recipe, best=(row == "hf-trainer-best"))
     else:
         res = _run_bulba(spec, recipe, mode=row.removeprefix("bulba-"))
-    res.setdefault("peak_rss_mb", _peak_rss_mb())
+    res.setdefault("peak_rss_mb", peak_rss_mb())
     if res.get("tokens_per_s") and res.get("mfu") is None:
         res["mfu"] = _mfu(recipe, res["tokens_per_s"], spec["device"])
     write_json(out_path, res)
@@ -492,7 +490,7 @@ def _run_hf(spec: dict, recipe, best: bool) -> dict:
             sync()
             self.ends.append(time.perf_counter())
             if len(self.ends) == warmup and device == "cuda":
-                torch.cuda.reset_peak_memory_stats()  # peak over the timed steps, as bulba.train.run.benchmark
+                torch.cuda.reset_peak_memory_stats()  # peak over the timed steps, as bulba.train.benchmark.benchmark
 
     timer = StepTimer()
     class LossTrainer(Trainer):  # keeps the last step's loss tensor: no extra host sync per step
@@ -551,12 +549,12 @@ class _MemmapBlocks:
 
 
 def _run_bulba(spec: dict, recipe, mode: str) -> dict:
-    """The training engineer's `bulba.train.run.benchmark`: the real LightningModule, strategy and
+    """The training engineer's `bulba.train.benchmark.benchmark`: the real LightningModule, strategy and
     Rust batch engine, `warmup + steps` optimizer steps, no run directory or tracking."""
 
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
-    from bulba.train.run import benchmark
+    from bulba.train.benchmark import benchmark
 
     recipe.train.mode = mode
     recipe.train.accelerator = spec["device"]

@@ -12,27 +12,15 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import resource
 import zlib
 from array import array
 from itertools import chain
 
 from bulba.data import corpus as C
+from bulba.memory import peak_rss_mb
 _STATE: dict = {}
 
 
-def peak_rss_mb() -> float:
-    """Peak RSS of this process's own address space (VmHWM). `ru_maxrss` is not that: a
-    child started by fork+exec inherits its parent's peak, which would charge the parent's
-    memory to every worker."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 class Keyer:

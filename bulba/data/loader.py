@@ -24,6 +24,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+import numpy as np
+
 from bulba.data.format import SPLITS, TokenData, open_data
 from bulba.errors import UserError
 
@@ -231,6 +233,50 @@ def document_layout(cu_seqlens, rows: int, cols: int):
     return pos.view(rows, cols), seq.view(rows, cols)
 
 
-def batch_padding_frac(batch: dict[str, Any]) -> float:
-    """Share of padding positions in one batch."""
-    return batch["n_pad"] / max(1, batch["input_ids"].size)
+# --------------------------------------------------------------------------- the torch side
+
+
+def batch_to_torch(b: dict, pin: bool = False, documents: bool = True) -> dict:
+    """Rust engine batch (numpy, int32) -> torch tensors on the host, plus token counts.
+    `documents=False` (stream windows: one causal sequence per row) leaves out cu_seqlens, so
+    the model neither masks nor restarts positions."""
+    import torch
+
+    out = {}
+    for k in ("input_ids", "labels", "cu_seqlens") if documents else ("input_ids", "labels"):
+        if k in b and b[k] is not None:
+            t = torch.from_numpy(np.ascontiguousarray(b[k]))
+            out[k] = t.pin_memory() if pin else t
+    out["max_seqlen"] = int(b["max_seqlen"]) if "max_seqlen" in b else None
+    labels = b["labels"]
+    out["n_tokens"] = int(b["n_tokens"]) if "n_tokens" in b else int((labels != -100).sum())
+    out["n_pad"] = int(b["n_pad"]) if "n_pad" in b else 0
+    return out
+
+
+class TorchBatches:
+    """bulba.data.loader.Batches -> host torch tensors (pinned on CUDA), starting at a given batch."""
+
+    def __init__(self, batches, start: int, pin: bool, stream: bool, limit: int | None = None):
+        self.batches, self.start, self.pin, self.stream, self.limit = batches, start, pin, stream, limit
+
+    def __iter__(self):
+        self.batches.seek(self.start)
+        for i, b in enumerate(self.batches):
+            if self.limit is not None and i >= self.limit:
+                return
+            yield batch_to_torch(b, pin=self.pin, documents=not self.stream)
+
+
+def make_batches_factory(recipe, data, pin: bool):
+    """(split, rank, world, start) -> iterable of torch batches, as the LightningModule asks for them."""
+    d, m, t = recipe.data, recipe.model, recipe.train
+
+    def factory(split: str, rank: int, world: int, start: int):
+        train = split == "train"
+        b = Batches(data, split=split, sampler=d.sampler, batch_size=t.batch_size, ctx=m.ctx_len,
+                    seed=recipe.seed, rank=rank, world_size=world, buckets=d.buckets, prefetch=d.prefetch,
+                    shuffle=train, infinite=train, drop_last=train)
+        return TorchBatches(b, start, pin, d.sampler == "stream", None if train else t.val_batches)
+
+    return factory

@@ -436,13 +436,9 @@ def _start_mlflow(cfg: PrepareConfig, meta: dict, tmp: Path, out: Path) -> str |
 
 
 def _log_dataset_input(mlflow, meta: dict, out: Path) -> None:
-    from mlflow.data.meta_dataset import MetaDataset
-    from mlflow.data.sources import LocalArtifactDatasetSource
-    from mlflow.types import Schema, TensorSpec
+    from bulba.tracking.lineage import dataset_input
 
-    source = LocalArtifactDatasetSource(str(out.resolve()))
-    schema = Schema([TensorSpec(np.dtype(meta["dtype"]), (-1,), "tokens")])
-    ds = MetaDataset(source=source, name=out.name, digest=meta["dataset_digest"], schema=schema)
+    ds = dataset_input(out, meta["dtype"], meta["dataset_digest"])
     mlflow.log_input(ds, context="prepare", tags={"bulba.format": f"{meta['format']}/{meta['version']}"})
 
 

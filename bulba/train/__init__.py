@@ -9,8 +9,8 @@ import importlib
 _EXPORTS = {
     "train": "bulba.train.run",
     "Interrupted": "bulba.train.run",
-    "TrainingFault": "bulba.train.run",
-    "benchmark": "bulba.train.run",
+    "TrainingFault": "bulba.train.run_dir",
+    "benchmark": "bulba.train.benchmark",
     "BulbaModule": "bulba.train.module",
 }
 

@@ -11,16 +11,23 @@ A checkpoint is built in a `.tmp-*` directory and renamed into place (bulba.atom
 so a kill at any moment leaves either no `step-N` directory or a complete one; `state.json`
 lists the sha256 of every file, so a torn or bit-rotted file is detected at load instead of
 silently resuming from garbage. Nothing here unpickles anything.
+
+`Checkpointer` is what the LightningModule calls at step boundaries: it gathers the full state
+(all ranks take part), and global rank 0 writes it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import errno
 import json
 import os
 import random
 import re
 import shutil
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +36,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from bulba.atomic import TMP_PREFIX, atomic_dir, sha256_file
+from bulba.config import Recipe
 from bulba.errors import UserError
 
 FORMAT = "bulba-checkpoint"
@@ -197,3 +205,71 @@ def load_checkpoint(path: str | Path, device="cpu") -> dict:
     except Exception as e:  # safetensors raises its own error types on malformed headers
         raise UserError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e})") from None
     return {"model": model, "optimizer": opt, "rng": (rng, doc["rng"]), "state": doc}
+
+
+# --------------------------------------------------------------------------- from a training run
+
+
+def full_state(module) -> tuple[dict, dict | None]:
+    """(model state dict, optimizer state dict) with full, unsharded tensors on global rank 0.
+
+    Single device and DDP: the local module (identical on every rank). FSDP: Lightning gathers
+    the full weights (a collective: every rank must call this); the sharded optimizer state is
+    not saved, so an FSDP resume restarts the AdamW moments (said in docs/training.md)."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    trainer = module.fit_trainer
+    if isinstance(trainer.strategy if trainer else None, FSDPStrategy):
+        sd = trainer.strategy.lightning_module_state_dict()
+        return {k.removeprefix("model."): v for k, v in sd.items() if k.startswith("model.")}, None
+    opt = module.raw_optimizer
+    return module.model.state_dict(), (opt.state_dict() if opt is not None else None)
+
+
+class Checkpointer:
+    """`checkpointer(module, reason)` writes checkpoint `module.state.step` of out_dir (every rank
+    calls it, global rank 0 writes); returns its path (None elsewhere, or when an interval
+    checkpoint failed: training goes on and the next interval tries again).
+
+    `get_run_id()`: the MLflow run id to record (it may become known late); `on_save()`: called
+    after each write (config.json learns a late run id). `last_model_sd`: the weights of the
+    newest checkpoint on rank 0, from which final.safetensors is written."""
+
+    def __init__(self, recipe: Recipe, get_run_id, on_save=None, dataset_digest: str | None = None):
+        self.recipe, self.get_run_id, self.on_save, self.dataset_digest = recipe, get_run_id, on_save, dataset_digest
+        self.root = Path(recipe.out_dir) / "checkpoints"
+        self.last_model_sd: dict | None = None
+
+    def __call__(self, module, reason: str) -> Path | None:
+        st = module.state
+        trainer = module.fit_trainer
+        model_sd, opt_sd = full_state(module)
+        self.last_model_sd = model_sd if module.global_rank == 0 else None  # for final.safetensors
+        path = None
+        if module.global_rank == 0:
+            t0 = time.perf_counter()
+            try:
+                path = self._save(st, model_sd, opt_sd, reason, trainer.world_size if trainer else 1)
+            except OSError as e:
+                prev = latest_checkpoint(self.root)
+                msg = (f"cannot write checkpoint step {st.step} in {self.root} ({e.strerror or e}); "
+                       f"the previous checkpoint {prev or '(none)'} is intact")
+                if reason != "interval":
+                    raise UserError(msg + "; free space and resume with resume=auto") from None
+                # Interval checkpoint: keep training (the weights in memory are fine), try
+                # again at the next interval, and say so.
+                print(f"warning: {msg}; training continues", file=sys.stderr, flush=True)
+                return None
+            if self.on_save is not None:
+                self.on_save()
+            print(f"checkpoint ({reason}): {path} [{time.perf_counter() - t0:.1f}s]", flush=True)
+        if trainer is not None and trainer.world_size > 1:
+            with contextlib.suppress(Exception):
+                trainer.strategy.barrier("checkpoint")
+        return path
+
+    def _save(self, st, model_sd, opt_sd, reason, world):
+        state = {"reason": reason, "train": dataclasses.asdict(st), "mlflow_run_id": self.get_run_id(),
+                 "dataset_digest": self.dataset_digest,
+                 "sampler": {"consumed": st.consumed}, "world_size": world, "recipe": self.recipe.to_dict()}
+        return save_checkpoint(self.root, st.step, model_sd, opt_sd, state, keep=self.recipe.train.ckpt_keep)

@@ -17,15 +17,16 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import lightning as L
-import numpy as np
 import torch
 
 from bulba.model import flops
 from bulba.config import Recipe
 from bulba.data.loader import document_layout
+from bulba.train.optim import lr_at, make_optimizer, planned_steps
+from bulba.memory import rss_mb
 from bulba.model.llama import Llama
 
 
@@ -52,35 +53,6 @@ class Outcome:
     checkpoint: object = None  # its path (global rank 0)
 
 
-def planned_steps(recipe: Recipe, world_size: int = 1) -> int:
-    """Steps the schedule spans: train.max_steps, or fewer when the token budget ends first
-    (budget / token slots per step; padding makes the real count a little later, and the lr
-    then stays at min_lr)."""
-    t = recipe.train
-    if t.max_tokens is None:
-        return t.max_steps
-    per_step = t.batch_size * t.grad_accum * recipe.model.ctx_len * world_size
-    return max(1, min(t.max_steps, math.ceil(t.max_tokens / per_step)))
-
-
-def lr_at(step: int, t, total_steps: int | None = None) -> float:
-    """Linear warmup to train.lr over warmup_steps, then cosine decay to min_lr at the last step."""
-    if t.warmup_steps and step < t.warmup_steps:
-        return t.lr * (step + 1) / t.warmup_steps
-    span = max(1, (total_steps or t.max_steps) - t.warmup_steps)
-    progress = min(1.0, (step - t.warmup_steps) / span)
-    return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1.0 + math.cos(math.pi * progress))
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Decoupled weight decay on matrices only; norms (1-D) are not decayed (nanoGPT / Llama)."""
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 class BulbaModule(L.LightningModule):
     def __init__(self, recipe: Recipe, *, batches_factory=None, sink=None, tokenizer=None,
                  bos_id: int | None = None, eos_id: int | None = None, checkpointer=None):
@@ -105,30 +77,50 @@ class BulbaModule(L.LightningModule):
         self.fingerprints: list[str] = []  # sha256 of the first input_ids seen (data-shard checks)
         self.losses: dict[int, float] = {}
         self.final_eval = True  # validate and sample at the last step (benchmark() turns it off)
+        self.raw_optimizer: torch.optim.Optimizer | None = None  # the unwrapped AdamW (checkpoints)
+        self.resumed_world_size: int | None = None
+        self.after_step: list = []  # callables run after each optimizer step (benchmark timing)
+
+    # ------------------------------------------------------------------ control from outside fit
+
+    @property
+    def fit_trainer(self):
+        """The Lightning Trainer while attached, else None (Lightning's `trainer` raises then)."""
+        return self._trainer
+
+    def restore(self, model_sd: dict, optimizer_sd: dict | None, train_state: dict, world_size: int | None) -> None:
+        """Continue from a checkpoint: weights now, optimizer state once configure_optimizers runs."""
+        self.model.load_state_dict(model_sd)
+        self._pending_optimizer = optimizer_sd
+        self.resumed_world_size = world_size
+        for k, v in train_state.items():
+            setattr(self.state, k, v)
+
+    def request_stop(self, reason: str) -> bool:
+        """Stop at the next step boundary with a checkpoint (signal handlers); True if a stop was
+        already requested (a second Ctrl-C stops at once)."""
+        again = self._stop_request is not None
+        self._stop_request = reason
+        return again
+
+    def checkpoint(self, reason: str):
+        """Write a checkpoint now (outside fit: Lightning's own SIGTERM path); its path on rank 0."""
+        return self._checkpointer(self, reason)
 
     # ------------------------------------------------------------------ setup
 
     def train_dataloader(self):
         # Built here, after launch, when the rank and world size are final. Not a DataLoader:
         # the Rust engine's iterable, started at the micro-batch the last checkpoint consumed.
-        saved = getattr(self, "resumed_world_size", None)
+        saved = self.resumed_world_size
         if saved is not None and saved != self.trainer.world_size and self.global_rank == 0:
             print(f"warning: resuming a run checkpointed with {saved} processes on {self.trainer.world_size}: "
                   "training continues, but the data order differs from an uninterrupted run", flush=True)
         return self._batches_factory("train", self.global_rank, self.trainer.world_size, self.state.consumed)
 
     def configure_optimizers(self):
-        t = self.recipe.train
-        kwargs = dict(lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8)
-        # Fused: one kernel for the whole update on CUDA, and on CPU too (torch >= 2.4), where
-        # it is ~30x faster than the foreach path measured here (2 cores, tiny).
-        try:
-            opt = torch.optim.AdamW(param_groups(self.model, t.weight_decay), fused=True, **kwargs)
-        except (RuntimeError, TypeError, ValueError):  # a device/dtype without a fused kernel
-            opt = torch.optim.AdamW(param_groups(self.model, t.weight_decay), foreach=True, **kwargs)
-        if self._pending_optimizer is not None:
-            opt.load_state_dict(self._pending_optimizer)
-            self._pending_optimizer = None
+        opt = make_optimizer(self.model, self.recipe.train, self._pending_optimizer)
+        self._pending_optimizer = None
         self.raw_optimizer = opt
         return opt
 
@@ -196,6 +188,8 @@ class BulbaModule(L.LightningModule):
             return None
         self._micro = 0
         self._optimizer_step()
+        for hook in self.after_step:
+            hook()
         return None
 
     def _fault_hook(self, loss: torch.Tensor) -> torch.Tensor:
@@ -326,7 +320,7 @@ class BulbaModule(L.LightningModule):
             "train/tokens_seen": float(self.state.tokens), "train/nan_skipped": float(self.state.nan_skips),
             "perf/tokens_per_s": tok_s, "perf/mfu": mfu, "perf/step_time_s": dt / w["steps"],
             "data/padding_frac": w["pad"] / max(1, w["cells"]),
-            "mem/host_rss_mb": _rss_mb(),
+            "mem/host_rss_mb": rss_mb(),
         }
         if self.device.type == "cuda":
             m["mem/peak_device_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
@@ -404,32 +398,5 @@ class BulbaModule(L.LightningModule):
         return {k: (v.to(device, non_blocking=nb) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
 
-def _rss_mb() -> float:
-    try:
-        import psutil
-
-        return psutil.Process().memory_info().rss / 2**20
-    except Exception:  # noqa: BLE001 - psutil missing: fall back to the peak
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def batch_to_torch(b: dict, pin: bool = False, documents: bool = True) -> dict:
-    """Rust engine batch (numpy, int32) -> torch tensors on the host, plus token counts.
-    `documents=False` (stream windows: one causal sequence per row) leaves out cu_seqlens, so
-    the model neither masks nor restarts positions."""
-    out = {}
-    for k in ("input_ids", "labels", "cu_seqlens") if documents else ("input_ids", "labels"):
-        if k in b and b[k] is not None:
-            t = torch.from_numpy(np.ascontiguousarray(b[k]))
-            out[k] = t.pin_memory() if pin else t
-    out["max_seqlen"] = int(b["max_seqlen"]) if "max_seqlen" in b else None
-    labels = b["labels"]
-    out["n_tokens"] = int(b["n_tokens"]) if "n_tokens" in b else int((labels != -100).sum())
-    out["n_pad"] = int(b["n_pad"]) if "n_pad" in b else 0
-    return out
-
-
-def state_dict_of(st: TrainState) -> dict:
-    return asdict(st)

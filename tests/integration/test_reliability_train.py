@@ -180,7 +180,7 @@ def test_ckpt_pickle_given_as_recipe_is_not_unpickled(tmp_path):
 
 def test_metrics_log_on_a_full_disk_warns_once_and_goes_on(capsys):
     """/dev/full: every write fails with ENOSPC (a real device, no mock)."""
-    from bulba.train.run import Tracker
+    from bulba.train.run_dir import Tracker
 
     if not Path("/dev/full").exists():
         pytest.skip("no /dev/full")

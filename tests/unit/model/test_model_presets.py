@@ -13,7 +13,8 @@ from bulba.model import flops
 from bulba.config import ModelConfig, load_recipe
 from bulba.data.loader import document_layout
 from bulba.errors import UserError
-from bulba.train.module import TrainState, lr_at, param_groups
+from bulba.train.module import TrainState
+from bulba.train.optim import lr_at, param_groups
 from bulba.model.llama import Llama
 from bulba.model.weights import param_count
 
