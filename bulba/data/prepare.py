@@ -402,8 +402,9 @@ def _start_mlflow(cfg: PrepareConfig, meta: dict, tmp: Path, out: Path) -> str |
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
     try:
-        from bulba.tracking import setup_mlflow
+        from bulba.tracking import check_reachable, setup_mlflow
 
+        check_reachable("cannot log the dataset")
         mlflow = setup_mlflow(cfg.experiment)
         run = mlflow.start_run(run_name=f"prepare-{out.name}")
         mlflow.set_tags({"bulba.stage": "prepare", "bulba.dataset_digest": meta["dataset_digest"],

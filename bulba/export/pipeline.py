@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bulba.atomic import TMP_PREFIX, _fsync_dir, write_text
+from bulba.atomic import TMP_PREFIX, fsync_dir, write_text
 from bulba.errors import UserError
 from bulba.export.source import open_source, remove_quietly
 from bulba.export.gguf import LLAMA_CPP_TYPES, all_types, check_type, quantize_with_llama_cpp, write_gguf
@@ -88,7 +88,7 @@ def export(source: str, type_name: str, out: str | os.PathLike, *, register: str
         raise UserError("verification needs llama-cpp-python (pip install llama-cpp-python), or pass --no-verify")
 
     if register or mlflow:  # a dead server: find out now, not after minutes of MLflow retries
-        from bulba.export.registry import check_reachable
+        from bulba.tracking import check_reachable
 
         try:
             check_reachable(f"cannot register '{register}'" if register else "cannot log the export")
@@ -143,11 +143,12 @@ def export(source: str, type_name: str, out: str | os.PathLike, *, register: str
         else:
             say("verification skipped (" + ("--no-verify" if llama_cpp_available() else "llama-cpp-python not installed") + ")")
 
-        from bulba.export.registry import place_in_output_models, sha256_file
+        from bulba.atomic import sha256_file
+        from bulba.export.registry import place_in_output_models
 
         res.sha256 = sha256_file(tmp)
         os.replace(tmp, out)
-        _fsync_dir(out.parent)
+        fsync_dir(out.parent)
         res.modelfile = out.with_suffix(".Modelfile")
         write_text(res.modelfile, modelfile_text(out.name, src.tokenizer))
         say(f"{out} (sha256 {res.sha256[:16]}...), Ollama: ollama create {name} -f {res.modelfile}")

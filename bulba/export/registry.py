@@ -17,28 +17,8 @@ import os
 import shutil
 from pathlib import Path
 
-from bulba.atomic import sha256_file  # noqa: F401  (re-exported for callers)
 from bulba.errors import UserError
 
-def check_reachable(what: str, timeout: float = 5.0) -> None:
-    """Fail fast on a dead tracking server (MLflow itself would retry for minutes)."""
-    import urllib.error
-    import urllib.request
-
-    from bulba.tracking import tracking_uri
-
-    uri = tracking_uri()
-    if not uri.startswith(("http://", "https://")):
-        return
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({})) if "127.0.0.1" in uri or "localhost" in uri \
-        else urllib.request.build_opener()
-    try:
-        with opener.open(uri.rstrip("/") + "/health", timeout=timeout):
-            return
-    except urllib.error.HTTPError:
-        return  # it answers (a proxy or auth in front of /health): let MLflow talk to it
-    except (urllib.error.URLError, OSError) as e:
-        raise UserError(f"{what}: MLflow tracking server {uri} is not reachable ({getattr(e, 'reason', e)})") from None
 
 
 def fetch_gguf(model_uri: str, dst: str | os.PathLike | None = None) -> Path:
@@ -82,7 +62,7 @@ def log_export(*, src, gguf_path: Path, type_name: str, sha256: str, report=None
     from mlflow import MlflowClient
 
     from bulba.export.pyfunc import GGUFModel
-    from bulba.tracking import DEFAULT_EXPERIMENT, setup_mlflow
+    from bulba.tracking import DEFAULT_EXPERIMENT, check_reachable, setup_mlflow
 
     check_reachable("cannot log the export" + (f" or register '{register}'" if register else ""))
     setup_mlflow(experiment or DEFAULT_EXPERIMENT)

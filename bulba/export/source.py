@@ -248,7 +248,7 @@ def _download_run(uri: str) -> tuple[Path, str]:
     """`runs:/<run_id>[/path]` -> a local folder holding final.safetensors, config and tokenizer."""
     import mlflow
 
-    from bulba.export.registry import check_reachable
+    from bulba.tracking import check_reachable
     from bulba.tracking import tracking_uri
 
     mlflow.set_tracking_uri(tracking_uri())

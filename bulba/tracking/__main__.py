@@ -1,7 +1,7 @@
-"""`python -m bulba.tracking sync|status RUN_DIR`."""
+"""`python -m bulba.tracking sync|status RUN_DIR` (bulba.tracking.sync)."""
 
 from bulba.errors import run_cli
-from bulba.tracking.tracker import _main
+from bulba.tracking.sync import main
 
 if __name__ == "__main__":
-    run_cli(_main)
+    run_cli(main)

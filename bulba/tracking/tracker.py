@@ -1,9 +1,8 @@
-"""Where MLflow runs go, and a tracker that never lets a tracking outage stop training.
+"""A run tracker that never lets a tracking outage stop training (where runs go: store.py).
 
-`MLFLOW_TRACKING_URI` wins everywhere (team mode: an `mlflow server`). Unset, we use
-MLflow's own default, a SQLite store `mlflow.db` with artifacts in `./mlruns`, both in
-the current directory, so `mlflow ui` started from the project root shows every
-prepare, training, export and benchmark run.
+The parts: this module is the API and the run's lifecycle; sender.py the background thread that
+sends; spool.py the write-ahead log on disk; http.py the tracker's HTTP limits; sync.py
+`python -m bulba.tracking sync`.
 
 RunTracker API (stable; used by train.py, prepare and export)
 -------------------------------------------------------------
@@ -72,15 +71,13 @@ With `resume=True`, a `run_dir` holding `mlflow_run.json` continues that run (sa
 
 from __future__ import annotations
 
-import argparse
 import atexit
 import contextlib
 import fcntl
 import json
-import math
 import os
-import re
 import queue
+import re
 import shutil
 import sys
 import threading
@@ -89,183 +86,20 @@ import uuid
 import weakref
 from collections import deque
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Mapping
 
-from bulba.atomic import write_bytes, write_json
+from bulba.atomic import write_json
 from bulba.errors import UserError
+from bulba.tracking.sender import Sender
+from bulba.tracking.spool import ARTIFACT_STAGE, DEFAULT_SPOOL_ROOT, RUN_FILE, SPOOL_FILE, logged_steps, scan_spool
+from bulba.tracking.store import DEFAULT_EXPERIMENT, now_ms, say
+from bulba.tracking.store import tracking_uri as default_tracking_uri
 
-DEFAULT_EXPERIMENT = "bulbagpt"
-
-RUN_FILE = "mlflow_run.json"
-SPOOL_FILE = "mlflow_spool.jsonl"
-ARTIFACT_STAGE = "mlflow_artifacts"  # log_text/log_dict content waiting for upload
-DEFAULT_SPOOL_ROOT = Path("runs") / ".mlflow-spool"
-
-# MLflow's log_batch limits (mlflow.utils.validation)
-_MAX_METRICS = 1000
-_MAX_PARAMS_TAGS = 100
+# MLflow's value limits (mlflow.utils.validation); longer values are cut, not refused
 _MAX_PARAM_LEN = 6000
 _MAX_TAG_LEN = 8000
 
-
-def tracking_uri() -> str:
-    uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
-    if uri:
-        return uri
-    return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
-
-
-def setup_mlflow(experiment: str = DEFAULT_EXPERIMENT):
-    """Point mlflow at `tracking_uri()` and select (or create) `experiment`; returns mlflow."""
-    import mlflow
-
-    mlflow.set_tracking_uri(tracking_uri())
-    mlflow.set_experiment(experiment)
-    return mlflow
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
-
-
-def _say(msg: str) -> None:
-    print(f"mlflow: {msg}", file=sys.stderr, flush=True)
-
-
-# --------------------------------------------------------------------------------------
-# Short HTTP timeouts and no urllib3 retries, only inside the tracker's threads.
-# MLflow reads MLFLOW_HTTP_REQUEST_{TIMEOUT,MAX_RETRIES,BACKOFF_FACTOR} per request through
-# these EnvironmentVariable objects; we give each a `get` that honours a thread-local
-# override, so export's model registration etc. in the main thread keep MLflow's defaults.
-
-_tls = threading.local()
-_patch_lock = threading.Lock()
-_patched = False
-
-
-def _install_http_overrides() -> bool:
-    global _patched
-    with _patch_lock:
-        if _patched:
-            return True
-        try:
-            from mlflow import environment_variables as ev
-
-            pairs = (("timeout", ev.MLFLOW_HTTP_REQUEST_TIMEOUT),
-                     ("max_retries", ev.MLFLOW_HTTP_REQUEST_MAX_RETRIES),
-                     ("backoff_factor", ev.MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR))
-            for name, var in pairs:
-                orig = var.get
-
-                def get(_orig=orig, _name=name):
-                    ov = getattr(_tls, "http", None)
-                    if ov is not None and _name in ov:
-                        return ov[_name]
-                    return _orig()
-
-                var.get = get
-        except Exception:  # an MLflow without these objects: fall back to environment defaults
-            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
-            return False
-        _patched = True
-        return True
-
-
-@contextlib.contextmanager
-def _http_limits(timeout: float, max_retries: int = 0):
-    old = getattr(_tls, "http", None)
-    _tls.http = {"timeout": max(1, int(math.ceil(timeout))), "max_retries": max_retries,
-                 "backoff_factor": 0}
-    try:
-        yield
-    finally:
-        _tls.http = old
-
-
-def _is_permanent(e: BaseException) -> bool:
-    """A client-side fault (bad key/value, deleted run): retrying cannot help."""
-    try:
-        from mlflow.exceptions import MlflowException
-    except ImportError:  # pragma: no cover
-        return False
-    if not isinstance(e, MlflowException):
-        return False
-    try:
-        code = int(e.get_http_status_code())
-    except Exception:
-        return False
-    return 400 <= code < 500 and code not in (401, 403, 408, 429)
-
-
-def _one_line(e: BaseException) -> str:
-    s = " ".join(str(e).split())
-    for needle, short in (("Connection refused", "connection refused"),
-                          ("Failed to establish a new connection", "connection refused"),
-                          ("Read timed out", "no answer (timeout)"), ("timed out", "no answer (timeout)"),
-                          ("Name or service not known", "unknown host"),
-                          ("Connection reset", "connection reset"), ("Connection aborted", "connection aborted")):
-        if needle in s:
-            return short
-    return (s[:200] + "…") if len(s) > 200 else s
-
-
-# --------------------------------------------------------------------------------------
-# The spool: a JSON-lines write-ahead log of records {"seq": n, "t": kind, ...} and
-# acknowledgements {"ack": n} (everything up to n is on the server).
-
-
-# In memory, unsent records are kept as (seq, JSON line) pairs: bytes and ints are not tracked
-# by Python's garbage collector, so a big backlog during an outage does not make the training
-# loop's GC pauses longer (50k records as dicts cost ~0.3 s per full collection here).
-
-
-def _spool_lines(path: Path, marker: tuple[bytes, ...] = ()) -> Iterator[tuple[bytes, dict]]:
-    """(raw line, record) of every whole JSON object line in the spool (none if it is absent);
-    a torn or garbled line is skipped. With `marker`, lines holding none of those bytes are
-    skipped before parsing."""
-    if not path.exists():
-        return
-    with open(path, "rb") as f:
-        for raw in f:
-            if marker and not any(m in raw for m in marker):
-                continue
-            try:
-                r = json.loads(raw)
-            except ValueError:
-                continue
-            if isinstance(r, dict):
-                yield raw, r
-
-
-def _scan_spool(path: Path, after: int | None = None) -> tuple[int, int, list[tuple[int, bytes]]]:
-    """(acked, last_seq, records with seq > max(acked, after) in order as (seq, line))."""
-    acked, last, recs = 0, 0, {}
-    for raw, r in _spool_lines(path):
-        if "ack" in r:
-            acked = max(acked, int(r["ack"]))
-            last = max(last, acked)
-        elif "seq" in r:
-            s = int(r["seq"])
-            recs[s] = raw if raw.endswith(b"\n") else raw + b"\n"
-            last = max(last, s)
-    floor = acked if after is None else max(acked, after)
-    return acked, last, [(s, recs[s]) for s in sorted(recs) if s > floor]
-
-
-def _logged_steps(path: Path) -> dict[str, int]:
-    """Highest step logged per metric key in this spool (its compaction summaries included)."""
-    steps: dict[str, int] = {}
-    for _, r in _spool_lines(path, marker=(b'"steps"', b'"t": "m"')):
-        items = r.get("steps", {}).items() if "steps" in r else \
-            ((m[0], m[3]) for m in r.get("m", ()) if r.get("t") == "m")
-        for k, st in items:
-            if st > steps.get(k, -1):
-                steps[k] = st
-    return steps
-
-
-class RunTracker:
+class RunTracker(Sender):
     """One MLflow run, logged from a background thread; see the module docstring."""
 
     def __init__(self, experiment: str = DEFAULT_EXPERIMENT, run_name: str | None = None, *,
@@ -304,9 +138,9 @@ class RunTracker:
             raise UserError(f"{self.run_dir} is in use by another process logging to MLflow "
                             "(a running training or sync); wait for it to end")
 
-        uri = tracking_uri or globals()["tracking_uri"]()
+        uri = tracking_uri or default_tracking_uri()
         info = self._load_info()
-        acked, last, pending = _scan_spool(self.spool_path)
+        acked, last, pending = scan_spool(self.spool_path)
         if _attach_only:
             if info is None:
                 self._release()
@@ -322,11 +156,11 @@ class RunTracker:
                 raise UserError(f"{self.run_dir} holds {len(pending)} tracking records not yet on the server; "
                                 f"send them first: python -m bulba.tracking sync {self.run_dir}")
             if info is not None and not quiet:
-                _say(f"starting a new MLflow run in {self.run_dir} (previous run {info.get('run_id')} "
+                say(f"starting a new MLflow run in {self.run_dir} (previous run {info.get('run_id')} "
                      f"was on {info.get('tracking_uri')}, experiment {info.get('experiment')})")
             info = {"format": "bulba-mlflow-run", "version": 1, "tracking_uri": uri, "experiment": experiment,
                     "run_name": run_name, "run_id": run_id, "client_id": uuid.uuid4().hex,
-                    "start_time": _now_ms(), "parent_run_id": parent_run_id, "description": description,
+                    "start_time": now_ms(), "parent_run_id": parent_run_id, "description": description,
                     "tags": {str(k): str(v) for k, v in (tags or {}).items()}}
             acked = last = 0
             pending = []
@@ -342,7 +176,7 @@ class RunTracker:
         # (per key, steps <= the highest step this run directory's spool has seen).
         self._prev_steps: dict[str, int] = {}
         if self.spool_path.exists():
-            self._prev_steps = _logged_steps(self.spool_path)
+            self._prev_steps = logged_steps(self.spool_path)
         self._skip_upto = self._prev_steps if skip_logged_steps else {}
         self._steps_seen = dict(self._prev_steps)  # worker only
 
@@ -398,11 +232,19 @@ class RunTracker:
             if start_timeout > 0:
                 self._first_attempt_done.wait(start_timeout)
                 if not self._run_ready.is_set() and not quiet:
-                    _say(f"tracking server {self.tracking_uri} not reachable ({self.last_error or 'no answer yet'}); "
+                    say(f"tracking server {self.tracking_uri} not reachable ({self.last_error or 'no answer yet'}); "
                          f"training goes on, metrics are kept in {self.spool_path} and sent when it is back")
                     self._warned_offline = True
 
     # ---------------------------------------------------------------- public API
+    @classmethod
+    def attach(cls, run_dir: str | os.PathLike, tracking_uri: str | None = None, quiet: bool = False) -> "RunTracker":
+        """The tracker of an existing run directory (its mlflow_run.json), to send what it spooled;
+        `tracking_uri` overrides the recorded one (the same server at a new address)."""
+        t = cls(run_dir=run_dir, tracking_uri=tracking_uri, start_timeout=0, quiet=True, _attach_only=True)
+        t.quiet = quiet
+        return t
+
     @property
     def run_id(self) -> str | None:
         return self.info.get("run_id")
@@ -419,7 +261,7 @@ class RunTracker:
     def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None,
                     timestamp_ms: int | None = None) -> None:
         """Queue metrics (Python numbers; a CUDA tensor would force a device sync in float())."""
-        ts = _now_ms() if timestamp_ms is None else int(timestamp_ms)
+        ts = now_ms() if timestamp_ms is None else int(timestamp_ms)
         st = 0 if step is None else int(step)
         m = []
         skip = self._skip_upto
@@ -522,7 +364,7 @@ class RunTracker:
         self._finished = True
         self._sys_stop.set()
         if status:
-            self._put({"t": "end", "status": status, "end_time": _now_ms()})
+            self._put({"t": "end", "status": status, "end_time": now_ms()})
         self._close(self.finish_timeout if timeout is None else timeout)
         return self._synced
 
@@ -574,7 +416,7 @@ class RunTracker:
         while self._thread.is_alive() and time.monotonic() < hard + self.artifact_timeout:
             self._thread.join(0.2)
             if not said and self._thread.is_alive() and time.monotonic() > deadline + 5 and not self.quiet:
-                _say(f"still sending to {self.tracking_uri} ({self.backlog} records left)")
+                say(f"still sending to {self.tracking_uri} ({self.backlog} records left)")
                 said = True
         with self._cv:
             left = max(0, self._seq - self._acked) + self._q.qsize()  # None wake-ups at most overcount
@@ -602,7 +444,7 @@ class RunTracker:
             self._release()
             if not self.quiet:
                 why = f" ({self.last_error})" if self.last_error else ""
-                _say(f"{left} tracking records not on {self.tracking_uri}{why}; kept in {self.spool_path}; "
+                say(f"{left} tracking records not on {self.tracking_uri}{why}; kept in {self.spool_path}; "
                      f"send them later with: python -m bulba.tracking sync {self.run_dir}")
 
     def _system_metrics(self, interval: float) -> None:
@@ -631,362 +473,6 @@ class RunTracker:
             except Exception:
                 pass
 
-    # ---- worker thread
-    def _write(self, line: dict) -> bytes:
-        data = json.dumps(line, ensure_ascii=False).encode("utf-8") + b"\n"
-        try:
-            self._spool_f.write(data)
-        except OSError as e:  # disk full etc.: keep going in memory, say it once
-            if not getattr(self, "_warned_disk", False):
-                self._warned_disk = True
-                _say(f"cannot write {self.spool_path}: {e}; tracking data kept in memory only")
-        return data
-
-    def _drain(self, block_s: float) -> bool:
-        """Move queued records into the spool (and memory); True if a None wake-up came."""
-        got = []
-        try:
-            item = self._q.get(timeout=block_s) if block_s > 0 else self._q.get_nowait()
-            got.append(item)
-            while True:
-                got.append(self._q.get_nowait())
-        except queue.Empty:
-            pass
-        wrote = False
-        for rec in got:
-            if rec is None:
-                continue
-            with self._cv:
-                self._seq += 1
-                seq = rec["seq"] = self._seq
-            if rec["t"] == "m":
-                seen = self._steps_seen
-                for k, _, _, st in rec["m"]:
-                    if st > seen.get(k, -1):
-                        seen[k] = st
-            line = self._write(rec)
-            with self._cv:
-                if seq == self._mem_upto + 1 and len(self._pending) < self.max_memory_records:
-                    self._pending.append((seq, line))
-                    self._mem_upto = seq
-            wrote = True
-        if wrote:
-            with contextlib.suppress(OSError):
-                self._spool_f.flush()
-            now = time.monotonic()
-            if not self.online and now - self._last_fsync > 5:
-                with contextlib.suppress(OSError):
-                    os.fsync(self._spool_f.fileno())
-                self._last_fsync = now
-        return bool(got)
-
-    def _ack(self, seq: int) -> None:
-        with self._cv:
-            self._acked = seq
-            while self._pending and self._pending[0][0] <= seq:
-                self._pending.popleft()
-            self._cv.notify_all()
-        self._write({"ack": seq})
-        with contextlib.suppress(OSError):
-            self._spool_f.flush()
-
-    def _maybe_compact(self) -> None:
-        """Everything acknowledged and the spool is big: start it afresh (keeps the seq base)."""
-        with self._cv:
-            if self._acked != self._seq:  # records still queued get later seqs: they are not in the file yet
-                return
-        try:
-            if self._spool_f.tell() < (4 << 20):
-                return
-            # a fresh spool holding only the summary, swapped in atomically; it keeps the highest
-            # step per key, which skip_logged_steps needs after a crash
-            line = json.dumps({"ack": self._acked, "steps": self._steps_seen}, ensure_ascii=False)
-            write_bytes(self.spool_path, line.encode("utf-8") + b"\n")
-            old, self._spool_f = self._spool_f, open(self.spool_path, "ab")
-            old.close()
-        except OSError:
-            pass
-
-    def _ensure_client(self):
-        if self._client is None:
-            _install_http_overrides()
-            from mlflow import MlflowClient
-
-            self._client = MlflowClient(tracking_uri=self.tracking_uri)
-        return self._client
-
-    def _ensure_run(self) -> None:
-        if self.info.get("run_id"):
-            return
-        client = self._ensure_client()
-        info = self.info
-        if "context_tags" not in info:
-            try:
-                from mlflow.tracking.context.registry import resolve_tags
-
-                ctx = {k: str(v) for k, v in resolve_tags({}).items()}
-            except Exception:
-                ctx = {}
-            info["context_tags"] = ctx
-        exp = client.get_experiment_by_name(info["experiment"])
-        if exp is None:
-            try:
-                exp_id = client.create_experiment(info["experiment"])
-            except Exception as e:
-                exp = client.get_experiment_by_name(info["experiment"])  # created meanwhile?
-                if exp is None:
-                    raise e
-                exp_id = exp.experiment_id
-        else:
-            exp_id = exp.experiment_id
-        run_id = None
-        if self._create_attempted or info.get("create_attempted"):
-            # an earlier create may have reached the server without us seeing the answer
-            found = client.search_runs([exp_id], filter_string=f"tags.`bulba.client_id` = '{info['client_id']}'",
-                                       max_results=1)
-            if found:
-                run_id = found[0].info.run_id
-        if run_id is None:
-            tags = dict(info.get("context_tags") or {})
-            tags.update(info.get("tags") or {})
-            tags["bulba.client_id"] = info["client_id"]
-            if info.get("parent_run_id"):
-                tags["mlflow.parentRunId"] = info["parent_run_id"]
-            if info.get("description"):
-                tags["mlflow.note.content"] = info["description"]
-            self._create_attempted = True
-            info["create_attempted"] = True
-            run = client.create_run(exp_id, start_time=info.get("start_time"), tags=tags,
-                                    run_name=info.get("run_name"))
-            run_id = run.info.run_id
-            if not info.get("run_name"):
-                info["run_name"] = run.info.run_name
-        info["run_id"] = run_id
-        info["experiment_id"] = exp_id
-        try:
-            write_json(self.run_file, info)
-        except OSError as e:
-            _say(f"cannot record the run id in {self.run_file}: {e}")
-        self._run_ready.set()
-        if self._warned_offline and not self.quiet:
-            _say(f"tracking server is back; created run {run_id}, sending the backlog")
-            self._warned_offline = False
-
-    def _batches(self) -> Iterable[tuple[list[dict], str]]:
-        """Split the in-memory backlog (a prefix) into log_batch-sized groups, in order."""
-        with self._cv:
-            lines = [line for _, line in self._pending]
-        group: list[dict] = []
-        n_m = n_pt = 0
-        keys_p: set = set()
-        keys_g: set = set()
-        for line in lines:
-            r = json.loads(line)
-            t = r["t"]
-            if t in ("m", "p", "g"):
-                add_m = len(r["m"]) if t == "m" else 0
-                add_pt = len(r["p"]) if t == "p" else len(r["g"]) if t == "g" else 0
-                clash = (t == "p" and keys_p & r["p"].keys()) or (t == "g" and keys_g & r["g"].keys())
-                if group and (clash or n_m + add_m > _MAX_METRICS or n_pt + add_pt > _MAX_PARAMS_TAGS
-                              or n_m + n_pt + add_m + add_pt > _MAX_METRICS):
-                    yield group, "batch"
-                    group, n_m, n_pt, keys_p, keys_g = [], 0, 0, set(), set()
-                group.append(r)
-                n_m += add_m
-                n_pt += add_pt
-                if t == "p":
-                    keys_p |= r["p"].keys()
-                if t == "g":
-                    keys_g |= r["g"].keys()
-            else:
-                if group:
-                    yield group, "batch"
-                    group, n_m, n_pt, keys_p, keys_g = [], 0, 0, set(), set()
-                yield [r], t
-        if group:
-            yield group, "batch"
-
-    def _send_batch(self, group: list[dict]) -> None:
-        from mlflow.entities import Metric, Param, RunTag
-
-        metrics, params, tags = [], [], []
-        for r in group:
-            if r["t"] == "m":
-                metrics += [Metric(k, v, ts, st) for k, v, ts, st in r["m"]]
-            elif r["t"] == "p":
-                params += [Param(k, v) for k, v in r["p"].items()]
-            else:
-                tags += [RunTag(k, v) for k, v in r["g"].items()]
-        # MLflow splits metrics >1000 itself; we never exceed the limits per call.
-        with _http_limits(self.http_timeout):
-            self._client.log_batch(self.run_id, metrics=metrics, params=params, tags=tags, synchronous=True)
-
-    def _send_one(self, r: dict, kind: str) -> None:
-        client = self._client
-        if kind == "a":
-            p = Path(r["path"])
-            if not p.exists():
-                self._drop(r, f"artifact {p} no longer exists")
-                return
-            with _http_limits(self.artifact_timeout):
-                if r.get("dir") or p.is_dir():
-                    client.log_artifacts(self.run_id, str(p), r.get("artifact_path"))
-                else:
-                    client.log_artifact(self.run_id, str(p), r.get("artifact_path"))
-        elif kind == "end":
-            with _http_limits(self.http_timeout):
-                client.set_terminated(self.run_id, status=r["status"], end_time=r.get("end_time"))
-        elif kind == "status":
-            with _http_limits(self.http_timeout):
-                client.update_run(self.run_id, status=r["status"])
-        elif kind == "d":
-            from mlflow.entities import Dataset, DatasetInput, InputTag
-
-            ds = Dataset(**{k: v for k, v in r["ds"].items() if v is not None or k in ("name", "digest")})
-            inp = DatasetInput(ds, tags=[InputTag(k, v) for k, v in r["tags"].items()])
-            with _http_limits(self.http_timeout):
-                client.log_inputs(self.run_id, datasets=[inp])
-
-    def _drop(self, r: dict, why: str) -> None:
-        self.dropped += 1
-        _say(f"dropped a tracking record the server refuses ({why})")
-
-    def _send_group(self, group: list[dict], kind: str) -> None:
-        """Send one group; a permanent refusal of a batch is retried record by record and
-        metric by metric, and only the refused pieces are dropped (with a warning)."""
-        try:
-            if kind == "batch":
-                self._send_batch(group)
-            else:
-                self._send_one(group[0], kind)
-            return
-        except Exception as e:
-            if not _is_permanent(e):
-                raise
-            err = e
-        if kind != "batch":
-            self._drop(group[0], _one_line(err))
-            return
-        pieces = []
-        for r in group:
-            if r["t"] == "m":
-                pieces += [dict(r, m=[x]) for x in r["m"]]
-            elif r["t"] == "p":
-                pieces += [dict(r, p={k: v}) for k, v in r["p"].items()]
-            else:
-                pieces += [dict(r, g={k: v}) for k, v in r["g"].items()]
-        if len(pieces) <= 1:
-            self._drop(group[0], _one_line(err))
-            return
-        for piece in pieces:
-            try:
-                self._send_batch([piece])
-            except Exception as e:
-                if not _is_permanent(e):
-                    raise
-                self._drop(piece, _one_line(e))
-
-    def _send_backlog(self, stop_at: float | None) -> None:
-        while True:
-            with self._cv:
-                if not self._pending:
-                    if self._seq > self._acked and self._mem_upto < self._seq:
-                        # memory overflowed while offline: read the rest back from the spool
-                        self._spool_f.flush()
-                        recs = _scan_spool(self.spool_path, self._acked)[2][: self.max_memory_records]
-                        self._pending.extend(recs)
-                        self._mem_upto = recs[-1][0] if recs else self._seq
-                        if not recs:
-                            self._acked = self._seq
-                            self._cv.notify_all()
-                            return
-                    else:
-                        return
-            for group, kind in self._batches():
-                self._send_group(group, kind)
-                self._ack(group[-1]["seq"])
-                self.online = True
-                hard = self._hard_deadline
-                if hard is not None and time.monotonic() > hard:
-                    return
-                # keep the spool moving while a long replay runs
-                self._drain(0)
-
-    def _worker(self) -> None:
-        backoff = 0.5
-        next_try = 0.0  # monotonic time of the next send attempt
-        oldest_unsent: float | None = None
-        while True:
-            try:
-                with self._cv:
-                    stop_at = self._stop_deadline
-                    flush_req = self._flush_req
-                now = time.monotonic()
-                wait = 0.2
-                if oldest_unsent is not None:
-                    wait = min(wait, max(0.0, oldest_unsent + self.flush_interval - now))
-                if not self.online:
-                    wait = min(wait, max(0.0, next_try - now))
-                if stop_at is not None or flush_req:
-                    wait = 0.0 if (self.online or now >= next_try) else min(0.05, wait)
-                if self._drain(wait) and oldest_unsent is None:
-                    oldest_unsent = time.monotonic()
-                with self._cv:
-                    stop_at = self._stop_deadline
-                    has_work = self._seq > self._acked or not self.info.get("run_id")
-                now = time.monotonic()
-                due = (oldest_unsent is not None and now - oldest_unsent >= self.flush_interval) \
-                    or stop_at is not None or self._flush_req or not self.info.get("run_id") \
-                    or not self.online
-                if has_work and due and now >= next_try:
-                    try:
-                        self._ensure_client()
-                        with _http_limits(self.http_timeout):
-                            self._ensure_run()
-                        self._send_backlog(stop_at)
-                        if self._warned_offline and not self.quiet:
-                            _say(f"tracking server is back; backlog sent to run {self.run_id}")
-                        self._warned_offline = False
-                        self.online = True
-                        self.last_error = None
-                        backoff = 0.5
-                        oldest_unsent = None
-                        with self._cv:
-                            if self._acked >= self._seq:
-                                self._flush_req = 0.0
-                        self._maybe_compact()
-                    except Exception as e:  # server down, timeout, 5xx: keep everything, retry later
-                        self.last_error = _one_line(e)
-                        if self.online and not self.quiet:
-                            _say(f"tracking server unreachable ({self.last_error}); buffering to {self.spool_path}")
-                            self._warned_offline = True
-                        self.online = False
-                        next_try = time.monotonic() + backoff
-                        backoff = min(backoff * 2, 2.0)
-                    finally:
-                        self._first_attempt_done.set()
-                elif not has_work:
-                    oldest_unsent = None
-                    self._first_attempt_done.set()
-                    with self._cv:
-                        self._flush_req = 0.0
-                with self._cv:
-                    done = self._acked >= self._seq and self._q.empty()
-                    hard = self._hard_deadline
-                now = time.monotonic()
-                if stop_at is not None and (done or (now >= stop_at and not self.online)
-                                            or (hard is not None and now >= hard)):
-                    self._drain(0)  # nothing queued may stay outside the spool
-                    return
-            except Exception as e:  # a bug here must never take training down
-                self.last_error = _one_line(e)
-                time.sleep(0.5)
-
-
-def start_run(experiment: str = DEFAULT_EXPERIMENT, run_name: str | None = None, **kw) -> RunTracker:
-    """Alias of `RunTracker(...)`."""
-    return RunTracker(experiment, run_name, **kw)
-
 
 _live_trackers: "weakref.WeakSet[RunTracker]" = weakref.WeakSet()
 
@@ -1000,67 +486,4 @@ def _finish_forgotten() -> None:
                 failed = getattr(sys, "last_type", None) is not None  # set for an uncaught exception
                 t.finish("FAILED" if failed else "FINISHED", timeout=min(t.finish_timeout, 10.0))
 
-
-# --------------------------------------------------------------------------------------
-# python -m bulba.tracking sync RUN_DIR
-
-
-def sync(run_dir: str | os.PathLike, tracking_uri: str | None = None, timeout: float = 20.0,
-         end_status: str | None = None, quiet: bool = False) -> tuple[bool, RunTracker]:
-    """Send a run directory's spooled records; returns (everything sent, tracker)."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise UserError(f"{run_dir} is not a directory")
-    t = RunTracker(run_dir=run_dir, tracking_uri=tracking_uri, start_timeout=0, quiet=True,
-                   _attach_only=True)
-    t.quiet = quiet
-    if end_status:
-        t._finished = False
-        t._put({"t": "end", "status": end_status, "end_time": _now_ms()})
-    t._finished = True
-    t._close(timeout)
-    return t._synced, t
-
-
-def _main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m bulba.tracking",
-        description="MLflow tracking helpers for BulbaGPT run directories.")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("sync", help="send a run's spooled metrics, params, tags and artifacts to MLflow",
-                       description="Send what a run could not send while the tracking server was down "
-                                   f"({SPOOL_FILE} in RUN_DIR). Safe to repeat: nothing is sent twice.")
-    s.add_argument("run_dir", metavar="RUN_DIR", help="run directory holding mlflow_run.json and mlflow_spool.jsonl")
-    s.add_argument("--tracking-uri", help="send to this tracking URI instead of the one recorded in the run "
-                                          "(e.g. the same server at a new address)")
-    s.add_argument("--timeout", type=float, default=20.0,
-                   help="give up after this many seconds without reaching the server; while it takes "
-                        "data the sync goes on (default: %(default)s)")
-    s.add_argument("--end-status", choices=["FINISHED", "FAILED", "KILLED"],
-                   help="also mark the run ended with this status (for a run whose process died)")
-    st = sub.add_parser("status", help="show a run directory's tracking state")
-    st.add_argument("run_dir", metavar="RUN_DIR")
-    args = p.parse_args(argv)
-    run_dir = Path(args.run_dir)
-    if args.cmd == "status":
-        try:
-            info = json.loads((run_dir / RUN_FILE).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            raise UserError(f"{run_dir / RUN_FILE} missing or unreadable: not a run directory with MLflow data")
-        acked, last, pending = _scan_spool(run_dir / SPOOL_FILE)
-        print(f"run {info.get('run_id') or '(not created yet)'} in experiment {info.get('experiment')} "
-              f"on {info.get('tracking_uri')}: {len(pending)} records waiting")
-        return 0
-    if not (run_dir / RUN_FILE).exists():
-        raise UserError(f"{run_dir} has no {RUN_FILE}: not a run directory with MLflow data")
-    n_before = len(_scan_spool(run_dir / SPOOL_FILE)[2])
-    ok, t = sync(run_dir, tracking_uri=args.tracking_uri, timeout=args.timeout, end_status=args.end_status,
-                 quiet=True)
-    if ok:
-        print(f"synced {n_before} records to run {t.run_id} on {t.tracking_uri}")
-        return 0
-    left = len(_scan_spool(run_dir / SPOOL_FILE)[2])
-    print(f"error: {left} of {n_before} records still not sent to {t.tracking_uri}"
-          f" ({t.last_error or 'timed out'}); run the same command again later", file=sys.stderr)
-    return 1
 

@@ -278,7 +278,8 @@ def test_registry_round_trip_from_runs_uri(tiny_run, tmp_path, mlflow_uri, monke
     import mlflow
     from mlflow import MlflowClient
 
-    from bulba.export.registry import fetch_gguf, sha256_file
+    from bulba.atomic import sha256_file
+    from bulba.export.registry import fetch_gguf
 
     monkeypatch.chdir(tmp_path)  # output_models/ lands here
     mlflow.set_experiment("export-test")

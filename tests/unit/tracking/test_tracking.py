@@ -216,7 +216,7 @@ def test_server_down_at_start(mlflow_uri, mlflow_server, tmp_path, capsys):
     assert not (run_dir / SPOOL_FILE).exists()
 
     # again (in-process): nothing left, nothing sent twice, same run
-    from bulba.tracking.tracker import _main
+    from bulba.tracking.sync import main as _main
 
     assert _main(["sync", str(run_dir)]) == 0
     assert len(c.search_runs([run.info.experiment_id], f"tags.`bulba.client_id` = '{info['client_id']}'")) == 1
