@@ -51,7 +51,7 @@ _PARAGRAPHS = re.compile(r"\n[ \t\r\f\v]*\n\s*")
 
 
 @dataclass
-class Source:
+class Input:
     """One input as prepare sees it: where it comes from, how to read it, what it holds."""
 
     name: str
@@ -63,10 +63,6 @@ class Source:
     mode: str = "line"  # text files: "line" or "paragraph"
     language: str | None = None
     sha256: str = ""
-
-    @property
-    def path(self) -> str:
-        return self.location
 
 
 # ---------------------------------------------------------------------------- inputs
@@ -121,15 +117,15 @@ def _walk(root: Path) -> Iterator[Path]:
                 yield Path(dirpath) / name
 
 
-def resolve_inputs(specs: list[str]) -> tuple[list[Source], int]:
+def resolve_inputs(specs: list[str]) -> tuple[list[Input], int]:
     """Expand INPUT specs into sources; returns (sources, number of skipped unknown files)."""
-    sources: list[Source] = []
+    sources: list[Input] = []
     skipped = 0
     for spec in specs:
         pattern, weight = parse_input(spec)
         if pattern.startswith("hf:"):
             name = pattern[3:]
-            sources.append(Source(name=pattern, kind="hf-hub", weight=weight, location=name))
+            sources.append(Input(name=pattern, kind="hf-hub", weight=weight, location=name))
             continue
         if glob.has_magic(pattern) and not os.path.exists(pattern):
             paths = [Path(p) for p in sorted(glob.glob(pattern, recursive=True))]
@@ -143,7 +139,7 @@ def resolve_inputs(specs: list[str]) -> tuple[list[Source], int]:
         code: list[Path] = []
         for p in paths:
             if _is_hf_disk(p):
-                sources.append(Source(name=str(p), kind="hf-disk", weight=weight, location=str(p)))
+                sources.append(Input(name=str(p), kind="hf-disk", weight=weight, location=str(p)))
                 continue
             if p.is_dir():
                 files = list(_walk(p))
@@ -163,9 +159,9 @@ def resolve_inputs(specs: list[str]) -> tuple[list[Source], int]:
                 else:
                     if kind == "code":
                         kind = "text"
-                    sources.append(Source(name=str(f), kind=kind, weight=weight, files=[f], location=str(f)))
+                    sources.append(Input(name=str(f), kind=kind, weight=weight, files=[f], location=str(f)))
         if code:
-            sources.append(Source(name=pattern.rstrip("/") + (f" ({len(code)} code files)" if len(code) > 1 else ""),
+            sources.append(Input(name=pattern.rstrip("/") + (f" ({len(code)} code files)" if len(code) > 1 else ""),
                                   kind="code", weight=weight, files=code, location=pattern, language="code"))
     if not sources:
         raise UserError("empty corpus: the inputs hold no readable files "
@@ -176,7 +172,7 @@ def resolve_inputs(specs: list[str]) -> tuple[list[Source], int]:
 # ---------------------------------------------------------------------------- scanning
 
 
-def scan_source(src: Source) -> None:
+def scan_source(src: Input) -> None:
     """Check every file before any heavy work: UTF-8, not binary; hash, size, layout, language."""
     h = hashlib.sha256()
     total = 0
@@ -282,7 +278,7 @@ def nfc(text: str) -> str:
     return text if unicodedata.is_normalized("NFC", text) else unicodedata.normalize("NFC", text)
 
 
-def iter_documents(src: Source, text_field: str = "text", batch_bytes: int = BLOCK) -> Iterator[list[str]]:
+def iter_documents(src: Input, text_field: str = "text", batch_bytes: int = BLOCK) -> Iterator[list[str]]:
     """Yield lists of NFC documents (non-empty, stripped) of roughly `batch_bytes` each."""
     if src.kind == "text":
         yield from _iter_text(src.files[0], src.mode, batch_bytes)
@@ -449,7 +445,7 @@ def _iter_parquet(path: Path, field_name: str, batch_bytes: int) -> Iterator[lis
             yield docs
 
 
-def _load_hf(src: Source):
+def _load_hf(src: Input):
     import datasets
 
     datasets.disable_progress_bars()
@@ -468,7 +464,7 @@ def _load_hf(src: Source):
                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
-def _iter_hf(src: Source, field_name: str, batch_bytes: int) -> Iterator[list[str]]:
+def _iter_hf(src: Input, field_name: str, batch_bytes: int) -> Iterator[list[str]]:
     for ds in _load_hf(src):
         names = ds.column_names
         if names is not None:

@@ -68,7 +68,6 @@ class Batches:
         rank: int = 0,
         world_size: int = 1,
         buckets: Sequence[int] = (128, 256, 512, 1024),
-        token_budget: int | None = None,
         prefetch: int = 4,
         workers: int = 1,
         shuffle: bool = True,
@@ -100,7 +99,7 @@ class Batches:
                 str(self.data.bin_path(split)), str(self.data.idx_path(split)),
                 dtype=self.data.dtype, vocab_size=self.data.vocab_size, sampler=sampler,
                 batch_size=batch_size, ctx=ctx, seed=seed % (1 << 64), rank=rank, world_size=world_size,
-                buckets=self.buckets, token_budget=token_budget, shuffle=shuffle, drop_last=drop_last,
+                buckets=self.buckets, shuffle=shuffle, drop_last=drop_last,
                 pad_id=self.data.pad_id, expected_tokens=info.get("tokens"), expected_docs=info.get("documents"),
             )
         except ValueError as e:  # corrupt/truncated files, vocab mismatch, too little data
@@ -130,10 +129,6 @@ class Batches:
     def position(self) -> int:
         """Global index of the next batch this iterable yields (batches yielded so far)."""
         return self._position
-
-    @property
-    def epoch(self) -> int:
-        return self._position // self.batches_per_epoch
 
     def __len__(self) -> int:
         if self.infinite:

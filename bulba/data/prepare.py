@@ -100,7 +100,7 @@ def check_output(out: Path, force: bool) -> None:
 # ---------------------------------------------------------------------------- tokenizer input
 
 
-def training_texts(sources: list[C.Source], cfg: PrepareConfig, bar=None) -> Iterator[list[str]]:
+def training_texts(sources: list[C.Input], cfg: PrepareConfig, bar=None) -> Iterator[list[str]]:
     """Documents for the BPE trainer: each source repeated/sampled by weight × a common scale
     that fits the whole mix into `--tokenizer-max-mb` (sampling, not a prefix: parts of a
     file can differ a lot)."""
@@ -196,7 +196,7 @@ def resolve_workers(cfg: PrepareConfig, total_bytes: int) -> int:
     return n if n >= 2 else 0
 
 
-def encode_corpus(sources: list[C.Source], tokenizer_json: str, folder: Path, val_threshold: float,
+def encode_corpus(sources: list[C.Input], tokenizer_json: str, folder: Path, val_threshold: float,
                   cfg: PrepareConfig, dtype) -> tuple[dict, Stats]:
     """Stream every source, block by block, through the workers into FOLDER/{train,val}.{bin,idx}."""
     train, val = SplitWriter(folder, "train", dtype), SplitWriter(folder, "val", dtype)

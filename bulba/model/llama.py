@@ -231,8 +231,3 @@ def chunked_lm_loss_sum(h: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, 
     if torch.is_autocast_enabled(h.device.type):
         h = h.to(torch.get_autocast_dtype(h.device.type))
     return _ChunkedLinearCE.apply(h, w, labels, chunk)
-
-
-def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over labelled positions (labels == -100 are ignored)."""
-    return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.view(-1).long(), ignore_index=-100)

@@ -7,17 +7,37 @@ use crate::error::{DataError, Result};
 use crate::plan::{BucketedPlan, PackedPlan, Plan, Sharding, StreamPlan};
 use crate::tokens::{read_index, Dtype, TokenFile};
 
+/// How batches are cut from the token stream (docs/loader.md): windows of the stream, whole
+/// documents packed into rows, or one document per row padded to a bucket length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sampler {
+    Stream,
+    Packed,
+    Bucketed,
+}
+
+impl std::str::FromStr for Sampler {
+    type Err = DataError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "stream" => Ok(Self::Stream),
+            "packed" => Ok(Self::Packed),
+            "bucketed" => Ok(Self::Bucketed),
+            other => Err(DataError::new(format!("unknown sampler {other:?}; expected stream, packed or bucketed"))),
+        }
+    }
+}
+
 /// Everything needed to open a split, as given by the Python side (from meta.json and the recipe).
 #[derive(Debug, Clone)]
 pub struct Options {
     pub dtype: Dtype,
     pub vocab_size: u32,
-    pub sampler: String,
+    pub sampler: Sampler,
     pub batch_size: u64,
     pub ctx: u32,
     pub buckets: Vec<u32>,
-    /// Tokens per bucketed batch; default batch_size * ctx.
-    pub token_budget: Option<u64>,
     pub pad_id: u32,
     pub sharding: Sharding,
     pub expected_tokens: Option<u64>,
@@ -41,18 +61,18 @@ impl Engine {
         let tokens = TokenFile::open(bin, opts.dtype, opts.vocab_size, opts.expected_tokens)?;
         let n_tokens = tokens.len() as u64;
         // The stream sampler needs the index only to validate it; the others keep the offsets.
-        let keep = opts.sampler != "stream";
+        let keep = opts.sampler != Sampler::Stream;
         let (n_docs, offsets) = read_index(idx, n_tokens, opts.expected_docs, keep)?;
         let shard = opts.sharding;
         let where_ = |e: DataError| DataError::at(bin, e);
-        let plan: Box<dyn Plan> = match opts.sampler.as_str() {
-            "stream" => Box::new(StreamPlan::new(n_tokens, opts.ctx, opts.batch_size, shard).map_err(where_)?),
-            "packed" => Box::new(PackedPlan::new(&offsets, opts.ctx, opts.batch_size, shard).map_err(where_)?),
-            "bucketed" => {
-                let budget = opts.token_budget.unwrap_or(opts.batch_size * u64::from(opts.ctx));
+        let plan: Box<dyn Plan> = match opts.sampler {
+            Sampler::Stream => Box::new(StreamPlan::new(n_tokens, opts.ctx, opts.batch_size, shard).map_err(where_)?),
+            Sampler::Packed => Box::new(PackedPlan::new(&offsets, opts.ctx, opts.batch_size, shard).map_err(where_)?),
+            Sampler::Bucketed => {
+                // As many slots per batch as the other samplers: batch_size rows of ctx.
+                let budget = opts.batch_size * u64::from(opts.ctx);
                 Box::new(BucketedPlan::new(&offsets, &opts.buckets, budget, shard).map_err(where_)?)
             }
-            other => return Err(DataError::new(format!("unknown sampler {other:?}; expected stream, packed or bucketed"))),
         };
         Ok(Self { tokens, plan, pad_id: opts.pad_id as i32, n_docs, pool: Arc::default() })
     }
@@ -120,11 +140,10 @@ mod tests {
         Options {
             dtype: Dtype::U16,
             vocab_size: 100,
-            sampler: sampler.into(),
+            sampler: sampler.parse().unwrap(),
             batch_size: 4,
             ctx: 32,
             buckets: vec![8, 16, 32],
-            token_budget: None,
             pad_id: 0,
             sharding: Sharding { seed: 1, shuffle: true, rank: 0, world: 1, drop_last: true },
             expected_tokens: None,
@@ -188,9 +207,7 @@ mod tests {
         let mut o = options("stream");
         o.vocab_size = 50; // ids go up to 99
         assert!(Engine::open(&bin, &idx, &o).err().unwrap().0.contains("vocab_size 50"));
-        let mut o = options("stream");
-        o.sampler = "random".into();
-        assert!(Engine::open(&bin, &idx, &o).is_err());
+        assert!("random".parse::<Sampler>().err().unwrap().0.contains("expected stream, packed or bucketed"));
         let mut o = options("stream");
         o.pad_id = 100;
         assert!(Engine::open(&bin, &idx, &o).is_err());

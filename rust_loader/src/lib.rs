@@ -2,14 +2,15 @@
 //!
 //! The pure-Rust modules (token files, samplers, assembly, prefetch) know nothing of Python and
 //! are tested by `cargo test`; this file only converts arguments, errors and batches.
-pub mod batch;
-pub mod engine;
-pub mod error;
-pub mod hint;
-pub mod perm;
-pub mod plan;
-pub mod prefetch;
-pub mod tokens;
+#![deny(unsafe_op_in_unsafe_fn)]
+mod batch;
+mod engine;
+mod error;
+mod hint;
+mod perm;
+mod plan;
+mod prefetch;
+mod tokens;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -111,7 +112,7 @@ struct Engine {
 impl Engine {
     #[new]
     #[pyo3(signature = (bin_path, idx_path, *, dtype, vocab_size, sampler, batch_size, ctx, seed=0, rank=0,
-                        world_size=1, buckets=Vec::new(), token_budget=None, shuffle=true, drop_last=true,
+                        world_size=1, buckets=Vec::new(), shuffle=true, drop_last=true,
                         pad_id=0, expected_tokens=None, expected_docs=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -120,14 +121,13 @@ impl Engine {
         idx_path: PathBuf,
         dtype: &str,
         vocab_size: u32,
-        sampler: String,
+        sampler: &str,
         batch_size: u64,
         ctx: u32,
         seed: u64,
         rank: u64,
         world_size: u64,
         buckets: Vec<u32>,
-        token_budget: Option<u64>,
         shuffle: bool,
         drop_last: bool,
         pad_id: u32,
@@ -137,11 +137,10 @@ impl Engine {
         let opts = Options {
             dtype: Dtype::parse(dtype).map_err(value_error)?,
             vocab_size,
-            sampler,
+            sampler: sampler.parse().map_err(value_error)?,
             batch_size,
             ctx,
             buckets,
-            token_budget,
             pad_id,
             sharding: Sharding { seed, shuffle, rank, world: world_size, drop_last },
             expected_tokens,

@@ -53,14 +53,6 @@ impl Permutation {
         Self { n, shuffle, half_bits, keys }
     }
 
-    pub fn len(&self) -> u64 {
-        self.n
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.n == 0
-    }
-
     /// The image of `i` (`i < n`).
     pub fn apply(&self, i: u64) -> u64 {
         debug_assert!(i < self.n);

@@ -389,13 +389,6 @@ pub fn neighbour_groups(pieces: &[Segment], max: u32) -> Vec<std::ops::Range<usi
     groups
 }
 
-/// Best-fit decreasing bin packing of `items` (each `len <= cap`) into bins of `cap` tokens.
-/// Deterministic: ties broken by input order.
-pub fn best_fit_decreasing(items: &[Segment], cap: u32) -> Vec<Vec<Segment>> {
-    let lens: Vec<u32> = items.iter().map(|s| s.len).collect();
-    best_fit_decreasing_lens(&lens, cap).into_iter().map(|bin| bin.into_iter().map(|i| items[i]).collect()).collect()
-}
-
 /// Best-fit decreasing over item lengths (each `<= cap`): the bins as lists of item indices.
 pub fn best_fit_decreasing_lens(lens: &[u32], cap: u32) -> Vec<Vec<usize>> {
     let mut order: Vec<usize> = (0..lens.len()).collect();
@@ -702,10 +695,9 @@ mod tests {
 
     #[test]
     fn bfd_fills_bins() {
-        let items: Vec<Segment> =
-            [5u32, 3, 2, 5, 4, 1].iter().enumerate().map(|(i, &len)| Segment { start: i as u64 * 10, len, ends_doc: true }).collect();
-        let bins = best_fit_decreasing(&items, 10);
+        let lens = [5u32, 3, 2, 5, 4, 1];
+        let bins = best_fit_decreasing_lens(&lens, 10);
         assert_eq!(bins.len(), 2);
-        assert!(bins.iter().all(|b| b.iter().map(|s| s.len).sum::<u32>() == 10));
+        assert!(bins.iter().all(|b| b.iter().map(|&i| lens[i]).sum::<u32>() == 10));
     }
 }

@@ -46,13 +46,10 @@ pub enum Words<'a> {
 
 /// One token id on disk (little-endian in the file).
 pub trait Word: Copy + Send + Sync {
-    /// Ids can be >= 2^31 (negative as i32).
-    const WIDE: bool;
     fn id(self) -> u32;
 }
 
 impl Word for u16 {
-    const WIDE: bool = false;
     #[inline(always)]
     fn id(self) -> u32 {
         u32::from(u16::from_le(self))
@@ -60,7 +57,6 @@ impl Word for u16 {
 }
 
 impl Word for u32 {
-    const WIDE: bool = true;
     #[inline(always)]
     fn id(self) -> u32 {
         u32::from_le(self)
@@ -152,20 +148,8 @@ impl TokenFile {
         Ok(tf)
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     pub fn len(&self) -> usize {
         self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    pub fn vocab_size(&self) -> u32 {
-        self.vocab_size
     }
 
     fn bytes(&self) -> &[u8] {
@@ -258,30 +242,6 @@ impl TokenFile {
         Ok(())
     }
 
-    /// Appends tokens `start..start + len` to `out` as i32, checking each against the
-    /// vocabulary. Returns an error (never reads out of bounds) if the range is past the end.
-    pub fn extend_into(&self, start: usize, len: usize, out: &mut Vec<i32>) -> Result<()> {
-        let end = start
-            .checked_add(len)
-            .filter(|&e| e <= self.len)
-            .ok_or_else(|| DataError::at(&self.path, format!("read of {len} tokens at {start} is past the end ({})", self.len)))?;
-        let bytes = &self.bytes()[start * self.dtype.size()..end * self.dtype.size()];
-        self.note_read();
-        let from = out.len();
-        // Convert first, check after: two simple loops the compiler vectorizes, instead of
-        // one loop with a data-dependent branch.
-        match self.dtype {
-            Dtype::U16 => out.extend(bytes.chunks_exact(2).map(|c| i32::from(u16::from_le_bytes([c[0], c[1]])))),
-            Dtype::U32 => out.extend(bytes.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) as i32)),
-        }
-        // `as u32` undoes the i32 cast, so ids >= 2^31 are caught as well.
-        if out[from..].iter().any(|&t| t as u32 >= self.vocab_size) {
-            out.truncate(from);
-            return Err(self.vocab_error(start, end));
-        }
-        Ok(())
-    }
-
     /// Keeps the file's pages from piling up in this process's resident set.
     ///
     /// Every page a batch reads stays mapped, and the kernel maps whole page-cache folios (up
@@ -302,19 +262,6 @@ impl TokenFile {
                 let _ = unsafe { map.unchecked_advise(UncheckedAdvice::DontNeed) };
             }
         }
-    }
-
-    /// Token `i` as i32, checked against the length and the vocabulary.
-    /// (Not counted as a read for `note_read`: it follows a read of the run just before it.)
-    pub fn token(&self, i: usize) -> Result<i32> {
-        if i >= self.len {
-            return Err(DataError::at(&self.path, format!("read of token {i} is past the end ({})", self.len)));
-        }
-        let t = self.get(i);
-        if t >= self.vocab_size {
-            return Err(self.vocab_error(i, i + 1));
-        }
-        Ok(t as i32)
     }
 
     fn vocab_error(&self, start: usize, end: usize) -> DataError {
@@ -397,14 +344,12 @@ mod tests {
         let d = tmpdir("rw");
         let p = write(&d, "a.bin", &[1, 0, 2, 0, 0xff, 0x00]);
         let tf = TokenFile::open(&p, Dtype::U16, 300, Some(3)).unwrap();
-        let mut out = vec![7];
-        tf.extend_into(1, 2, &mut out).unwrap();
-        assert_eq!(out, [7, 2, 255]);
-        assert!(tf.extend_into(2, 2, &mut out).is_err(), "past the end must be an error");
-        assert!(tf.token(3).is_err());
+        let Words::U16(w) = tf.words() else { panic!("a u16 file reads as u16 words") };
+        assert_eq!(w.iter().map(|&t| t.id()).collect::<Vec<_>>(), [1, 2, 255]);
         let p = write(&d, "b.bin", &70000u32.to_le_bytes());
         let tf = TokenFile::open(&p, Dtype::U32, 70001, None).unwrap();
-        assert_eq!(tf.token(0), Ok(70000));
+        let Words::U32(w) = tf.words() else { panic!("a u32 file reads as u32 words") };
+        assert_eq!(w[0].id(), 70000);
     }
 
     #[test]

@@ -43,7 +43,6 @@ def _train(model, tok, lines: list[str], steps: int) -> None:
     """A few AdamW steps on the corpus: enough for peaked logits (clear top-1)."""
     import torch
 
-    from bulba.model.llama import loss_fn
     from bulba.data.tokenizer import EOS
 
     eos = tok.token_to_id(EOS)
@@ -54,7 +53,8 @@ def _train(model, tok, lines: list[str], steps: int) -> None:
         ix = torch.randint(0, len(ids) - 65, (4,), generator=g)
         x = torch.stack([ids[i:i + 64] for i in ix])
         y = torch.stack([ids[i + 1:i + 65] for i in ix])
-        loss = loss_fn(model(x), y)
+        logits = model(x)
+        loss = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.view(-1).long(), ignore_index=-100)
         opt.zero_grad()
         loss.backward()
         opt.step()
