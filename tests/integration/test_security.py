@@ -214,10 +214,12 @@ def test_default_spool_folder_keeps_experiment_names_inside(tmp_path, monkeypatc
     """RunTracker without run_dir spools under runs/.mlflow-spool/<experiment>-...: an experiment
     name with '../' or '/' stays one folder there."""
     from bulba import tracking
+    from bulba.tracking.spool import DEFAULT_SPOOL_ROOT
+
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # nothing listens: no server needed
     t = tracking.RunTracker("../../evil/exp", "r", start_timeout=0, finish_timeout=0, quiet=True)
-    root = (tmp_path / tracking.DEFAULT_SPOOL_ROOT).resolve()
+    root = (tmp_path / DEFAULT_SPOOL_ROOT).resolve()
     try:
         assert t.run_dir.resolve().parent == root, t.run_dir
     finally:
