@@ -15,11 +15,16 @@ install: .install.stamp
 demo: install
 	$(PYTHON) scripts/demo.py
 
-# The Rust crate's own tests and lints first, then the Python suite (real MLflow server,
-# real llama.cpp, real corpus from ../shared/corpus).
-test: install
-	cd rust_loader && cargo test --quiet && cargo clippy --all-targets --quiet -- -D warnings
+# Lints first (ruff for Python, clippy for Rust), the Rust crate's own tests, then the Python
+# suite (real MLflow server, real llama.cpp, real corpus from ../shared/corpus).
+test: install lint
+	cd rust_loader && cargo test --quiet
 	$(PYTHON) -m pytest -q
+
+lint:
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+	cd rust_loader && cargo clippy --all-targets --quiet -- -D warnings
 
 clean:
 	rm -rf .install.stamp data/demo runs/demo output_models/demo-*
