@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Train a Llama-3-style model: `python train.py RECIPE [section.key=value ...]`.
 
-RECIPE is a YAML file or a preset name from recipes/; overrides are dotted recipe keys.
+RECIPE is a YAML file or a preset name (bulba/recipes/); overrides are dotted recipe keys.
 The run directory (out_dir) receives config.json, tokenizer.json, checkpoints/ and, at the
 end, final.safetensors (for export.py). Every run is an MLflow run (MLFLOW_TRACKING_URI or
 ./mlflow.db). Ctrl-C / SIGTERM write a checkpoint; `resume=auto` continues from the newest one.
@@ -19,7 +19,7 @@ presets: {presets}
 
 examples:
   python train.py tiny data.dir=data/demo
-  python train.py recipes/aist.yaml data.dir=data/web train.mode=both train.max_steps=5000
+  python train.py aist data.dir=data/web train.mode=both train.max_steps=5000
   python train.py krolik out_dir=runs/k1 train.batch_size=16 train.grad_accum=4 train.max_tokens=2000000000
   python train.py krolik out_dir=runs/k1 resume=auto            # continue after a crash or preemption
   python train.py zubr train.devices=8 train.strategy=fsdp      # or under torchrun / srun

@@ -1,7 +1,7 @@
 """Recipes: typed config dataclasses, YAML presets and dotted command-line overrides.
 
 A recipe is a YAML file whose sections mirror the dataclasses below (LitGPT style).
-`load_recipe("recipes/aist.yaml", ["train.max_steps=100"])` returns a validated `Recipe`;
+`load_recipe("aist", ["train.max_steps=100"])` returns a validated `Recipe`;
 an unknown key names the closest valid one, a wrong type names the expected one, and all
 of it happens before anything heavy (data, model, tracking) starts.
 """
