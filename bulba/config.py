@@ -279,16 +279,21 @@ def resolve_recipe_path(name_or_path: str) -> Path:
     raise UserError(f"recipe '{name_or_path}' not found; give a YAML path or one of: {', '.join(presets)}")
 
 
+def _validated(cls, tree: dict, prefix: str, source: str):
+    """`cls` built from `tree` and validated; errors name `source` (the file they came from)."""
+    try:
+        obj = _build(cls, tree, prefix)
+    except UserError as e:
+        raise UserError(f"{source}: {e}") from None
+    obj.validate()
+    return obj
+
+
 def recipe_from_dict(tree: dict, overrides: list[str] | None = None, source: str = "recipe") -> Recipe:
     tree = dict(tree)
     for key, value in parse_overrides(overrides or []):
         _set_dotted(tree, key, value)
-    try:
-        recipe = _build(Recipe, tree, "")
-    except UserError as e:
-        raise UserError(f"{source}: {e}") from None
-    recipe.validate()
-    return recipe
+    return _validated(Recipe, tree, "", source)
 
 
 def load_recipe(path: str, overrides: list[str] | None = None) -> Recipe:
@@ -309,9 +314,4 @@ def load_recipe(path: str, overrides: list[str] | None = None) -> Recipe:
 
 
 def model_config_from_dict(d: dict, source: str = "config.json") -> ModelConfig:
-    try:
-        cfg = _build(ModelConfig, d, "model.")
-    except UserError as e:
-        raise UserError(f"{source}: {e}") from None
-    cfg.validate()
-    return cfg
+    return _validated(ModelConfig, d, "model.", source)

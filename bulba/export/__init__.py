@@ -3,16 +3,10 @@
 Public names are imported on first use (PEP 562), so `export.py --help` stays instant.
 """
 
-import importlib
+from bulba import lazy_exports
 
-_EXPORTS = {
+__getattr__ = lazy_exports(__name__, {
     "export": "bulba.export.pipeline",
     "open_source": "bulba.export.source",
     "Source": "bulba.export.source",
-}
-
-
-def __getattr__(name):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+})

@@ -4,15 +4,9 @@ Public names are imported on first use (PEP 562): `bulba.model.weights` is read 
 path, which must not import torch (~300 MB of RSS) just to know tensor names and shapes.
 """
 
-import importlib
+from bulba import lazy_exports
 
-_EXPORTS = {
+__getattr__ = lazy_exports(__name__, {
     "Llama": "bulba.model.llama",
     "rope_cache": "bulba.model.llama",
-}
-
-
-def __getattr__(name):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+})

@@ -4,18 +4,12 @@ Public names are imported on first use (PEP 562): Lightning is heavy and the ent
 must answer `--help` and argument errors without it.
 """
 
-import importlib
+from bulba import lazy_exports
 
-_EXPORTS = {
+__getattr__ = lazy_exports(__name__, {
     "train": "bulba.train.run",
     "Interrupted": "bulba.train.run",
     "TrainingFault": "bulba.train.run_dir",
     "benchmark": "bulba.train.benchmark",
     "BulbaModule": "bulba.train.module",
-}
-
-
-def __getattr__(name):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+})
