@@ -80,8 +80,7 @@ class Batches:
             open_data(data.dir, vocab_size)  # raises the mismatch error
         if split not in SPLITS:
             raise UserError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
-        if sampler not in SAMPLERS:
-            raise UserError(f"data.sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+        # The sampler name is checked once, by the engine (Rust's Sampler enum): a ValueError below.
         for name, value in (("batch_size", batch_size), ("ctx", ctx), ("world_size", world_size),
                             ("prefetch", prefetch), ("workers", workers)):
             if value <= 0:
