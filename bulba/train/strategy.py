@@ -28,7 +28,8 @@ import torch
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, SingleDeviceStrategy
 
 from bulba.model import attention
-from bulba.model.llama import Block, Llama, lm_loss_sum
+from bulba.model.llama import Block, Llama
+from bulba.model.loss import lm_loss_sum
 
 MODES = ("eager", "flash", "compile", "both")
 
