@@ -31,14 +31,17 @@ def main(argv=None):
             if e.name != f"bulba.benchmarks.{name}":
                 raise
             continue  # not built yet
-        p = sub.add_parser(name, help=help_text, description=mod.__doc__,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p = sub.add_parser(
+            name, help=help_text, description=mod.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
         mod.add_arguments(p)
         from bulba.benchmarks.common import add_common_arguments
+
         add_common_arguments(p)
         modules[name] = mod
     args = parser.parse_args(argv)
     from bulba.benchmarks.common import report
+
     mod = modules[args.command]
     rows = mod.run(args)
     report(args.command, rows, args, extra=getattr(mod, "EXTRA", None))

@@ -23,12 +23,18 @@ def main(argv=None):
 
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", metavar="SOURCE", help="run directory, .safetensors file, or runs:/<run_id>")
-    p.add_argument("--type", required=True, metavar="TYPE",
-                   help=f"one of: {', '.join(all_types())} (K-quants need llama-cpp-python)")
+    p.add_argument(
+        "--type",
+        required=True,
+        metavar="TYPE",
+        help=f"one of: {', '.join(all_types())} (K-quants need llama-cpp-python)",
+    )
     p.add_argument("--out", required=True, metavar="FILE.gguf", help="output file")
     p.add_argument("--register", metavar="NAME", help="register the GGUF as a new version of model NAME in MLflow")
     p.add_argument("--hf-out", metavar="DIR", help="also write a HuggingFace LlamaForCausalLM folder")
-    p.add_argument("--hf-dtype", default="f32", choices=["f32", "f16", "bf16"], help="HF weights dtype (default %(default)s)")
+    p.add_argument(
+        "--hf-dtype", default="f32", choices=["f32", "f16", "bf16"], help="HF weights dtype (default %(default)s)"
+    )
     p.add_argument("--name", help="model name inside the GGUF (default: --register NAME or the run's name)")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
     p.add_argument("--no-verify", action="store_true", help="skip the llama.cpp / transformers parity checks")
@@ -40,9 +46,19 @@ def main(argv=None):
 
     from bulba.export.pipeline import export
 
-    export(args.source, args.type.lower(), args.out, register=args.register, hf_out=args.hf_out,
-           hf_dtype=args.hf_dtype, force=args.force, verify=False if args.no_verify else None,
-           name=args.name, mlflow=not args.no_mlflow, experiment=args.experiment)
+    export(
+        args.source,
+        args.type.lower(),
+        args.out,
+        register=args.register,
+        hf_out=args.hf_out,
+        hf_dtype=args.hf_dtype,
+        force=args.force,
+        verify=False if args.no_verify else None,
+        name=args.name,
+        mlflow=not args.no_mlflow,
+        experiment=args.experiment,
+    )
     return 0
 
 

@@ -34,29 +34,58 @@ def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", metavar="INPUT[@WEIGHT]", help="files, directories, globs, datasets")
     p.add_argument("--out", required=True, type=Path, metavar="DATA_DIR", help="output directory (created)")
-    p.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB,
-                   help=f"exact number of tokens including the special ones (default %(default)s, min {MIN_VOCAB})")
-    p.add_argument("--val-fraction", type=float, default=0.01,
-                   help="share of documents in val.bin, chosen by a hash of their text (default %(default)s)")
+    p.add_argument(
+        "--vocab-size",
+        type=int,
+        default=DEFAULT_VOCAB,
+        help=f"exact number of tokens including the special ones (default %(default)s, min {MIN_VOCAB})",
+    )
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.01,
+        help="share of documents in val.bin, chosen by a hash of their text (default %(default)s)",
+    )
     p.add_argument("--text-field", default="text", help="JSON field / column holding the text (default %(default)s)")
-    p.add_argument("--tokenizer", type=Path, metavar="FILE",
-                   help="reuse this tokenizer.json instead of training one")
-    p.add_argument("--tokenizer-max-mb", type=float, default=512.0,
-                   help="at most this much (weighted, sampled) text trains the tokenizer (default %(default)s)")
-    p.add_argument("--min-frequency", type=int, default=2, help="BPE: ignore pairs seen fewer times (default %(default)s)")
+    p.add_argument("--tokenizer", type=Path, metavar="FILE", help="reuse this tokenizer.json instead of training one")
+    p.add_argument(
+        "--tokenizer-max-mb",
+        type=float,
+        default=512.0,
+        help="at most this much (weighted, sampled) text trains the tokenizer (default %(default)s)",
+    )
+    p.add_argument(
+        "--min-frequency", type=int, default=2, help="BPE: ignore pairs seen fewer times (default %(default)s)"
+    )
     p.add_argument("--seed", type=int, default=0, help="keys the split/sampling hash (default %(default)s)")
     p.add_argument("--force", action="store_true", help="replace an existing DATA_DIR")
     p.add_argument("--no-mlflow", action="store_true", help="do not log an MLflow run")
     p.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="MLflow experiment (default %(default)s)")
-    p.add_argument("--encoder", choices=["cached", "tokenizers"], default="cached",
-                   help="cached: Python regex + per-piece id cache (same ids, ~3x less CPU); "
-                        "tokenizers: HF encode_batch for every document (default %(default)s)")
-    p.add_argument("--workers", type=int, default=None,
-                   help="encoding processes (default: CPUs - 1 for a corpus over 16 MB on 3+ CPUs, else 0 = in-process)")
-    p.add_argument("--block-mb", type=float, default=0.5,
-                   help="text per encoding block; memory use is a few times this (default %(default)s)")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                   help="progress bars (default: only on a terminal)")
+    p.add_argument(
+        "--encoder",
+        choices=["cached", "tokenizers"],
+        default="cached",
+        help="cached: Python regex + per-piece id cache (same ids, ~3x less CPU); "
+        "tokenizers: HF encode_batch for every document (default %(default)s)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="encoding processes (default: CPUs - 1 for a corpus over 16 MB on 3+ CPUs, else 0 = in-process)",
+    )
+    p.add_argument(
+        "--block-mb",
+        type=float,
+        default=0.5,
+        help="text per encoding block; memory use is a few times this (default %(default)s)",
+    )
+    p.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bars (default: only on a terminal)",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress, no summary")
     return p
 
@@ -67,12 +96,27 @@ def main(argv=None) -> int:
 
     if args.block_mb <= 0:
         raise UserError("--block-mb must be positive")
-    prepare(PrepareConfig(
-        inputs=args.inputs, out=args.out, vocab_size=args.vocab_size, val_fraction=args.val_fraction,
-        text_field=args.text_field, tokenizer=args.tokenizer, tokenizer_max_mb=args.tokenizer_max_mb,
-        min_frequency=args.min_frequency, seed=args.seed, force=args.force, mlflow=not args.no_mlflow,
-        experiment=args.experiment, block_mb=args.block_mb, encoder=args.encoder, workers=args.workers, progress=args.progress, quiet=args.quiet,
-    ))
+    prepare(
+        PrepareConfig(
+            inputs=args.inputs,
+            out=args.out,
+            vocab_size=args.vocab_size,
+            val_fraction=args.val_fraction,
+            text_field=args.text_field,
+            tokenizer=args.tokenizer,
+            tokenizer_max_mb=args.tokenizer_max_mb,
+            min_frequency=args.min_frequency,
+            seed=args.seed,
+            force=args.force,
+            mlflow=not args.no_mlflow,
+            experiment=args.experiment,
+            block_mb=args.block_mb,
+            encoder=args.encoder,
+            workers=args.workers,
+            progress=args.progress,
+            quiet=args.quiet,
+        )
+    )
     return 0
 
 

@@ -32,8 +32,10 @@ def main(argv=None):
 
     presets = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
     parser = ArgumentParser(
-        description=__doc__, epilog=EXAMPLES.format(presets=presets),
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        description=__doc__,
+        epilog=EXAMPLES.format(presets=presets),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("recipe", help="recipe YAML path or preset name")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="recipe overrides")
     parser.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow (metrics.jsonl only)")

@@ -97,7 +97,9 @@ class TrainConfig:
     nan_policy: Literal["skip", "stop"] = "stop"
     nan_max_skips: int = 10  # nan_policy=skip: stop after this many non-finite steps in a row
     ckpt_keep: int = 2  # newest complete checkpoints kept (0: all)
-    sample_prompts: list[str] = field(default_factory=lambda: ["Мінск — гэта", "Москва — столица", "The river", "def main("])
+    sample_prompts: list[str] = field(
+        default_factory=lambda: ["Мінск — гэта", "Москва — столица", "The river", "def main("]
+    )
     threads: int = 0  # CPU threads for torch (0: torch's default)
 
 
@@ -124,8 +126,7 @@ class Recipe:
         for key in ("batch_size", "grad_accum", "max_steps", "val_batches", "log_every"):
             if getattr(t, key) <= 0:
                 raise UserError(f"train.{key} must be positive, got {getattr(t, key)}")
-        for key in ("warmup_steps", "val_every", "sample_every", "ckpt_every", "sample_tokens", "ckpt_keep",
-                    "threads"):
+        for key in ("warmup_steps", "val_every", "sample_every", "ckpt_every", "sample_tokens", "ckpt_keep", "threads"):
             if getattr(t, key) < 0:
                 raise UserError(f"train.{key} must be >= 0, got {getattr(t, key)}")
         if t.max_tokens is not None and t.max_tokens <= 0:
@@ -146,8 +147,11 @@ class Recipe:
         if self.data.prefetch <= 0:
             raise UserError(f"data.prefetch must be positive, got {self.data.prefetch}")
         d = t.devices
-        ok = (d == "auto" or (isinstance(d, int) and not isinstance(d, bool) and d > 0)
-              or (isinstance(d, list) and d and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in d)))
+        ok = (
+            d == "auto"
+            or (isinstance(d, int) and not isinstance(d, bool) and d > 0)
+            or (isinstance(d, list) and d and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in d))
+        )
         if not ok:
             raise UserError(f"train.devices must be 'auto', a positive count or a list of device ids, got {d!r}")
         if t.num_nodes <= 0:

@@ -42,14 +42,36 @@ def main() -> None:
     if (data / "meta.json").is_file():
         print(f"\n=== prepare: reusing {data.relative_to(ROOT)} (delete it to prepare again)")
     else:
-        step("prepare", [py, "prepare.py", "demo/corpus", "--out", str(data.relative_to(ROOT)),
-                         "--vocab-size", "2048"])
-    step("train", [py, "train.py", "tiny", f"data.dir={data.relative_to(ROOT)}",
-                   f"out_dir={run.relative_to(ROOT)}", f"train.max_steps={args.steps}"])
-    step("export", [py, "export.py", str(run.relative_to(ROOT)), "--type", args.type,
-                    "--out", str(gguf.relative_to(ROOT)), "--register", "bulba-demo"])
+        step("prepare", [py, "prepare.py", "demo/corpus", "--out", str(data.relative_to(ROOT)), "--vocab-size", "2048"])
+    step(
+        "train",
+        [
+            py,
+            "train.py",
+            "tiny",
+            f"data.dir={data.relative_to(ROOT)}",
+            f"out_dir={run.relative_to(ROOT)}",
+            f"train.max_steps={args.steps}",
+        ],
+    )
+    step(
+        "export",
+        [
+            py,
+            "export.py",
+            str(run.relative_to(ROOT)),
+            "--type",
+            args.type,
+            "--out",
+            str(gguf.relative_to(ROOT)),
+            "--register",
+            "bulba-demo",
+        ],
+    )
     step("generate in llama.cpp", [py, "-c", GENERATE, str(gguf)])
-    print(f"\nDone. Model: {gguf.relative_to(ROOT)}\nSee every run with:  mlflow ui   (then open http://127.0.0.1:5000)")
+    print(
+        f"\nDone. Model: {gguf.relative_to(ROOT)}\nSee every run with:  mlflow ui   (then open http://127.0.0.1:5000)"
+    )
 
 
 # Run the exported file in real llama.cpp, the way LM Studio / Ollama would.

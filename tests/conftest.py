@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+
 from support.paths import corpus_dir as _corpus_dir
 
 # Real MLflow server (mlflow_server, mlflow_uri) and the training tests' dataset (train_data).

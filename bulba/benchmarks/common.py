@@ -17,10 +17,6 @@ def add_common_arguments(p) -> None:
     p.add_argument("--experiment", default="bulbagpt-bench", help="MLflow experiment (default: %(default)s)")
 
 
-
-
-
-
 def hardware() -> dict:
     info = {"python": sys.version.split()[0], "platform": platform.platform(), "cpus": os.cpu_count()}
     try:
@@ -66,8 +62,13 @@ def report(command: str, rows: list[dict], args, extra: dict | None = None) -> N
         print()
         for k, v in extra.items():
             print(f"- {k}: {v}")
-    payload = {"benchmark": command, "hardware": hw, "rows": rows, "extra": extra or {},
-               "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    payload = {
+        "benchmark": command,
+        "hardware": hw,
+        "rows": rows,
+        "extra": extra or {},
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
     # the notes under the table (shared settings, how figures are measured) travel with it
     notes = "".join(f"- {k}: {v}\n" for k, v in (extra or {}).items())
     text = head + table + "\n" + ("\n" + notes if notes else "")

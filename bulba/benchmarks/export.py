@@ -57,15 +57,30 @@ def make_random_run(run_dir: Path, cfg) -> None:
     tok = train_tokenizer(texts, vocab_size=cfg.vocab_size)  # small text: reserved tokens fill up
     tok.save(str(run_dir / "tokenizer.json"))
     g = torch.Generator().manual_seed(0)
-    state = {k: (torch.ones(s) if len(s) == 1 else torch.randn(s, generator=g) * 0.02)
-             for k, s in expected_shapes(cfg).items()}
+    state = {
+        k: (torch.ones(s) if len(s) == 1 else torch.randn(s, generator=g) * 0.02)
+        for k, s in expected_shapes(cfg).items()
+    }
     save_file(state, str(run_dir / "final.safetensors"))
     del state
-    (run_dir / "config.json").write_text(json.dumps({
-        "format": "bulba-run", "version": 1, "model": dataclasses.asdict(cfg),
-        "tokenizer": {"bos_id": tok.token_to_id(BOS), "eos_id": tok.token_to_id(EOS),
-                      "pad_id": tok.token_to_id(EOS), "add_bos_token": True},
-        "recipe": {"name": "zubr-random"}, "dataset_digest": None, "mlflow_run_id": None}))
+    (run_dir / "config.json").write_text(
+        json.dumps(
+            {
+                "format": "bulba-run",
+                "version": 1,
+                "model": dataclasses.asdict(cfg),
+                "tokenizer": {
+                    "bos_id": tok.token_to_id(BOS),
+                    "eos_id": tok.token_to_id(EOS),
+                    "pad_id": tok.token_to_id(EOS),
+                    "add_bos_token": True,
+                },
+                "recipe": {"name": "zubr-random"},
+                "dataset_digest": None,
+                "mlflow_run_id": None,
+            }
+        )
+    )
 
 
 def _child(mode: str, run_dir: str, type_name: str, out: str) -> None:
@@ -81,15 +96,13 @@ def _child(mode: str, run_dir: str, type_name: str, out: str) -> None:
     print(json.dumps({"seconds": secs, "peak_rss_mb": peak_rss_mb()}))
 
 
-
-
 def _in_memory_export(run_dir: str, type_name: str, out: str) -> None:
     """Baseline: load everything, convert everything, add_tensor everything, then write."""
     import gguf
     from safetensors.torch import load_file
 
-    from bulba.export.source import open_source
     from bulba.export.gguf import _add_metadata, _convert, _numpy_types, gguf_rows
+    from bulba.export.source import open_source
     from bulba.model.weights import layout
 
     src = open_source(run_dir)
@@ -108,8 +121,10 @@ def _in_memory_export(run_dir: str, type_name: str, out: str) -> None:
 
 
 def _measure(mode: str, run_dir: Path, type_name: str, out: Path) -> dict:
-    code = ("import sys; from bulba.benchmarks.export import _child; "
-            f"_child({mode!r}, {str(run_dir)!r}, {type_name!r}, {str(out)!r})")
+    code = (
+        "import sys; from bulba.benchmarks.export import _child; "
+        f"_child({mode!r}, {str(run_dir)!r}, {type_name!r}, {str(out)!r})"
+    )
     root = Path(__file__).resolve().parents[2]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
@@ -118,8 +133,12 @@ def _measure(mode: str, run_dir: Path, type_name: str, out: Path) -> dict:
     fig = json.loads(r.stdout.strip().splitlines()[-1])
     size = out.stat().st_size
     out.unlink()
-    return {"seconds": fig["seconds"], "peak_rss_mb": fig["peak_rss_mb"], "file_mb": size / 1e6,
-            "mb_per_s": size / 1e6 / fig["seconds"]}
+    return {
+        "seconds": fig["seconds"],
+        "peak_rss_mb": fig["peak_rss_mb"],
+        "file_mb": size / 1e6,
+        "mb_per_s": size / 1e6 / fig["seconds"],
+    }
 
 
 EXTRA: dict = {}
@@ -135,14 +154,25 @@ def run(args) -> list[dict]:
         make_random_run(run_dir, cfg)
         n_params = param_count(cfg)
         src_mb = (run_dir / "final.safetensors").stat().st_size / 1e6
-        EXTRA.update({"model": f"{args.recipe} ({where}): {n_params / 1e6:.0f}M parameters, "
-                               f"{cfg.n_layer} layers, n_embd {cfg.n_embd}, ffn {cfg.ffn_hidden}, vocab {cfg.vocab_size}",
-                      "source": f"final.safetensors fp32, {src_mb:.0f} MB (made in {time.perf_counter() - t0:.0f} s)"})
+        EXTRA.update(
+            {
+                "model": f"{args.recipe} ({where}): {n_params / 1e6:.0f}M parameters, "
+                f"{cfg.n_layer} layers, n_embd {cfg.n_embd}, ffn {cfg.ffn_hidden}, vocab {cfg.vocab_size}",
+                "source": f"final.safetensors fp32, {src_mb:.0f} MB (made in {time.perf_counter() - t0:.0f} s)",
+            }
+        )
         rows = []
         for type_name in [t.strip() for t in args.types.split(",") if t.strip()]:
             out = Path(tmp) / f"zubr-{type_name}.gguf"
-            rows.append({"name": f"bulba-export-{type_name}", "type": type_name, **_measure("bulba", run_dir, type_name, out)})
+            rows.append(
+                {"name": f"bulba-export-{type_name}", "type": type_name, **_measure("bulba", run_dir, type_name, out)}
+            )
             if not args.no_baseline and type_name not in ("q4_k_m", "q5_k_m", "q6_k", "q4_k_s", "q5_k_s"):
-                rows.append({"name": f"gguf-in-memory-{type_name}", "type": type_name,
-                             **_measure("baseline", run_dir, type_name, out)})
+                rows.append(
+                    {
+                        "name": f"gguf-in-memory-{type_name}",
+                        "type": type_name,
+                        **_measure("baseline", run_dir, type_name, out),
+                    }
+                )
     return rows

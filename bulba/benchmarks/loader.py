@@ -32,9 +32,9 @@ from pathlib import Path
 import numpy as np
 
 from bulba.data.format import META_NAME
+from bulba.data.loader import SAMPLERS
 from bulba.errors import UserError
 
-from bulba.data.loader import SAMPLERS
 CTXS = (1024, 2048)
 BATCH = 32
 # Powers of two from 16: the shared corpus is one sentence per document (~17 tokens).
@@ -44,15 +44,22 @@ EXTRA: dict = {}
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--data", help="prepared data dir (default: the shared corpus, prepared once into "
-                   f"{CACHE}/corpus)")
-    p.add_argument("--corpus", default=str(Path(__file__).resolve().parents[3] / "shared" / "corpus"),
-                   help="folder with be.txt ru.txt en.txt (default: %(default)s)")
-    p.add_argument("--seconds", type=float, default=3.0,
-                   help="measuring time per row, best of 3 windows (default: %(default)s)")
-    p.add_argument("--workers", type=int, default=1,
-                   help="engine background threads (default: %(default)s, as the trainer uses; the thread that "
-                   "consumes batches assembles later ones itself whenever its next one is not ready)")
+    p.add_argument("--data", help=f"prepared data dir (default: the shared corpus, prepared once into {CACHE}/corpus)")
+    p.add_argument(
+        "--corpus",
+        default=str(Path(__file__).resolve().parents[3] / "shared" / "corpus"),
+        help="folder with be.txt ru.txt en.txt (default: %(default)s)",
+    )
+    p.add_argument(
+        "--seconds", type=float, default=3.0, help="measuring time per row, best of 3 windows (default: %(default)s)"
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="engine background threads (default: %(default)s, as the trainer uses; the thread that "
+        "consumes batches assembles later ones itself whenever its next one is not ready)",
+    )
     p.add_argument("--big-gb", type=float, default=4.0, help="size of the large train.bin for RSS (default: 4)")
     p.add_argument("--skip-rss", action="store_true", help="skip the 10 MB / 4 GB RSS measurement")
     p.add_argument("--skip-hf", action="store_true", help="skip the HF DataLoader baseline")
@@ -74,8 +81,11 @@ def _dataset(args) -> Path:
     from bulba.data.prepare import PrepareConfig, prepare
 
     print(f"preparing {corpus} into {out} (once)...", file=sys.stderr)
-    prepare(PrepareConfig(inputs=[str(p) for p in inputs], out=out, tokenizer_max_mb=3.0, mlflow=False,
-                          quiet=True, force=True))
+    prepare(
+        PrepareConfig(
+            inputs=[str(p) for p in inputs], out=out, tokenizer_max_mb=3.0, mlflow=False, quiet=True, force=True
+        )
+    )
     return out
 
 
@@ -133,8 +143,16 @@ def _bulba(data: Path, sampler: str, ctx: int, args) -> tuple[float, float, floa
     # warns once about wrapping a read-only array. Nothing here writes to them.
     warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
-    b = Batches(data, sampler=sampler, batch_size=BATCH, ctx=ctx, seed=0, prefetch=8, workers=args.workers,
-                buckets=[c for c in BUCKETS if c <= ctx])
+    b = Batches(
+        data,
+        sampler=sampler,
+        batch_size=BATCH,
+        ctx=ctx,
+        seed=0,
+        prefetch=8,
+        workers=args.workers,
+        buckets=[c for c in BUCKETS if c <= ctx],
+    )
 
     def batches():
         for x in b:  # what the trainer does: zero-copy torch views
@@ -151,8 +169,8 @@ def _memmap(bin_path: Path, dtype: str, ctx: int, args) -> tuple[float, float]:
         while True:
             data = np.memmap(bin_path, dtype=dtype, mode="r")
             ix = torch.randint(len(data) - ctx, (BATCH,))
-            x = torch.stack([torch.from_numpy((data[i:i + ctx]).astype(np.int64)) for i in ix])
-            y = torch.stack([torch.from_numpy((data[i + 1:i + 1 + ctx]).astype(np.int64)) for i in ix])
+            x = torch.stack([torch.from_numpy((data[i : i + ctx]).astype(np.int64)) for i in ix])
+            y = torch.stack([torch.from_numpy((data[i + 1 : i + 1 + ctx]).astype(np.int64)) for i in ix])
             yield x, y
 
     return _timed(batches, args.seconds, lambda xy: xy[0].numel())
@@ -221,7 +239,7 @@ def _tile(src: Path, dst: Path, target_bytes: int) -> None:
             if docs <= 0:
                 break
             fb.write(one[: int(idx[docs]) * itemsize])
-            (idx[1:docs + 1] + np.uint64(r * n_tok)).astype("<u8").tofile(fi)
+            (idx[1 : docs + 1] + np.uint64(r * n_tok)).astype("<u8").tofile(fi)
     for split in ("val",):
         for ext in ("bin", "idx"):
             shutil.copy(src / f"{split}.{ext}", dst / f"{split}.{ext}")
@@ -236,8 +254,10 @@ def _rss(data: Path, big_gb: float, workers: int, batches: int = 300) -> list[di
     tmp_root = Path(tempfile.gettempdir())
     free = shutil.disk_usage(tmp_root).free
     if free < need + 2**30:
-        print(f"skipping the RSS measurement: {free / 2**30:.1f} GB free in {tmp_root}, need {need / 2**30:.1f}",
-              file=sys.stderr)
+        print(
+            f"skipping the RSS measurement: {free / 2**30:.1f} GB free in {tmp_root}, need {need / 2**30:.1f}",
+            file=sys.stderr,
+        )
         return []
     rows = []
     work = Path(tempfile.mkdtemp(prefix="bulba-rss-", dir=tmp_root))
@@ -248,15 +268,28 @@ def _rss(data: Path, big_gb: float, workers: int, batches: int = 300) -> list[di
             _tile(data, d, size)
             made = time.perf_counter() - t0
             env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
-            out = subprocess.run([sys.executable, "-c", _RSS_PROBE, str(d), str(batches), str(workers)], capture_output=True,
-                                 text=True, env=env, timeout=600)
+            out = subprocess.run(
+                [sys.executable, "-c", _RSS_PROBE, str(d), str(batches), str(workers)],
+                capture_output=True,
+                text=True,
+                env=env,
+                timeout=600,
+            )
             if out.returncode:
                 raise RuntimeError(f"RSS probe failed: {out.stderr.strip()[-500:]}")
             r = json.loads(out.stdout.strip().splitlines()[-1])
-            rows.append({"name": f"bulba-stream-rss-{label}", "sampler": "stream", "ctx": 1024,
-                         "train_bin_mb": round((d / "train.bin").stat().st_size / 2**20, 1),
-                         "peak_rss_mb": round(r["peak"], 1), "rss_anon_mb": round(r["RssAnon"], 1),
-                         "rss_file_mb": round(r["RssFile"], 1), "tile_seconds": round(made, 1)})
+            rows.append(
+                {
+                    "name": f"bulba-stream-rss-{label}",
+                    "sampler": "stream",
+                    "ctx": 1024,
+                    "train_bin_mb": round((d / "train.bin").stat().st_size / 2**20, 1),
+                    "peak_rss_mb": round(r["peak"], 1),
+                    "rss_anon_mb": round(r["RssAnon"], 1),
+                    "rss_file_mb": round(r["RssFile"], 1),
+                    "tile_seconds": round(made, 1),
+                }
+            )
             shutil.rmtree(d)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -272,11 +305,15 @@ def run(args) -> list[dict]:
     data_dir = _dataset(args)
     data = open_data(data_dir)
     bin_path, dtype = data.bin_path("train"), data.dtype
-    print(f"train.bin: {bin_path.stat().st_size / 2**20:.1f} MB, {data.split_info('train').get('tokens')} tokens",
-          file=sys.stderr)
+    print(
+        f"train.bin: {bin_path.stat().st_size / 2**20:.1f} MB, {data.split_info('train').get('tokens')} tokens",
+        file=sys.stderr,
+    )
     rows, base = [], {}
     for ctx in CTXS:
-        systems = [("mm", f"np-memmap-{ctx}", _memmap)] + ([] if args.skip_hf else [("hf", f"hf-dataloader-{ctx}", _hf_dataloader)])
+        systems = [("mm", f"np-memmap-{ctx}", _memmap)] + (
+            [] if args.skip_hf else [("hf", f"hf-dataloader-{ctx}", _hf_dataloader)]
+        )
         for key, name, fn in systems:
             tps, tpc = fn(bin_path, dtype, ctx, args)
             rows.append({"name": name, "ctx": ctx, "batch_size": BATCH, "tokens_per_s": tps, "tokens_per_cpu_s": tpc})
@@ -284,8 +321,15 @@ def run(args) -> list[dict]:
     for sampler in SAMPLERS:
         for ctx in CTXS:
             tps, tpc, pad = _bulba(data_dir, sampler, ctx, args)
-            row = {"name": f"bulba-{sampler}-{ctx}", "sampler": sampler, "ctx": ctx, "batch_size": BATCH,
-                   "tokens_per_s": tps, "tokens_per_cpu_s": tpc, "padding_frac": pad}
+            row = {
+                "name": f"bulba-{sampler}-{ctx}",
+                "sampler": sampler,
+                "ctx": ctx,
+                "batch_size": BATCH,
+                "tokens_per_s": tps,
+                "tokens_per_cpu_s": tpc,
+                "padding_frac": pad,
+            }
             for key, label in (("mm", "memmap"), ("hf", "dataloader")):
                 if (key, ctx) in base:
                     row[f"x_{label}"] = tps / base[(key, ctx)][0]
@@ -301,9 +345,11 @@ def run(args) -> list[dict]:
         if any(f"x_{label}" in r for r in bulba_rows):
             for suffix, what in (("", "wall"), ("_cpu", "per CPU-second")):
                 EXTRA[f"x_{label} {what}, stream / packed / bucketed (goal >= {goal})"] = " / ".join(
-                    f"{min(r[f'x_{label}{suffix}'] for r in bulba_rows if r['sampler'] == s):.1f}" for s in SAMPLERS)
+                    f"{min(r[f'x_{label}{suffix}'] for r in bulba_rows if r['sampler'] == s):.1f}" for s in SAMPLERS
+                )
     for s in SAMPLERS:
         EXTRA[f"padding_frac {s} (shared corpus, ctx 1024/2048)"] = " / ".join(
-            f"{r['padding_frac']:.4f}" for r in bulba_rows if r["sampler"] == s)
+            f"{r['padding_frac']:.4f}" for r in bulba_rows if r["sampler"] == s
+        )
     EXTRA["train_bin_mb"] = round(bin_path.stat().st_size / 2**20, 1)
     return rows

@@ -40,7 +40,9 @@ def default_corpus() -> Path:
 
 def add_arguments(p) -> None:
     p.add_argument("--mb", type=float, default=200.0, help="size of the repeated corpus in MB (default %(default)s)")
-    p.add_argument("--corpus", type=Path, default=None, help="folder with be.txt ru.txt en.txt (default ../shared/corpus)")
+    p.add_argument(
+        "--corpus", type=Path, default=None, help="folder with be.txt ru.txt en.txt (default ../shared/corpus)"
+    )
     p.add_argument("--vocab-size", type=int, default=32003, help="tokenizer size (default %(default)s)")
     p.add_argument("--tmp", type=Path, default=Path(tempfile.gettempdir()), help="where the big temporary file goes")
     p.add_argument("--systems", default="bulba-prepare,hf-datasets-map", help="comma-separated rows to run")
@@ -65,8 +67,16 @@ def _make_corpus(src: Path, dst: Path, mb: float) -> int:
 def _train_tokenizer(src: Path, out: Path, vocab_size: int) -> None:
     from bulba.data.prepare import PrepareConfig, prepare
 
-    prepare(PrepareConfig(inputs=[str(src / f"{lang}.txt") for lang in ("be", "ru", "en")], out=out,
-                          vocab_size=vocab_size, tokenizer_max_mb=64, mlflow=False, quiet=True))
+    prepare(
+        PrepareConfig(
+            inputs=[str(src / f"{lang}.txt") for lang in ("be", "ru", "en")],
+            out=out,
+            vocab_size=vocab_size,
+            tokenizer_max_mb=64,
+            mlflow=False,
+            quiet=True,
+        )
+    )
 
 
 def run(args) -> list[dict]:
@@ -78,24 +88,39 @@ def run(args) -> list[dict]:
         nbytes = _make_corpus(corpus, text, args.mb)
         t0 = time.time()
         _train_tokenizer(corpus, work / "tok", args.vocab_size)
-        print(f"corpus {nbytes / 1e6:.0f} MB in {text}; tokenizer ({args.vocab_size}) trained in "
-              f"{time.time() - t0:.0f} s", file=sys.stderr)
+        print(
+            f"corpus {nbytes / 1e6:.0f} MB in {text}; tokenizer ({args.vocab_size}) trained in "
+            f"{time.time() - t0:.0f} s",
+            file=sys.stderr,
+        )
         tok = work / "tok" / "tokenizer.json"
         results = {}
         for system in args.systems.split(","):
             out = work / system
             cmd = [sys.executable, "-m", "bulba.benchmarks.prepare", system, str(text), str(tok), str(out)]
-            env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-                       HF_DATASETS_CACHE=str(work / "hf-cache"), HF_HUB_OFFLINE="1")
+            env = dict(
+                os.environ,
+                PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+                HF_DATASETS_CACHE=str(work / "hf-cache"),
+                HF_HUB_OFFLINE="1",
+            )
             r = subprocess.run(cmd, env=env, capture_output=True, text=True)
             if r.returncode != 0:
                 raise RuntimeError(f"{system} failed:\n{r.stderr[-3000:]}")
             res = json.loads(r.stdout.strip().splitlines()[-1])
             results[system] = res
-            rows.append({"name": system, "mb_per_s": nbytes / 1e6 / res["seconds"], "peak_rss_mb": res["peak_rss_mb"],
-                         "seconds": res["seconds"], "tokens_per_s": res["text_tokens"] / res["seconds"],
-                         "cpu_seconds": res["cpu_s"], "mb_per_cpu_s": nbytes / 1e6 / res["cpu_s"],
-                         "tokens": res["text_tokens"]})
+            rows.append(
+                {
+                    "name": system,
+                    "mb_per_s": nbytes / 1e6 / res["seconds"],
+                    "peak_rss_mb": res["peak_rss_mb"],
+                    "seconds": res["seconds"],
+                    "tokens_per_s": res["text_tokens"] / res["seconds"],
+                    "cpu_seconds": res["cpu_s"],
+                    "mb_per_cpu_s": nbytes / 1e6 / res["cpu_s"],
+                    "tokens": res["text_tokens"],
+                }
+            )
             print(f"{system}: {rows[-1]['mb_per_s']:.2f} MB/s, peak RSS {res['peak_rss_mb']:.0f} MB", file=sys.stderr)
             shutil.rmtree(out, ignore_errors=True)
         EXTRA.clear()
@@ -115,13 +140,13 @@ def run(args) -> list[dict]:
 # ---------------------------------------------------------------------------- workers (subprocesses)
 
 
-
-
 def _cpu_s() -> float:
     import resource
 
-    return sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
-                                                  resource.getrusage(resource.RUSAGE_CHILDREN)))
+    return sum(
+        r.ru_utime + r.ru_stime
+        for r in (resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN))
+    )
 
 
 def worker_bulba(text: str, tok: str, out: str) -> dict:
@@ -155,7 +180,12 @@ def worker_hf(text: str, tok: str, out: str) -> dict:
     Path(out).mkdir(parents=True, exist_ok=True)
     ids.tofile(Path(out) / "train.bin")
     seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "text_tokens": int(ids.size) - len(ds), "peak_rss_mb": peak_rss_mb(), "cpu_s": _cpu_s() - c0}
+    return {
+        "seconds": seconds,
+        "text_tokens": int(ids.size) - len(ds),
+        "peak_rss_mb": peak_rss_mb(),
+        "cpu_s": _cpu_s() - c0,
+    }
 
 
 if __name__ == "__main__":

@@ -37,7 +37,6 @@ import time
 from pathlib import Path
 
 from bulba.errors import UserError
-
 from bulba.memory import peak_rss_mb
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -51,22 +50,40 @@ EXTRA: dict = {}
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", help="recipe preset or YAML path (default: tiny on CPU, krolik on CUDA)")
-    p.add_argument("--data", metavar="DIR",
-                   help="prepared data directory (prepare.py output); default: prepare the shared corpus "
-                        "(or demo/corpus) once into a cache directory")
+    p.add_argument(
+        "--data",
+        metavar="DIR",
+        help="prepared data directory (prepare.py output); default: prepare the shared corpus "
+        "(or demo/corpus) once into a cache directory",
+    )
     p.add_argument("--steps", type=int, help="timed (steady-state) steps per row (default: 20 CPU, 50 CUDA)")
-    p.add_argument("--warmup", type=int, help="untimed warm-up steps per row, compilation included (default: 5 CPU, 10 CUDA)")
+    p.add_argument(
+        "--warmup", type=int, help="untimed warm-up steps per row, compilation included (default: 5 CPU, 10 CUDA)"
+    )
     p.add_argument("--batch-size", type=int, help="sequences per step (default: the preset's train.batch_size)")
     p.add_argument("--ctx", type=int, help="tokens per sequence (default: the preset's model.ctx_len)")
     p.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of: " + ", ".join(ROWS))
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda when available")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra recipe override for every row, e.g. model.n_layer=2 (repeatable)")
-    p.add_argument("--threads", type=int, help="CPU threads for every row (OMP_NUM_THREADS; default: torch's own choice)")
-    p.add_argument("--row-timeout", type=float, default=1800.0, help="seconds before a row is given up (default: %(default)s)")
-    p.add_argument("--time-budget", type=float,
-                   help="seconds for all rows together: rows are cut to what is left, and rows that would start "
-                        "with under 20 s left are skipped (stated in the table); the table is always written")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra recipe override for every row, e.g. model.n_layer=2 (repeatable)",
+    )
+    p.add_argument(
+        "--threads", type=int, help="CPU threads for every row (OMP_NUM_THREADS; default: torch's own choice)"
+    )
+    p.add_argument(
+        "--row-timeout", type=float, default=1800.0, help="seconds before a row is given up (default: %(default)s)"
+    )
+    p.add_argument(
+        "--time-budget",
+        type=float,
+        help="seconds for all rows together: rows are cut to what is left, and rows that would start "
+        "with under 20 s left are skipped (stated in the table); the table is always written",
+    )
     p.add_argument("--cache-dir", help="where prepared benchmark data is kept (default: ~/.cache/bulbagpt/bench)")
     # read by common.add_common_arguments, which is added after us: a default table file
     p.set_defaults(md="bench_results/train.md")
@@ -94,12 +111,19 @@ def _cache_dir(args) -> Path:
 
 def _corpus_files() -> list[Path]:
     for d in (ROOT.parent / "shared" / "corpus", ROOT / "demo" / "corpus"):
-        files = sorted(f for f in d.glob("*") if f.is_file() and f.suffix in (".txt", ".md", ".jsonl", ".json", ".parquet")
-                       and f.name.lower() not in ("readme.md", "license.md"))
+        files = sorted(
+            f
+            for f in d.glob("*")
+            if f.is_file()
+            and f.suffix in (".txt", ".md", ".jsonl", ".json", ".parquet")
+            and f.name.lower() not in ("readme.md", "license.md")
+        )
         if files:
             return files
-    raise UserError("no corpus to benchmark on: neither ../shared/corpus nor demo/corpus has text files; "
-                    "pass --data DIR with a prepared dataset (python prepare.py INPUT --out DIR)")
+    raise UserError(
+        "no corpus to benchmark on: neither ../shared/corpus nor demo/corpus has text files; "
+        "pass --data DIR with a prepared dataset (python prepare.py INPUT --out DIR)"
+    )
 
 
 def _prepared_data(args) -> Path:
@@ -112,7 +136,9 @@ def _prepared_data(args) -> Path:
     import hashlib
 
     files = _corpus_files()
-    key = hashlib.sha256(json.dumps([[str(f), f.stat().st_size, int(f.stat().st_mtime)] for f in files]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(
+        json.dumps([[str(f), f.stat().st_size, int(f.stat().st_mtime)] for f in files]).encode()
+    ).hexdigest()[:16]
     out = _cache_dir(args) / f"data-{key}"
     if (out / "meta.json").is_file():
         return out
@@ -120,8 +146,16 @@ def _prepared_data(args) -> Path:
         raise UserError("prepare.py is missing; pass --data DIR with a prepared dataset")
     out.parent.mkdir(parents=True, exist_ok=True)
     print(f"[bench train] preparing {', '.join(f.name for f in files)} -> {out} (once; cached)", file=sys.stderr)
-    cmd = [sys.executable, str(ROOT / "prepare.py"), *map(str, files), "--out", str(out), "--force",
-           "--no-mlflow", "--quiet"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "prepare.py"),
+        *map(str, files),
+        "--out",
+        str(out),
+        "--force",
+        "--no-mlflow",
+        "--quiet",
+    ]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if r.returncode != 0 or not (out / "meta.json").is_file():
         tail = (r.stderr.strip().splitlines() or ["(no output)"])[-1]
@@ -135,7 +169,10 @@ def _hf_dataset(data_dir: Path, meta: dict, ctx: int, cache: Path) -> Path | Non
     import hashlib
 
     st = (data_dir / "train.bin").stat()
-    key = meta.get("dataset_digest") or hashlib.sha256(f"{data_dir.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()
+    key = (
+        meta.get("dataset_digest")
+        or hashlib.sha256(f"{data_dir.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()
+    )
     out = cache / f"hf-{key[:16]}-ctx{ctx}"
     if (out / "dataset_info.json").is_file():
         return out
@@ -185,7 +222,9 @@ def run(args) -> list[dict]:
     for name in ("steps", "batch_size", "ctx", "threads"):
         _positive(name.replace("_", "-"), getattr(args, name))
     if args.warmup is not None and args.warmup < 1:
-        raise UserError(f"--warmup must be at least 1 (compilation and first-step costs happen there), got {args.warmup}")
+        raise UserError(
+            f"--warmup must be at least 1 (compilation and first-step costs happen there), got {args.warmup}"
+        )
     rows = _resolve_rows(args.rows)
     device = _device(args.device)
     if args.threads:
@@ -202,8 +241,13 @@ def run(args) -> list[dict]:
     # Same for every row: stream windows (contiguous ctx tokens, as HF's group_texts blocks), a
     # one-step lr warm-up then cosine to min_lr over warmup + steps (bulba.train.benchmark.benchmark's
     # schedule), the data's vocabulary.
-    overrides = [f"data.dir={data_dir}", "data.sampler=stream", "model.vocab_size=" + str(meta["vocab_size"]),
-                 "train.warmup_steps=1", "train.grad_accum=1"]
+    overrides = [
+        f"data.dir={data_dir}",
+        "data.sampler=stream",
+        "model.vocab_size=" + str(meta["vocab_size"]),
+        "train.warmup_steps=1",
+        "train.grad_accum=1",
+    ]
     if args.ctx:
         overrides.append(f"model.ctx_len={args.ctx}")
     if args.batch_size:
@@ -218,9 +262,16 @@ def run(args) -> list[dict]:
     hf_data = _hf_dataset(data_dir, meta, ctx, cache) if HF_ROWS & set(rows) else None
 
     spec = {
-        "preset": preset, "overrides": overrides, "device": device, "steps": steps, "warmup": warmup,
-        "data_dir": str(data_dir), "hf_data": str(hf_data) if hf_data else None,
-        "bos_id": meta.get("bos_id"), "eos_id": meta.get("eos_id"), "pad_id": meta.get("pad_id"),
+        "preset": preset,
+        "overrides": overrides,
+        "device": device,
+        "steps": steps,
+        "warmup": warmup,
+        "data_dir": str(data_dir),
+        "hf_data": str(hf_data) if hf_data else None,
+        "bos_id": meta.get("bos_id"),
+        "eos_id": meta.get("eos_id"),
+        "pad_id": meta.get("pad_id"),
         "threads": args.threads,
     }
     results = []
@@ -250,29 +301,42 @@ def run(args) -> list[dict]:
 
     params = next((r.get("params") for r in results if r.get("params")), None)
     EXTRA.clear()
-    EXTRA.update({
-        "preset": f"{preset} ({_fmt_count(params) if params else '?'} params; layers {m.n_layer}, n_embd {m.n_embd}, "
-                  f"heads {m.n_head}/{m.n_kv_head} kv, ffn {m.ffn_hidden}, vocab {m.vocab_size}, "
-                  f"tied embeddings {m.tie_embeddings})",
-        "shape": f"batch {batch} x ctx {ctx} = {batch * ctx} tokens/step, grad_accum 1",
-        "steps": f"{warmup} warm-up (untimed, compilation happens here) + {steps} timed; tokens/s over the timed steps",
-        "optimizer": f"AdamW lr {t.lr} (warmup {t.warmup_steps}, cosine to {t.min_lr}), betas ({t.beta1}, {t.beta2}), "
-                     f"weight decay {t.weight_decay}, grad clip {t.grad_clip}",
-        "data": f"{data_dir} ({meta.get('splits', {}).get('train', {}).get('tokens', '?')} train tokens, "
-                f"digest {str(meta.get('dataset_digest', '?'))[:12]}); contiguous windows of ctx tokens "
-                "(bulba: sampler=stream, Rust engine"
-                + (("; HF: blocks of ctx from the same train.bin "
-                    + ("as a `datasets` dataset on disk" if hf_data else "read through np.memmap (datasets not installed)")
-                    + ", labels = input_ids") if HF_ROWS & set(rows) else "") + ")",
-        "device": _device_line(device),
-        "mfu": "6*N*T + attention FLOPs per token (bulba.model.flops) x tokens/s / the device's dense bf16 peak "
-               f"({_peak_line(device)}), for every row (fp32 rows too)",
-        "peak_rss_mb": "peak resident set of the row's own process (ru_maxrss), imports and data included",
-        "seconds, host_load": "wall time of the row's process (start-up, compilation, all steps); the host's "
-                              f"1-minute load average when it ended ({os.cpu_count()} CPUs: a load above that "
-                              "means other work shared the cores and the row's tokens/s is low by that much)",
-        "versions": _versions(),
-    })
+    EXTRA.update(
+        {
+            "preset": f"{preset} ({_fmt_count(params) if params else '?'} params; layers {m.n_layer}, n_embd {m.n_embd}, "
+            f"heads {m.n_head}/{m.n_kv_head} kv, ffn {m.ffn_hidden}, vocab {m.vocab_size}, "
+            f"tied embeddings {m.tie_embeddings})",
+            "shape": f"batch {batch} x ctx {ctx} = {batch * ctx} tokens/step, grad_accum 1",
+            "steps": f"{warmup} warm-up (untimed, compilation happens here) + {steps} timed; tokens/s over the timed steps",
+            "optimizer": f"AdamW lr {t.lr} (warmup {t.warmup_steps}, cosine to {t.min_lr}), betas ({t.beta1}, {t.beta2}), "
+            f"weight decay {t.weight_decay}, grad clip {t.grad_clip}",
+            "data": f"{data_dir} ({meta.get('splits', {}).get('train', {}).get('tokens', '?')} train tokens, "
+            f"digest {str(meta.get('dataset_digest', '?'))[:12]}); contiguous windows of ctx tokens "
+            "(bulba: sampler=stream, Rust engine"
+            + (
+                (
+                    "; HF: blocks of ctx from the same train.bin "
+                    + (
+                        "as a `datasets` dataset on disk"
+                        if hf_data
+                        else "read through np.memmap (datasets not installed)"
+                    )
+                    + ", labels = input_ids"
+                )
+                if HF_ROWS & set(rows)
+                else ""
+            )
+            + ")",
+            "device": _device_line(device),
+            "mfu": "6*N*T + attention FLOPs per token (bulba.model.flops) x tokens/s / the device's dense bf16 peak "
+            f"({_peak_line(device)}), for every row (fp32 rows too)",
+            "peak_rss_mb": "peak resident set of the row's own process (ru_maxrss), imports and data included",
+            "seconds, host_load": "wall time of the row's process (start-up, compilation, all steps); the host's "
+            f"1-minute load average when it ended ({os.cpu_count()} CPUs: a load above that "
+            "means other work shared the cores and the row's tokens/s is low by that much)",
+            "versions": _versions(),
+        }
+    )
     return out
 
 
@@ -316,6 +380,7 @@ def _device_line(device: str) -> str:
 def _peak_line(device: str) -> str:
     try:
         from bulba.model import flops
+
         peak, what = flops.device_peak_flops(device)
         return f"{what}: {peak / 1e12:.3g} TFLOP/s"
     except Exception as e:  # noqa: BLE001 - the table still prints
@@ -340,14 +405,24 @@ def _run_row(row: str, spec: dict, tmp: Path, timeout: float) -> dict:
     cmd = [sys.executable, "-m", "bulba.benchmarks.train", "--worker", str(spec_path), str(out_path)]
     print(f"[bench train] {row} ...", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-               TOKENIZERS_PARALLELISM="false")
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        TOKENIZERS_PARALLELISM="false",
+    )
     if spec.get("threads"):
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(spec["threads"])
     with open(log_path, "w") as log:
         # own process group: on timeout the row goes with its helpers (Inductor compile workers)
-        p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                             stdin=subprocess.DEVNULL, start_new_session=True)
+        p = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         try:
             rc = p.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -365,7 +440,11 @@ def _run_row(row: str, spec: dict, tmp: Path, timeout: float) -> dict:
         res = json.loads(out_path.read_text(encoding="utf-8"))
     else:
         lines = [ln for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()]
-        why = f"timed out after {timeout:.0f} s" if rc is None else f"exit {rc}: " + (lines[-1][:200] if lines else "no output")
+        why = (
+            f"timed out after {timeout:.0f} s"
+            if rc is None
+            else f"exit {rc}: " + (lines[-1][:200] if lines else "no output")
+        )
         res = {"note": f"failed ({why})"}
         sys.stderr.write(f"[bench train] {row} failed; last lines:\n" + "\n".join(lines[-15:]) + "\n")
     res["name"] = row
@@ -392,8 +471,6 @@ def _table_row(r: dict, device: str) -> dict:
 
 
 # =============================================================================== worker side
-
-
 
 
 def _bf16_ok(device: str) -> bool:
@@ -449,11 +526,21 @@ def _run_hf(spec: dict, recipe, best: bool) -> dict:
     total = warmup + steps
     torch.manual_seed(recipe.seed)
     cfg = LlamaConfig(
-        vocab_size=m.vocab_size, hidden_size=m.n_embd, intermediate_size=m.ffn_hidden, num_hidden_layers=m.n_layer,
-        num_attention_heads=m.n_head, num_key_value_heads=m.n_kv_head, head_dim=m.head_dim,
-        max_position_embeddings=m.ctx_len, rms_norm_eps=m.norm_eps, tie_word_embeddings=m.tie_embeddings,
-        initializer_range=m.init_std, rope_theta=m.rope_theta,  # transformers 5 maps it to rope_parameters
-        bos_token_id=spec.get("bos_id"), eos_token_id=spec.get("eos_id"), pad_token_id=spec.get("pad_id"),
+        vocab_size=m.vocab_size,
+        hidden_size=m.n_embd,
+        intermediate_size=m.ffn_hidden,
+        num_hidden_layers=m.n_layer,
+        num_attention_heads=m.n_head,
+        num_key_value_heads=m.n_kv_head,
+        head_dim=m.head_dim,
+        max_position_embeddings=m.ctx_len,
+        rms_norm_eps=m.norm_eps,
+        tie_word_embeddings=m.tie_embeddings,
+        initializer_range=m.init_std,
+        rope_theta=m.rope_theta,  # transformers 5 maps it to rope_parameters
+        bos_token_id=spec.get("bos_id"),
+        eos_token_id=spec.get("eos_id"),
+        pad_token_id=spec.get("pad_id"),
         use_cache=False,
     )
     bf16 = best and _bf16_ok(device)
@@ -471,13 +558,29 @@ def _run_hf(spec: dict, recipe, best: bool) -> dict:
         loader = "torch DataLoader (np.memmap blocks: datasets absent, {} workers)"
     out_dir = tempfile.TemporaryDirectory(prefix="hf-bench-")
     targs = TrainingArguments(
-        output_dir=out_dir.name, report_to="none", save_strategy="no", eval_strategy="no",
-        logging_strategy="steps", logging_steps=total, disable_tqdm=True, max_steps=total,
-        per_device_train_batch_size=t.batch_size, gradient_accumulation_steps=1, dataloader_drop_last=True,
-        learning_rate=t.lr, weight_decay=t.weight_decay, adam_beta1=t.beta1, adam_beta2=t.beta2,
-        max_grad_norm=t.grad_clip, warmup_steps=t.warmup_steps, lr_scheduler_type="cosine_with_min_lr",
-        lr_scheduler_kwargs={"min_lr": t.min_lr}, seed=recipe.seed, use_cpu=(device == "cpu"),
-        bf16=bf16, torch_compile=best,
+        output_dir=out_dir.name,
+        report_to="none",
+        save_strategy="no",
+        eval_strategy="no",
+        logging_strategy="steps",
+        logging_steps=total,
+        disable_tqdm=True,
+        max_steps=total,
+        per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=1,
+        dataloader_drop_last=True,
+        learning_rate=t.lr,
+        weight_decay=t.weight_decay,
+        adam_beta1=t.beta1,
+        adam_beta2=t.beta2,
+        max_grad_norm=t.grad_clip,
+        warmup_steps=t.warmup_steps,
+        lr_scheduler_type="cosine_with_min_lr",
+        lr_scheduler_kwargs={"min_lr": t.min_lr},
+        seed=recipe.seed,
+        use_cpu=(device == "cpu"),
+        bf16=bf16,
+        torch_compile=best,
     )
 
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -493,6 +596,7 @@ def _run_hf(spec: dict, recipe, best: bool) -> dict:
                 torch.cuda.reset_peak_memory_stats()  # peak over the timed steps, as bulba.train.benchmark.benchmark
 
     timer = StepTimer()
+
     class LossTrainer(Trainer):  # keeps the last step's loss tensor: no extra host sync per step
         last_loss = None
 
@@ -534,8 +638,9 @@ class _MemmapBlocks:
         import numpy as np
 
         meta = json.loads((Path(data_dir) / "meta.json").read_text(encoding="utf-8"))
-        self.tokens = np.memmap(Path(data_dir) / "train.bin", dtype=np.dtype(meta.get("dtype", "uint16")).newbyteorder("<"),
-                                mode="r")
+        self.tokens = np.memmap(
+            Path(data_dir) / "train.bin", dtype=np.dtype(meta.get("dtype", "uint16")).newbyteorder("<"), mode="r"
+        )
         self.ctx, self.n = ctx, len(self.tokens) // ctx
 
     def __len__(self):
@@ -544,7 +649,7 @@ class _MemmapBlocks:
     def __getitem__(self, i):
         import torch
 
-        block = torch.from_numpy(self.tokens[i * self.ctx:(i + 1) * self.ctx].astype("int64"))
+        block = torch.from_numpy(self.tokens[i * self.ctx : (i + 1) * self.ctx].astype("int64"))
         return {"input_ids": block, "labels": block.clone()}
 
 
@@ -589,7 +694,15 @@ def _optimizer_name(opt) -> str:
     if opt is None:
         return "?"
     d = opt.defaults
-    impl = "fused" if d.get("fused") else "foreach" if d.get("foreach") else "for-loop" if d.get("foreach") is False else "default"
+    impl = (
+        "fused"
+        if d.get("fused")
+        else "foreach"
+        if d.get("foreach")
+        else "for-loop"
+        if d.get("foreach") is False
+        else "default"
+    )
     return f"{type(opt).__name__} {impl}"
 
 

@@ -5,11 +5,14 @@ Public names are imported on first use (PEP 562), so `import bulba.data.format` 
 
 from bulba import lazy_exports
 
-__getattr__ = lazy_exports(__name__, {
-    "TokenData": "bulba.data.format",
-    "open_data": "bulba.data.format",
-    "Batches": "bulba.data.loader",
-    "document_layout": "bulba.data.loader",
-    "PrepareConfig": "bulba.data.prepare",
-    "prepare": "bulba.data.prepare",
-})
+__getattr__ = lazy_exports(
+    __name__,
+    {
+        "TokenData": "bulba.data.format",
+        "open_data": "bulba.data.format",
+        "Batches": "bulba.data.loader",
+        "document_layout": "bulba.data.loader",
+        "PrepareConfig": "bulba.data.prepare",
+        "prepare": "bulba.data.prepare",
+    },
+)

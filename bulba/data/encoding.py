@@ -18,9 +18,8 @@ from itertools import chain
 
 from bulba.data import corpus as C
 from bulba.memory import peak_rss_mb
+
 _STATE: dict = {}
-
-
 
 
 class Keyer:

@@ -93,11 +93,21 @@ def write_split(folder: Path, split: str, docs: list[np.ndarray], dtype: str) ->
     return w.close()
 
 
-def new_meta(*, dtype: str, vocab_size: int, splits: dict, bos_id: int | None, eos_id: int | None,
-             pad_id: int | None, **fields) -> dict:
+def new_meta(
+    *, dtype: str, vocab_size: int, splits: dict, bos_id: int | None, eos_id: int | None, pad_id: int | None, **fields
+) -> dict:
     """meta.json's content: the contract's keys, then whatever else the writer records."""
-    return {"format": FORMAT, "version": VERSION, "dtype": dtype, "vocab_size": vocab_size,
-            "bos_id": bos_id, "eos_id": eos_id, "pad_id": pad_id, "splits": splits, **fields}
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "dtype": dtype,
+        "vocab_size": vocab_size,
+        "bos_id": bos_id,
+        "eos_id": eos_id,
+        "pad_id": pad_id,
+        "splits": splits,
+        **fields,
+    }
 
 
 def write_meta(folder: Path, meta: dict) -> None:
@@ -173,8 +183,9 @@ def open_data(data_dir: str | Path, vocab_size: int | None = None) -> TokenData:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise UserError(f"{meta_path} is not a BulbaGPT dataset (format != '{FORMAT}'): re-run prepare.py")
     if meta.get("version") != VERSION:
-        raise UserError(f"{meta_path} has format version {meta.get('version')!r}; this version reads {VERSION}: "
-                        "re-run prepare.py")
+        raise UserError(
+            f"{meta_path} has format version {meta.get('version')!r}; this version reads {VERSION}: re-run prepare.py"
+        )
     vocab = meta.get("vocab_size")
     if not _is_count(vocab, 1 << 32) or vocab == 0:
         raise UserError(f"{meta_path}: vocab_size must be a positive integer, got {vocab!r}")
@@ -205,7 +216,9 @@ def _check_meta_types(meta_path: Path, meta: dict, vocab: int) -> None:
     """A hand-edited or foreign meta.json must fail here, in one line, not deep in the engine."""
     for key in ("bos_id", "eos_id", "pad_id"):
         if key in meta and meta[key] is not None and not _is_count(meta[key], vocab):
-            raise UserError(f"{meta_path}: {key} must be a token id in [0, {vocab}), got {meta[key]!r}: re-run prepare.py")
+            raise UserError(
+                f"{meta_path}: {key} must be a token id in [0, {vocab}), got {meta[key]!r}: re-run prepare.py"
+            )
     splits = meta.get("splits")
     if not isinstance(splits, dict):
         raise UserError(f"{meta_path}: 'splits' must be an object with train and val entries: re-run prepare.py")
@@ -214,5 +227,7 @@ def _check_meta_types(meta_path: Path, meta: dict, vocab: int) -> None:
             raise UserError(f"{meta_path}: splits.{name} must be an object, got {info!r}: re-run prepare.py")
         for key in ("tokens", "documents"):
             if key in info and not _is_count(info[key]):
-                raise UserError(f"{meta_path}: splits.{name}.{key} must be a non-negative integer, "
-                                f"got {info[key]!r}: re-run prepare.py")
+                raise UserError(
+                    f"{meta_path}: splits.{name}.{key} must be a non-negative integer, "
+                    f"got {info[key]!r}: re-run prepare.py"
+                )

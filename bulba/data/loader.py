@@ -40,7 +40,9 @@ def _engine_module():
     try:
         from bulba import _rust
     except ImportError as e:
-        raise UserError(f"the Rust data engine is not built ({e}): run `pip install -e .` in the project root") from None
+        raise UserError(
+            f"the Rust data engine is not built ({e}): run `pip install -e .` in the project root"
+        ) from None
     return _rust
 
 
@@ -81,8 +83,13 @@ class Batches:
         if split not in SPLITS:
             raise UserError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
         # The sampler name is checked once, by the engine (Rust's Sampler enum): a ValueError below.
-        for name, value in (("batch_size", batch_size), ("ctx", ctx), ("world_size", world_size),
-                            ("prefetch", prefetch), ("workers", workers)):
+        for name, value in (
+            ("batch_size", batch_size),
+            ("ctx", ctx),
+            ("world_size", world_size),
+            ("prefetch", prefetch),
+            ("workers", workers),
+        ):
             if value <= 0:
                 raise UserError(f"{name} must be positive, got {value}")
         if not 0 <= rank < world_size:
@@ -95,11 +102,22 @@ class Batches:
         info = self.data.split_info(split)
         try:
             self._engine = _engine_module().Engine(
-                str(self.data.bin_path(split)), str(self.data.idx_path(split)),
-                dtype=self.data.dtype, vocab_size=self.data.vocab_size, sampler=sampler,
-                batch_size=batch_size, ctx=ctx, seed=seed % (1 << 64), rank=rank, world_size=world_size,
-                buckets=self.buckets, shuffle=shuffle, drop_last=drop_last,
-                pad_id=self.data.pad_id, expected_tokens=info.get("tokens"), expected_docs=info.get("documents"),
+                str(self.data.bin_path(split)),
+                str(self.data.idx_path(split)),
+                dtype=self.data.dtype,
+                vocab_size=self.data.vocab_size,
+                sampler=sampler,
+                batch_size=batch_size,
+                ctx=ctx,
+                seed=seed % (1 << 64),
+                rank=rank,
+                world_size=world_size,
+                buckets=self.buckets,
+                shuffle=shuffle,
+                drop_last=drop_last,
+                pad_id=self.data.pad_id,
+                expected_tokens=info.get("tokens"),
+                expected_docs=info.get("documents"),
             )
         except ValueError as e:  # corrupt/truncated files, vocab mismatch, too little data
             raise UserError(str(e)) from None
@@ -143,10 +161,19 @@ class Batches:
         makes `position` one ahead of it.
         """
         n = self._position if consumed is None else int(consumed)
-        return {"version": STATE_VERSION, "consumed": n, "epoch": n // self.batches_per_epoch,
-                "batch": n % self.batches_per_epoch, "sampler": self.sampler, "seed": self.seed,
-                "batch_size": self.batch_size, "ctx": self.ctx, "rank": self.rank,
-                "world_size": self.world_size, "batches_per_epoch": self.batches_per_epoch}
+        return {
+            "version": STATE_VERSION,
+            "consumed": n,
+            "epoch": n // self.batches_per_epoch,
+            "batch": n % self.batches_per_epoch,
+            "sampler": self.sampler,
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+            "ctx": self.ctx,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "batches_per_epoch": self.batches_per_epoch,
+        }
 
     def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
         """Positions the iterable at `state["consumed"]` batches; the next iter() starts there.
@@ -159,8 +186,11 @@ class Batches:
             mine = self.state_dict()
             diff = [f"{k} {state[k]!r} -> {mine[k]!r}" for k in _STATE_KEYS if k in state and state[k] != mine[k]]
             if diff:
-                raise UserError("cannot resume the data order exactly, the data settings changed: "
-                                + ", ".join(diff) + "; restore them or start a new run")
+                raise UserError(
+                    "cannot resume the data order exactly, the data settings changed: "
+                    + ", ".join(diff)
+                    + "; restore them or start a new run"
+                )
         self.seek(int(state["consumed"]))
 
     def seek(self, consumed: int) -> None:
@@ -268,9 +298,21 @@ def make_batches_factory(recipe, data, pin: bool):
 
     def factory(split: str, rank: int, world: int, start: int):
         train = split == "train"
-        b = Batches(data, split=split, sampler=d.sampler, batch_size=t.batch_size, ctx=m.ctx_len,
-                    seed=recipe.seed, rank=rank, world_size=world, buckets=d.buckets, prefetch=d.prefetch,
-                    shuffle=train, infinite=train, drop_last=train)
+        b = Batches(
+            data,
+            split=split,
+            sampler=d.sampler,
+            batch_size=t.batch_size,
+            ctx=m.ctx_len,
+            seed=recipe.seed,
+            rank=rank,
+            world_size=world,
+            buckets=d.buckets,
+            prefetch=d.prefetch,
+            shuffle=train,
+            infinite=train,
+            drop_last=train,
+        )
         return TorchBatches(b, start, pin, d.sampler == "stream", None if train else t.val_batches)
 
     return factory

@@ -35,13 +35,21 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from bulba.data import corpus as C
 from bulba.atomic import TMP_PREFIX, atomic_dir, sha256_file
+from bulba.data import corpus as C
 from bulba.data.encoding import Keyer, encode_block, init_worker
 from bulba.data.format import META_NAME, SplitWriter, new_meta, token_dtype, write_meta
+from bulba.data.tokenizer import (
+    BOS,
+    DEFAULT_VOCAB,
+    EOS,
+    SPECIAL_TOKENS,
+    check_tokenizer,
+    check_vocab_size,
+    load_tokenizer,
+    train_tokenizer,
+)
 from bulba.errors import UserError
-from bulba.data.tokenizer import BOS, DEFAULT_VOCAB, EOS, SPECIAL_TOKENS, check_tokenizer, check_vocab_size, \
-    load_tokenizer, train_tokenizer
 
 DEFAULT_EXPERIMENT = "bulbagpt-prepare"
 
@@ -196,8 +204,9 @@ def resolve_workers(cfg: PrepareConfig, total_bytes: int) -> int:
     return n if n >= 2 else 0
 
 
-def encode_corpus(sources: list[C.Input], tokenizer_json: str, folder: Path, val_threshold: float,
-                  cfg: PrepareConfig, dtype) -> tuple[dict, Stats]:
+def encode_corpus(
+    sources: list[C.Input], tokenizer_json: str, folder: Path, val_threshold: float, cfg: PrepareConfig, dtype
+) -> tuple[dict, Stats]:
     """Stream every source, block by block, through the workers into FOLDER/{train,val}.{bin,idx}."""
     train, val = SplitWriter(folder, "train", dtype), SplitWriter(folder, "val", dtype)
     stats = Stats()
@@ -206,9 +215,22 @@ def encode_corpus(sources: list[C.Input], tokenizer_json: str, folder: Path, val
     bar = _bar(total or None, "encoding", cfg)
     src_stats = []
     for s in sources:
-        src_stats.append({"name": s.name, "path": s.location, "kind": s.kind, "weight": s.weight,
-                          "documents": 0, "tokens": 0, "words": 0, "bytes": 0, "language": s.language,
-                          "train_tokens": 0, "val_tokens": 0, "sha256": s.sha256})
+        src_stats.append(
+            {
+                "name": s.name,
+                "path": s.location,
+                "kind": s.kind,
+                "weight": s.weight,
+                "documents": 0,
+                "tokens": 0,
+                "words": 0,
+                "bytes": 0,
+                "language": s.language,
+                "train_tokens": 0,
+                "val_tokens": 0,
+                "sha256": s.sha256,
+            }
+        )
     stats.sources = src_stats
 
     def jobs():
@@ -231,7 +253,9 @@ def encode_corpus(sources: list[C.Input], tokenizer_json: str, folder: Path, val
                 stats.min_u = min(stats.min_u, r["min_u"])
                 if "lang_docs" in r:
                     for j in np.flatnonzero(np.asarray(r["lang_docs"])):
-                        a = stats.languages.setdefault(C.LANGUAGES[j], {"documents": 0, "words": 0, "tokens": 0, "bytes": 0})
+                        a = stats.languages.setdefault(
+                            C.LANGUAGES[j], {"documents": 0, "words": 0, "tokens": 0, "bytes": 0}
+                        )
                         for key in ("documents", "words", "tokens", "bytes"):
                             a[key] += int(r["lang_" + ("docs" if key == "documents" else key)][j])
                     st["documents"] += sum(r["lang_docs"])
@@ -255,8 +279,16 @@ def _bar(total, desc, cfg):
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
-                disable=None if cfg.progress is None else not cfg.progress, dynamic_ncols=True)
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        file=sys.stderr,
+        disable=None if cfg.progress is None else not cfg.progress,
+        dynamic_ncols=True,
+    )
 
 
 # ---------------------------------------------------------------------------- main flow
@@ -295,7 +327,9 @@ def prepare(cfg: PrepareConfig) -> dict:
     if cfg.tokenizer is not None:
         tok = load_tokenizer(cfg.tokenizer)
         if cfg.vocab_size not in (None, DEFAULT_VOCAB) and tok.get_vocab_size() != cfg.vocab_size:
-            raise UserError(f"--tokenizer has {tok.get_vocab_size()} tokens but --vocab-size {cfg.vocab_size} was asked")
+            raise UserError(
+                f"--tokenizer has {tok.get_vocab_size()} tokens but --vocab-size {cfg.vocab_size} was asked"
+            )
     else:
         cap = cfg.tokenizer_max_mb * 1e6
         weighted = sum(s.weight * (s.nbytes or cap) for s in sources)
@@ -308,9 +342,13 @@ def prepare(cfg: PrepareConfig) -> dict:
                 counter["docs"] += len(docs)
                 yield docs
 
-        tok = train_tokenizer(texts(), cfg.vocab_size, cfg.min_frequency,
-                              show_progress=bool(bar is not None and not bar.disable),
-                              warn=notes.append)
+        tok = train_tokenizer(
+            texts(),
+            cfg.vocab_size,
+            cfg.min_frequency,
+            show_progress=bool(bar is not None and not bar.disable),
+            warn=notes.append,
+        )
         if bar is not None:
             bar.close()
         if counter["docs"] == 0:
@@ -333,12 +371,22 @@ def prepare(cfg: PrepareConfig) -> dict:
         name = Path(e.filename).name if getattr(e, "filename", None) else None
         where = out / name if name else out
         keep = f"the previous dataset in {out} is intact" if had_dataset else f"nothing was left in {out}"
-        raise UserError(f"cannot write {where} ({e.strerror or e}); {keep}; free space (or raise the file size "
-                        "limit) and run prepare.py again") from None
+        raise UserError(
+            f"cannot write {where} ({e.strerror or e}); {keep}; free space (or raise the file size "
+            "limit) and run prepare.py again"
+        ) from None
 
 
-def _write_dataset(cfg: PrepareConfig, out: Path, holder: list, specials: dict, vocab_size: int, dtype: str,
-                   sources: list, times: tuple) -> dict:
+def _write_dataset(
+    cfg: PrepareConfig,
+    out: Path,
+    holder: list,
+    specials: dict,
+    vocab_size: int,
+    dtype: str,
+    sources: list,
+    times: tuple,
+) -> dict:
     """Steps 3-4 inside a temporary directory renamed to `out` when complete (OSError on a full disk)."""
     t0, t_scan, t_tok = times
     tok = holder.pop()
@@ -362,21 +410,36 @@ def _write_dataset(cfg: PrepareConfig, out: Path, holder: list, specials: dict, 
         t_enc = time.time()
         tok_sha = sha256_file(tmp / "tokenizer.json")
         meta = new_meta(
-            dtype=dtype, vocab_size=vocab_size, splits=splits,
-            bos_id=specials[BOS], eos_id=specials[EOS], pad_id=specials[EOS],
+            dtype=dtype,
+            vocab_size=vocab_size,
+            splits=splits,
+            bos_id=specials[BOS],
+            eos_id=specials[EOS],
+            pad_id=specials[EOS],
             special_tokens={t: specials[t] for t in SPECIAL_TOKENS},
             add_bos_token=True,
             sources=stats.sources,
-            languages={k: dict(v, tokens_per_word=round(v["tokens"] / v["words"], 4) if v["words"] else None)
-                          for k, v in sorted(stats.languages.items())},
+            languages={
+                k: dict(v, tokens_per_word=round(v["tokens"] / v["words"], 4) if v["words"] else None)
+                for k, v in sorted(stats.languages.items())
+            },
             tokenizer_sha256=tok_sha,
             inputs_sha256=hashlib.sha256("\n".join(f"{s.sha256} {s.weight:g}" for s in sources).encode()).hexdigest(),
             dataset_digest=dataset_digest(tok_sha, splits),
-            params={"val_fraction": cfg.val_fraction, "text_field": cfg.text_field, "seed": cfg.seed,
-                       "tokenizer_max_mb": cfg.tokenizer_max_mb, "min_frequency": cfg.min_frequency,
-                       "tokenizer": str(cfg.tokenizer) if cfg.tokenizer else None, "inputs": list(cfg.inputs)},
-            timings_s={"scan": round(t_scan - t0, 3), "tokenizer": round(t_tok - t_scan, 3),
-                          "encode": round(t_enc - t_tok, 3)},
+            params={
+                "val_fraction": cfg.val_fraction,
+                "text_field": cfg.text_field,
+                "seed": cfg.seed,
+                "tokenizer_max_mb": cfg.tokenizer_max_mb,
+                "min_frequency": cfg.min_frequency,
+                "tokenizer": str(cfg.tokenizer) if cfg.tokenizer else None,
+                "inputs": list(cfg.inputs),
+            },
+            timings_s={
+                "scan": round(t_scan - t0, 3),
+                "tokenizer": round(t_tok - t_scan, 3),
+                "encode": round(t_enc - t_tok, 3),
+            },
             mlflow_run_id=None,
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         )
@@ -407,17 +470,31 @@ def _start_mlflow(cfg: PrepareConfig, meta: dict, tmp: Path, out: Path) -> str |
         check_reachable("cannot log the dataset")
         mlflow = setup_mlflow(cfg.experiment)
         run = mlflow.start_run(run_name=f"prepare-{out.name}")
-        mlflow.set_tags({"bulba.stage": "prepare", "bulba.dataset_digest": meta["dataset_digest"],
-                         "bulba.data_dir": str(out.resolve())})
-        mlflow.log_params({
-            "inputs": " ".join(cfg.inputs)[:500], "out": str(out)[:500], "vocab_size": meta["vocab_size"],
-            "dtype": meta["dtype"], "val_fraction": cfg.val_fraction, "text_field": cfg.text_field,
-            "tokenizer_max_mb": cfg.tokenizer_max_mb, "min_frequency": cfg.min_frequency, "seed": cfg.seed,
-            "tokenizer": str(cfg.tokenizer) if cfg.tokenizer else "trained",
-            "n_sources": len(meta["sources"]),
-        })
-        metrics = {f"{split}_{k}": float(v) for split, d in meta["splits"].items()
-                   for k, v in d.items() if k != "sha256"}
+        mlflow.set_tags(
+            {
+                "bulba.stage": "prepare",
+                "bulba.dataset_digest": meta["dataset_digest"],
+                "bulba.data_dir": str(out.resolve()),
+            }
+        )
+        mlflow.log_params(
+            {
+                "inputs": " ".join(cfg.inputs)[:500],
+                "out": str(out)[:500],
+                "vocab_size": meta["vocab_size"],
+                "dtype": meta["dtype"],
+                "val_fraction": cfg.val_fraction,
+                "text_field": cfg.text_field,
+                "tokenizer_max_mb": cfg.tokenizer_max_mb,
+                "min_frequency": cfg.min_frequency,
+                "seed": cfg.seed,
+                "tokenizer": str(cfg.tokenizer) if cfg.tokenizer else "trained",
+                "n_sources": len(meta["sources"]),
+            }
+        )
+        metrics = {
+            f"{split}_{k}": float(v) for split, d in meta["splits"].items() for k, v in d.items() if k != "sha256"
+        }
         for lang, d in meta["languages"].items():
             for k in ("documents", "words", "tokens", "bytes"):
                 metrics[f"{lang}_{k}"] = float(d[k])
@@ -430,8 +507,10 @@ def _start_mlflow(cfg: PrepareConfig, meta: dict, tmp: Path, out: Path) -> str |
         mlflow.log_artifact(str(tmp / "tokenizer.json"))
         return run.info.run_id
     except Exception as e:  # noqa: BLE001 - tracking must never fail a prepare
-        warn(f"MLflow logging failed ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
-             f"the dataset is written anyway")
+        warn(
+            f"MLflow logging failed ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
+            f"the dataset is written anyway"
+        )
         _end_run("FAILED")
         return None
 
@@ -479,7 +558,9 @@ def summary(meta: dict, out: Path) -> str:
         bpt = f"{d['bytes'] / d['tokens']:.2f}" if d["tokens"] else "-"
         lines.append(f"{lang:<9}{d['documents']:>11,}{d['words']:>13,}{d['tokens']:>13,}{tpw:>10}{bpt:>11}")
     t = meta["timings_s"]
-    lines.append(f"time: scan {t['scan']:.1f}s, tokenizer {t['tokenizer']:.1f}s, encode {t['encode']:.1f}s, "
-                 f"total {meta['_seconds']:.1f}s; dataset digest {meta['dataset_digest']}"
-                 + (f", MLflow run {meta['mlflow_run_id']}" if meta["mlflow_run_id"] else ""))
+    lines.append(
+        f"time: scan {t['scan']:.1f}s, tokenizer {t['tokenizer']:.1f}s, encode {t['encode']:.1f}s, "
+        f"total {meta['_seconds']:.1f}s; dataset digest {meta['dataset_digest']}"
+        + (f", MLflow run {meta['mlflow_run_id']}" if meta["mlflow_run_id"] else "")
+    )
     return "\n".join(lines)

@@ -43,23 +43,31 @@ DEFAULT_VOCAB = 32003
 
 
 def _pre_tokenizer():
-    return pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
-    ])
+    return pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+        ]
+    )
 
 
 def check_vocab_size(vocab_size: int) -> None:
     if vocab_size < MIN_VOCAB:
         raise UserError(
             f"--vocab-size {vocab_size} is too small: it must hold the {N_BYTES} byte tokens and "
-            f"{len(SPECIAL_TOKENS)} special tokens, so at least {MIN_VOCAB}")
+            f"{len(SPECIAL_TOKENS)} special tokens, so at least {MIN_VOCAB}"
+        )
     if vocab_size > 2**32:
         raise UserError(f"--vocab-size {vocab_size} is too large (token ids are stored as uint32)")
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB, min_frequency: int = 2,
-                    show_progress: bool = False, warn: Callable[[str], None] | None = None) -> Tokenizer:
+def train_tokenizer(
+    texts: Iterable[str],
+    vocab_size: int = DEFAULT_VOCAB,
+    min_frequency: int = 2,
+    show_progress: bool = False,
+    warn: Callable[[str], None] | None = None,
+) -> Tokenizer:
     """Train on an iterator of NFC text (streamed: only pair counts are held in memory)."""
     check_vocab_size(vocab_size)
     n_bpe = vocab_size - len(SPECIAL_TOKENS)
@@ -81,12 +89,15 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB, min_f
         raise RuntimeError(f"BPE trainer returned {learned} tokens, fewer than the byte alphabet")
     n_reserved = n_bpe - learned
     if n_reserved and warn:
-        warn(f"corpus too small to learn {n_bpe - N_BYTES} merges at min frequency {min_frequency}; "
-             f"filled {n_reserved} ids with <|reserved_special_token_i|> to keep --vocab-size {vocab_size}")
+        warn(
+            f"corpus too small to learn {n_bpe - N_BYTES} merges at min frequency {min_frequency}; "
+            f"filled {n_reserved} ids with <|reserved_special_token_i|> to keep --vocab-size {vocab_size}"
+        )
     # Added tokens get ids after the model's vocabulary, in the order given.
     tok.add_special_tokens([f"<|reserved_special_token_{i}|>" for i in range(n_reserved)] + SPECIAL_TOKENS)
     tok.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, tok.token_to_id(BOS))])
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, tok.token_to_id(BOS))]
+    )
     check_tokenizer(tok, vocab_size)
     return tok
 
@@ -138,15 +149,28 @@ def _as_document_encoder(enc: Tokenizer) -> Tokenizer:
     enc.normalizer = None
     bos, eos = enc.token_to_id(BOS), enc.token_to_id(EOS)
     enc.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A {EOS}", pair=f"{BOS} $A {EOS} $B:1 {EOS}:1", special_tokens=[(BOS, bos), (EOS, eos)])
+        single=f"{BOS} $A {EOS}", pair=f"{BOS} $A {EOS} $B:1 {EOS}:1", special_tokens=[(BOS, bos), (EOS, eos)]
+    )
     enc.encode_special_tokens = True
     return enc
 
 
 # Probes for one character c: together they expose which class the regex puts c in (letter,
 # number, whitespace, newline, other) and how it case-folds in the contractions.
-_PROBES = ("a{c}b", " {c}{c}1", "'{c} {c}\n", "1{c}x  {c}", "{c}'S", "x'{c}", "'{c}e", "'r{c}", "'l{c}",
-           "'v{c}", "\n{c}\n", "{c}\r\n ")
+_PROBES = (
+    "a{c}b",
+    " {c}{c}1",
+    "'{c} {c}\n",
+    "1{c}x  {c}",
+    "{c}'S",
+    "x'{c}",
+    "'{c}e",
+    "'r{c}",
+    "'l{c}",
+    "'v{c}",
+    "\n{c}\n",
+    "{c}\r\n ",
+)
 
 
 class DocumentEncoder:
@@ -260,4 +284,3 @@ def _bytes_to_unicode() -> dict[int, str]:
             cs.append(256 + n)
             n += 1
     return {b: chr(c) for b, c in zip(bs, cs)}
-

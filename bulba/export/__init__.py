@@ -5,8 +5,11 @@ Public names are imported on first use (PEP 562), so `export.py --help` stays in
 
 from bulba import lazy_exports
 
-__getattr__ = lazy_exports(__name__, {
-    "export": "bulba.export.pipeline",
-    "open_source": "bulba.export.source",
-    "Source": "bulba.export.source",
-})
+__getattr__ = lazy_exports(
+    __name__,
+    {
+        "export": "bulba.export.pipeline",
+        "open_source": "bulba.export.source",
+        "Source": "bulba.export.source",
+    },
+)

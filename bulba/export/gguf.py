@@ -23,6 +23,7 @@ from bulba.errors import UserError
 from bulba.export.source import Source
 from bulba.model.weights import Tensor, layout, permute_rotate_half
 
+
 # name -> (GGML tensor type for 2-D weights, general.file_type). Quantized in numpy by gguf-py.
 def _numpy_types():
     import gguf
@@ -75,8 +76,10 @@ def check_type(type_name: str, src: Source) -> None:
     if type_name not in all_types():
         raise UserError(f"unknown type '{type_name}'; valid types: {', '.join(all_types())}")
     if type_name not in available_types():
-        raise UserError(f"type '{type_name}' needs llama.cpp's quantizer: pip install llama-cpp-python "
-                        f"(available now: {', '.join(available_types())})")
+        raise UserError(
+            f"type '{type_name}' needs llama.cpp's quantizer: pip install llama-cpp-python "
+            f"(available now: {', '.join(available_types())})"
+        )
     bs = block_size(type_name)
     cfg = src.model
     # Row lengths of the 2-D weights: n_embd (embeddings, Q/K/V, gate/up), n_head*head_dim
@@ -85,8 +88,10 @@ def check_type(type_name: str, src: Source) -> None:
     bad = {k: v for k, v in rows.items() if v % bs}
     if bad:
         what = ", ".join(f"{k}={v}" for k, v in bad.items())
-        raise UserError(f"type '{type_name}' needs row lengths that are multiples of {bs}, but the model has {what}; "
-                        f"pick f16/bf16/q8_0 or train with multiples of {bs}")
+        raise UserError(
+            f"type '{type_name}' needs row lengths that are multiples of {bs}, but the model has {what}; "
+            f"pick f16/bf16/q8_0 or train with multiples of {bs}"
+        )
 
 
 def gguf_rows(t: Tensor, arr: np.ndarray) -> np.ndarray:
@@ -99,7 +104,9 @@ def chat_template(tok) -> str:
     eot = tok.end_of_turn
     return (
         "{{ bos_token }}{% for message in messages %}"
-        "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '" + eot + "' }}"
+        "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '"
+        + eot
+        + "' }}"
         "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
     )
 
@@ -155,7 +162,7 @@ def _convert(arr: np.ndarray, qtype) -> np.ndarray:
     out = np.empty(gguf.quant_shape_to_byte_shape(arr.shape, qtype), dtype=np.uint8)
     step = max(1, (4 << 20) // arr.shape[-1])
     for r in range(0, arr.shape[0], step):
-        out[r:r + step] = gguf.quants.quantize(arr[r:r + step], qtype)
+        out[r : r + step] = gguf.quants.quantize(arr[r : r + step], qtype)
     return out
 
 
@@ -181,8 +188,9 @@ def write_gguf(src: Source, type_name: str, path: str | os.PathLike, name: str) 
     for t in plan:
         # Norm vectors stay F32 (as llama.cpp's converter and quantizer keep them).
         dtypes[t.gguf] = qtype if len(t.shape) == 2 else Q.F32
-        w.add_tensor_info(t.gguf, t.shape, np.dtype(np.float32), _nbytes(t.shape, dtypes[t.gguf]),
-                          raw_dtype=dtypes[t.gguf])
+        w.add_tensor_info(
+            t.gguf, t.shape, np.dtype(np.float32), _nbytes(t.shape, dtypes[t.gguf]), raw_dtype=dtypes[t.gguf]
+        )
     _add_metadata(w, src, ftype, name, quantized=qtype not in (Q.F32, Q.F16, Q.BF16))
     try:
         w.write_header_to_file()

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from bulba.atomic import atomic_dir
 from bulba.errors import UserError
-from bulba.export.source import Source
 from bulba.export.gguf import chat_template
+from bulba.export.source import Source
 from bulba.model.weights import hf_name
 
 HF_DTYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
@@ -54,8 +54,17 @@ def hf_config(src: Source, dtype: str) -> dict:
 
 def tokenizer_config(src: Source) -> dict:
     tok = src.tokenizer
-    added = {str(i): {"content": tok.tokens[i], "lstrip": False, "normalized": False, "rstrip": False,
-                      "single_word": False, "special": True} for i in sorted(tok.special.values())}
+    added = {
+        str(i): {
+            "content": tok.tokens[i],
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": True,
+        }
+        for i in sorted(tok.special.values())
+    }
     return {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": tok.bos,
@@ -83,8 +92,12 @@ def _tokenizer_json(src: Source) -> str:
         tj["post_processor"] = {
             "type": "TemplateProcessing",
             "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
-            "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
-                     {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+            "pair": [
+                {"SpecialToken": {"id": bos, "type_id": 0}},
+                {"Sequence": {"id": "A", "type_id": 0}},
+                {"SpecialToken": {"id": bos, "type_id": 1}},
+                {"Sequence": {"id": "B", "type_id": 1}},
+            ],
             "special_tokens": {bos: {"id": bos, "ids": [src.tokenizer.bos_id], "tokens": [bos]}},
         }
     return json.dumps(tj, ensure_ascii=False)
@@ -115,20 +128,42 @@ def write_hf(src: Source, out_dir: str | Path, dtype: str = "f32", force: bool =
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         del state
         (tmp / "config.json").write_text(json.dumps(hf_config(src, HF_DTYPES[dtype]), indent=2) + "\n")
-        (tmp / "generation_config.json").write_text(json.dumps({
-            "bos_token_id": src.tokenizer.bos_id,
-            "eos_token_id": [i for i in (src.tokenizer.eos_id, src.tokenizer.eot_id) if i is not None],
-            "pad_token_id": src.tokenizer.pad_id,
-            "do_sample": True, "temperature": 0.8, "top_p": 0.95,
-            "max_length": src.model.ctx_len,
-        }, indent=2) + "\n")
+        (tmp / "generation_config.json").write_text(
+            json.dumps(
+                {
+                    "bos_token_id": src.tokenizer.bos_id,
+                    "eos_token_id": [i for i in (src.tokenizer.eos_id, src.tokenizer.eot_id) if i is not None],
+                    "pad_token_id": src.tokenizer.pad_id,
+                    "do_sample": True,
+                    "temperature": 0.8,
+                    "top_p": 0.95,
+                    "max_length": src.model.ctx_len,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
         (tmp / "tokenizer.json").write_text(_tokenizer_json(src), encoding="utf-8")
         (tmp / "tokenizer_config.json").write_text(
-            json.dumps(tokenizer_config(src), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        (tmp / "special_tokens_map.json").write_text(json.dumps({
-            "bos_token": src.tokenizer.bos, "eos_token": src.tokenizer.eos,
-            **({"pad_token": src.tokenizer.tokens[src.tokenizer.pad_id]} if src.tokenizer.pad_id is not None else {}),
-        }, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+            json.dumps(tokenizer_config(src), indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+        )
+        (tmp / "special_tokens_map.json").write_text(
+            json.dumps(
+                {
+                    "bos_token": src.tokenizer.bos,
+                    "eos_token": src.tokenizer.eos,
+                    **(
+                        {"pad_token": src.tokenizer.tokens[src.tokenizer.pad_id]}
+                        if src.tokenizer.pad_id is not None
+                        else {}
+                    ),
+                },
+                ensure_ascii=False,
+                indent=2,
+            )
+            + "\n",
+            encoding="utf-8",
+        )
     return out_dir
 
 
@@ -143,4 +178,3 @@ def hf_logits(hf_dir: str | Path, input_ids):
     model.eval()
     with torch.no_grad():
         return model(torch.as_tensor(input_ids)[None]).logits[0].float()
-

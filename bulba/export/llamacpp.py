@@ -166,5 +166,5 @@ class LlamaCpp:
         buf = ctypes.create_string_buffer(256)
         for t in ids:
             n = self.L.llama_token_to_piece(self.vocab, t, buf, len(buf), 0, False)
-            out += buf.raw[:max(n, 0)]
+            out += buf.raw[: max(n, 0)]
         return out.decode("utf-8", "replace")

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from bulba.atomic import TMP_PREFIX, fsync_dir, write_text
 from bulba.errors import UserError
-from bulba.export.source import open_source, remove_quietly
 from bulba.export.gguf import LLAMA_CPP_TYPES, all_types, check_type, quantize_with_llama_cpp, write_gguf
+from bulba.export.source import open_source, remove_quietly
 
 
 @dataclass
@@ -43,8 +43,7 @@ def modelfile_text(gguf_name: str, tok) -> str:
         'TEMPLATE """{{ if .System }}<|start_header_id|>system<|end_header_id|>\n\n'
         "{{ .System }}" + eot + "{{ end }}{{ if .Prompt }}<|start_header_id|>user<|end_header_id|>\n\n"
         "{{ .Prompt }}" + eot + "{{ end }}<|start_header_id|>assistant<|end_header_id|>\n\n"
-        '{{ .Response }}' + eot + '"""\n\n'
-        + "".join(f'PARAMETER stop "{s}"\n' for s in stops)
+        "{{ .Response }}" + eot + '"""\n\n' + "".join(f'PARAMETER stop "{s}"\n' for s in stops)
     )
 
 
@@ -53,18 +52,31 @@ def check_register_name(name: str) -> None:
     name (no folders, no '..', no control characters), so it cannot point outside output_models."""
     bad = [c for c in name if c in "/\\" or ord(c) < 32 or c == "\x7f"]
     if bad or name.strip() in (".", "..") or name.startswith("."):
-        raise UserError(f"--register {name!r}: a model name may not contain '/', '\\', control characters "
-                        "or start with '.'; e.g. --register bulba-demo")
+        raise UserError(
+            f"--register {name!r}: a model name may not contain '/', '\\', control characters "
+            "or start with '.'; e.g. --register bulba-demo"
+        )
 
 
 def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def export(source: str, type_name: str, out: str | os.PathLike, *, register: str | None = None,
-           hf_out: str | os.PathLike | None = None, hf_dtype: str = "f32", force: bool = False,
-           verify: bool | None = None, name: str | None = None, mlflow: bool = True,
-           experiment: str | None = None, quiet: bool = False) -> ExportResult:
+def export(
+    source: str,
+    type_name: str,
+    out: str | os.PathLike,
+    *,
+    register: str | None = None,
+    hf_out: str | os.PathLike | None = None,
+    hf_dtype: str = "f32",
+    force: bool = False,
+    verify: bool | None = None,
+    name: str | None = None,
+    mlflow: bool = True,
+    experiment: str | None = None,
+    quiet: bool = False,
+) -> ExportResult:
     """verify=None: verify when llama-cpp-python is installed (True requires it)."""
     from bulba.export.llamacpp import llama_cpp_available
 
@@ -141,7 +153,11 @@ def export(source: str, type_name: str, out: str | os.PathLike, *, register: str
             if not report.passed:
                 raise UserError(report.verdict)
         else:
-            say("verification skipped (" + ("--no-verify" if llama_cpp_available() else "llama-cpp-python not installed") + ")")
+            say(
+                "verification skipped ("
+                + ("--no-verify" if llama_cpp_available() else "llama-cpp-python not installed")
+                + ")"
+            )
 
         from bulba.atomic import sha256_file
         from bulba.export.registry import place_in_output_models
@@ -163,10 +179,12 @@ def export(source: str, type_name: str, out: str | os.PathLike, *, register: str
                 from bulba.export.verify import verify_hf
 
                 res.hf = verify_hf(res.hf_out, src, model=model, dtype=hf_dtype)
-                line = (f"verify HF folder in transformers: {'PASS' if res.hf['passed'] else 'FAIL'}: "
-                        f"tokens {'identical' if res.hf['tokens_match'] else 'DIFFER'}, "
-                        f"max |dlogit| {res.hf['max_abs_logit_diff']:.3g} ({res.hf['max_rel_logit_diff']:.2e} of scale), "
-                        f"top-1 {res.hf['top1_agreement']:.1%}")
+                line = (
+                    f"verify HF folder in transformers: {'PASS' if res.hf['passed'] else 'FAIL'}: "
+                    f"tokens {'identical' if res.hf['tokens_match'] else 'DIFFER'}, "
+                    f"max |dlogit| {res.hf['max_abs_logit_diff']:.3g} ({res.hf['max_rel_logit_diff']:.2e} of scale), "
+                    f"top-1 {res.hf['top1_agreement']:.1%}"
+                )
                 print(line, flush=True)
                 if not res.hf["passed"]:
                     import shutil
@@ -181,17 +199,28 @@ def export(source: str, type_name: str, out: str | os.PathLike, *, register: str
             from bulba.export.registry import log_export
 
             try:
-                res.mlflow = log_export(src=src, gguf_path=out, type_name=type_name, sha256=res.sha256,
-                                        report=report, hf_report=res.hf, modelfile=res.modelfile,
-                                        register=register, experiment=experiment, timings=res.seconds)
+                res.mlflow = log_export(
+                    src=src,
+                    gguf_path=out,
+                    type_name=type_name,
+                    sha256=res.sha256,
+                    report=report,
+                    hf_report=res.hf,
+                    modelfile=res.modelfile,
+                    register=register,
+                    experiment=experiment,
+                    timings=res.seconds,
+                )
             except Exception as e:  # tracking server down etc.: the file is fine, say what failed
                 msg = (str(e).splitlines() or [type(e).__name__])[0]
                 if register:
                     raise UserError(f"wrote {out}, but registering it in MLflow failed: {msg}") from None
                 say(f"warning: wrote {out}, but logging the export to MLflow failed: {msg}")
             if res.mlflow:
-                say(f"MLflow export run {res.mlflow['run_id']}"
-                    + (f", registered {res.mlflow['model_uri']}" if "model_uri" in res.mlflow else ""))
+                say(
+                    f"MLflow export run {res.mlflow['run_id']}"
+                    + (f", registered {res.mlflow['model_uri']}" if "model_uri" in res.mlflow else "")
+                )
         return res
     except BaseException:
         remove_quietly(tmp, tmp_f32)

@@ -31,6 +31,6 @@ class GGUFModel(mlflow.pyfunc.PythonModel):
         out = []
         with LlamaCpp(self.path, n_ctx=self.ctx_len) as llm:
             for prompt in model_input:
-                ids = llm.tokenize(str(prompt))[-(self.ctx_len - n_new):]
+                ids = llm.tokenize(str(prompt))[-(self.ctx_len - n_new) :]
                 out.append(llm.detokenize(llm.greedy(ids, n_new)))
         return out

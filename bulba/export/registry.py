@@ -20,7 +20,6 @@ from pathlib import Path
 from bulba.errors import UserError
 
 
-
 def fetch_gguf(model_uri: str, dst: str | os.PathLike | None = None) -> Path:
     """`models:/NAME/VERSION` (or any artifact URI) -> local path of its .gguf."""
     import mlflow
@@ -54,9 +53,19 @@ def place_in_output_models(path: Path, name: str, type_name: str, root: Path | N
     return dst
 
 
-def log_export(*, src, gguf_path: Path, type_name: str, sha256: str, report=None, hf_report=None,
-               modelfile: Path | None = None, register: str | None = None, experiment: str | None = None,
-               timings: dict | None = None) -> dict:
+def log_export(
+    *,
+    src,
+    gguf_path: Path,
+    type_name: str,
+    sha256: str,
+    report=None,
+    hf_report=None,
+    modelfile: Path | None = None,
+    register: str | None = None,
+    experiment: str | None = None,
+    timings: dict | None = None,
+) -> dict:
     """The export run (and, with `register`, the new model version); returns ids and URIs."""
     import mlflow
     from mlflow import MlflowClient
@@ -82,13 +91,26 @@ def log_export(*, src, gguf_path: Path, type_name: str, sha256: str, report=None
         tags["bulba.dataset_digest"] = src.config["dataset_digest"]
     cfg = src.model
     info = {
-        "type": type_name, "vocab_size": cfg.vocab_size, "param_count": src.num_params(),
-        "context_length": cfg.ctx_len, "source_run": src.mlflow_run_id or "", "sha256": sha256,
+        "type": type_name,
+        "vocab_size": cfg.vocab_size,
+        "param_count": src.num_params(),
+        "context_length": cfg.ctx_len,
+        "source_run": src.mlflow_run_id or "",
+        "sha256": sha256,
     }
     with mlflow.start_run(experiment_id=exp_id, run_name=f"export-{src.name}-{type_name}", tags=tags) as run:
-        mlflow.log_params({**info, "n_layer": cfg.n_layer, "n_embd": cfg.n_embd, "n_head": cfg.n_head,
-                           "n_kv_head": cfg.n_kv_head, "ffn_hidden": cfg.ffn_hidden, "gguf": str(gguf_path),
-                           "file_bytes": gguf_path.stat().st_size})
+        mlflow.log_params(
+            {
+                **info,
+                "n_layer": cfg.n_layer,
+                "n_embd": cfg.n_embd,
+                "n_head": cfg.n_head,
+                "n_kv_head": cfg.n_kv_head,
+                "ffn_hidden": cfg.ffn_hidden,
+                "gguf": str(gguf_path),
+                "file_bytes": gguf_path.stat().st_size,
+            }
+        )
         metrics = dict(timings or {})
         if report is not None:
             metrics |= {f"verify.{k}": v for k, v in report.metrics().items()}
@@ -114,10 +136,14 @@ def log_export(*, src, gguf_path: Path, type_name: str, sha256: str, report=None
             version = str(mi.registered_model_version)
             for k, v in info.items():
                 client.set_model_version_tag(register, version, k, str(v))
-            client.update_model_version(register, version, description=(
-                f"{src.name} as GGUF {type_name} ({info['param_count']:,} parameters, vocab {cfg.vocab_size}, "
-                f"context {cfg.ctx_len}); sha256 {sha256}"
-                + (f"; {report.verdict}" if report is not None else "")))
+            client.update_model_version(
+                register,
+                version,
+                description=(
+                    f"{src.name} as GGUF {type_name} ({info['param_count']:,} parameters, vocab {cfg.vocab_size}, "
+                    f"context {cfg.ctx_len}); sha256 {sha256}" + (f"; {report.verdict}" if report is not None else "")
+                ),
+            )
             mlflow.set_tag("bulba.registered", f"{register}/{version}")
             out |= {"model_uri": f"models:/{register}/{version}", "version": version, "name": register}
     out["info"] = json.loads(json.dumps(info))

@@ -68,8 +68,10 @@ class Source:
                 t = f.get_tensor(name).float().numpy()
         if not np.isfinite(t).all():
             bad = int((~np.isfinite(t)).sum())
-            raise UserError(f"{self.weights}: weight '{name}' has {bad} NaN/Inf values; "
-                            "export a checkpoint from before the training diverged")
+            raise UserError(
+                f"{self.weights}: weight '{name}' has {bad} NaN/Inf values; "
+                "export a checkpoint from before the training diverged"
+            )
         return t
 
 
@@ -83,7 +85,9 @@ def read_safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]
                 raise ValueError("bad header length")
             header = json.loads(f.read(n))
     except (OSError, ValueError, struct.error) as e:
-        raise UserError(f"{path} is not a readable safetensors file ({e}); re-run training or pick another checkpoint") from None
+        raise UserError(
+            f"{path} is not a readable safetensors file ({e}); re-run training or pick another checkpoint"
+        ) from None
     if not isinstance(header, dict):
         raise UserError(f"{path} is not a safetensors file (its header is not a JSON object); re-run training")
     header.pop("__metadata__", None)
@@ -92,18 +96,25 @@ def read_safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]
     for name, info in header.items():
         try:
             dtype, shape, (start, stop) = info["dtype"], info["shape"], info["data_offsets"]
-            if not (isinstance(dtype, str) and isinstance(shape, list)
-                    and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in (*shape, start, stop))
-                    and start <= stop):
+            if not (
+                isinstance(dtype, str)
+                and isinstance(shape, list)
+                and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in (*shape, start, stop))
+                and start <= stop
+            ):
                 raise ValueError(name)
         except (KeyError, TypeError, ValueError) as e:
-            raise UserError(f"{path}: malformed safetensors header entry for {name!r} ({type(e).__name__}); "
-                            "re-run training or pick another checkpoint") from None
+            raise UserError(
+                f"{path}: malformed safetensors header entry for {name!r} ({type(e).__name__}); "
+                "re-run training or pick another checkpoint"
+            ) from None
         out[name] = (dtype, tuple(shape))
         end = max(end, stop)
     if 8 + n + end > size:
-        raise UserError(f"{path} is truncated ({size} bytes, header promises {8 + n + end}); "
-                        "the training run probably did not finish writing it")
+        raise UserError(
+            f"{path} is truncated ({size} bytes, header promises {8 + n + end}); "
+            "the training run probably did not finish writing it"
+        )
     return out
 
 
@@ -111,8 +122,7 @@ def _download_run(uri: str) -> tuple[Path, str]:
     """`runs:/<run_id>[/path]` -> a local folder holding final.safetensors, config and tokenizer."""
     import mlflow
 
-    from bulba.tracking import check_reachable
-    from bulba.tracking import tracking_uri
+    from bulba.tracking import check_reachable, tracking_uri
 
     mlflow.set_tracking_uri(tracking_uri())
     check_reachable(f"cannot download {uri}")
@@ -120,7 +130,7 @@ def _download_run(uri: str) -> tuple[Path, str]:
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     tmp = tempfile.mkdtemp(prefix="bulba-export-src-")
     try:
-        run_id, _, sub = uri[len("runs:/"):].strip("/").partition("/")
+        run_id, _, sub = uri[len("runs:/") :].strip("/").partition("/")
         if not run_id:
             raise ValueError("no run id after runs:/")
         # MLflow refuses a bare runs:/<id>; the run id form fetches the whole artifact tree.
@@ -128,7 +138,9 @@ def _download_run(uri: str) -> tuple[Path, str]:
     except Exception as e:  # MlflowException, connection errors: all one line for the user
         shutil.rmtree(tmp, ignore_errors=True)
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"cannot download {uri} from MLflow ({msg}); check the run id and MLFLOW_TRACKING_URI") from None
+        raise UserError(
+            f"cannot download {uri} from MLflow ({msg}); check the run id and MLFLOW_TRACKING_URI"
+        ) from None
     if local.is_file():
         local = local.parent
     # The weights may sit in a sub-folder of the run's artifacts (e.g. model/).
@@ -192,28 +204,46 @@ def _open_local(run_dir: Path, weights: Path, source: str, tmp: str | None) -> S
 
     header = read_safetensors_header(weights)
     if min_tensors(cfg) > len(header):  # before listing n_layer blocks of names: n_layer may be absurd
-        raise UserError(f"{weights} does not match {cfg_path}: model.n_layer={cfg.n_layer} needs "
-                        f"{min_tensors(cfg)}+ tensors, the file has {len(header)}")
+        raise UserError(
+            f"{weights} does not match {cfg_path}: model.n_layer={cfg.n_layer} needs "
+            f"{min_tensors(cfg)}+ tensors, the file has {len(header)}"
+        )
     want = expected_shapes(cfg)
     missing = [k for k in want if k not in header]
     extra = [k for k in header if k not in want]
     if missing or extra:
         parts = []
         if missing:
-            parts.append(f"missing {', '.join(missing[:3])}" + (f" (+{len(missing) - 3} more)" if len(missing) > 3 else ""))
+            parts.append(
+                f"missing {', '.join(missing[:3])}" + (f" (+{len(missing) - 3} more)" if len(missing) > 3 else "")
+            )
         if extra:
-            parts.append(f"unexpected {', '.join(extra[:3])}" + (f" (+{len(extra) - 3} more)" if len(extra) > 3 else ""))
+            parts.append(
+                f"unexpected {', '.join(extra[:3])}" + (f" (+{len(extra) - 3} more)" if len(extra) > 3 else "")
+            )
         raise UserError(f"{weights} does not match {cfg_path}: {'; '.join(parts)}")
     for k, shape in want.items():
         dtype, got = header[k]
         if dtype not in _ST_DTYPES:
             raise UserError(f"{weights}: weight '{k}' has dtype {dtype}; expected a float type")
         if got != shape:
-            raise UserError(f"{weights} does not match {cfg_path}: '{k}' has shape {list(got)}, the config implies {list(shape)}")
+            raise UserError(
+                f"{weights} does not match {cfg_path}: '{k}' has shape {list(got)}, the config implies {list(shape)}"
+            )
     name = run_dir.name if not tmp else (config.get("recipe") or {}).get("name") or "bulba"
-    return Source(run_dir=run_dir, weights=weights, tokenizer_path=tok_path, config=config, model=cfg,
-                  tokenizer=tok, shapes=want, name=name, mlflow_run_id=config.get("mlflow_run_id"),
-                  dtypes={k: header[k][0] for k in want}, _tmp=tmp)
+    return Source(
+        run_dir=run_dir,
+        weights=weights,
+        tokenizer_path=tok_path,
+        config=config,
+        model=cfg,
+        tokenizer=tok,
+        shapes=want,
+        name=name,
+        mlflow_run_id=config.get("mlflow_run_id"),
+        dtypes={k: header[k][0] for k in want},
+        _tmp=tmp,
+    )
 
 
 def load_torch_model(src: Source):

@@ -23,16 +23,19 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-SAMPLE = unicodedata.normalize("NFC", (
-    "Учора вечарам мы доўга гулялі па набярэжнай Свіслачы і гаварылі пра тое, "
-    "як навучыць маленькую мадэль разумець адразу некалькі моў.\n"
-    "Вчера вечером мы долго гуляли по набережной и спорили, сколько шагов обучения "
-    "нужно крошечной модели, чтобы она заговорила по-белорусски.\n"
-    "The export check compares every logit that llama.cpp computes with the PyTorch "
-    "reference, position by position, in 2026 as in 1999.\n"
-    "def mean(xs: list[float]) -> float:\n"
-    "    return sum(xs) / len(xs) if xs else 0.0\n"
-))
+SAMPLE = unicodedata.normalize(
+    "NFC",
+    (
+        "Учора вечарам мы доўга гулялі па набярэжнай Свіслачы і гаварылі пра тое, "
+        "як навучыць маленькую мадэль разумець адразу некалькі моў.\n"
+        "Вчера вечером мы долго гуляли по набережной и спорили, сколько шагов обучения "
+        "нужно крошечной модели, чтобы она заговорила по-белорусски.\n"
+        "The export check compares every logit that llama.cpp computes with the PyTorch "
+        "reference, position by position, in 2026 as in 1999.\n"
+        "def mean(xs: list[float]) -> float:\n"
+        "    return sum(xs) / len(xs) if xs else 0.0\n"
+    ),
+)
 
 REL_LOGIT_TOL = 1e-3  # f32: max |diff| / logit scale, on every position
 TOP1_BAR = {"f16": 0.99, "bf16": 0.99, "q8_0": 0.99}
@@ -97,8 +100,8 @@ def verify_gguf(gguf_path, src, type_name: str, model=None, text: str = SAMPLE) 
     """Run the checks; `model` is the PyTorch reference (loaded from `src` when None)."""
     import torch
 
-    from bulba.export.source import load_torch_model
     from bulba.export.llamacpp import LlamaCpp
+    from bulba.export.source import load_torch_model
 
     t0 = time.perf_counter()
     rep = Report(type=type_name)
@@ -111,10 +114,13 @@ def verify_gguf(gguf_path, src, type_name: str, model=None, text: str = SAMPLE) 
         rep.tokens_match = cpp_ids == ref_ids
         rep.n_tokens = len(ref_ids)
         if not rep.tokens_match:
-            rep.first_token_mismatch = next((i for i, (a, b) in enumerate(zip(ref_ids, cpp_ids)) if a != b),
-                                            min(len(ref_ids), len(cpp_ids)))
-            rep.problems.append(f"tokenization differs from position {rep.first_token_mismatch} "
-                                f"({len(cpp_ids)} llama.cpp ids vs {len(ref_ids)} HF ids)")
+            rep.first_token_mismatch = next(
+                (i for i, (a, b) in enumerate(zip(ref_ids, cpp_ids)) if a != b), min(len(ref_ids), len(cpp_ids))
+            )
+            rep.problems.append(
+                f"tokenization differs from position {rep.first_token_mismatch} "
+                f"({len(cpp_ids)} llama.cpp ids vs {len(ref_ids)} HF ids)"
+            )
         ids = ref_ids[:n_ctx]  # same ids into both models, so logits compare even if tokenizers differ
         rep.n_positions = len(ids)
         with torch.no_grad():
@@ -125,7 +131,7 @@ def verify_gguf(gguf_path, src, type_name: str, model=None, text: str = SAMPLE) 
         if type_name == "f32" or type_name in TOP1_BAR:
             prompt = ids[:GREEDY_PROMPT]
             with torch.no_grad():
-                ref_gen = model.generate(torch.tensor([prompt]), GREEDY_TOKENS)[0, len(prompt):].tolist()
+                ref_gen = model.generate(torch.tensor([prompt]), GREEDY_TOKENS)[0, len(prompt) :].tolist()
             cpp_gen = llm.greedy(prompt, GREEDY_TOKENS)
             rep.greedy_tokens = next((i for i, (a, b) in enumerate(zip(ref_gen, cpp_gen)) if a != b), GREEDY_TOKENS)
             rep.greedy_match = ref_gen == cpp_gen
@@ -140,15 +146,19 @@ def verify_gguf(gguf_path, src, type_name: str, model=None, text: str = SAMPLE) 
         rep.problems.append("llama.cpp produced NaN/Inf logits")
     if type_name == "f32":
         if not rep.max_rel_logit_diff <= REL_LOGIT_TOL:
-            rep.problems.append(f"max logit difference {rep.max_rel_logit_diff:.2e} of the logit scale > {REL_LOGIT_TOL:g}")
+            rep.problems.append(
+                f"max logit difference {rep.max_rel_logit_diff:.2e} of the logit scale > {REL_LOGIT_TOL:g}"
+            )
         if not rep.greedy_match:
             rep.problems.append(f"greedy continuation diverges at token {rep.greedy_tokens} of {GREEDY_TOKENS}")
     elif type_name in TOP1_BAR:
         if not rep.top1_agreement >= TOP1_BAR[type_name]:
             rep.problems.append(f"top-1 agreement {rep.top1_agreement:.1%} < {TOP1_BAR[type_name]:.0%}")
     elif not rep.fidelity_top1 >= FIDELITY_TOP1_BAR:
-        rep.problems.append(f"top-1 agreement with the file's own (dequantized) weights "
-                            f"{rep.fidelity_top1:.1%} < {FIDELITY_TOP1_BAR:.0%}")
+        rep.problems.append(
+            f"top-1 agreement with the file's own (dequantized) weights "
+            f"{rep.fidelity_top1:.1%} < {FIDELITY_TOP1_BAR:.0%}"
+        )
     rep.passed = not rep.problems
     rep.seconds = time.perf_counter() - t0
     rep.verdict = verdict_line(rep)
@@ -177,9 +187,11 @@ def dequantized_model(gguf_path, src):
 
 
 def verdict_line(rep: Report) -> str:
-    figures = (f"tokens {'identical' if rep.tokens_match else 'DIFFER'} ({rep.n_tokens}), {rep.n_positions} positions: "
-               f"max |dlogit| {rep.max_abs_logit_diff:.3g} ({rep.max_rel_logit_diff:.2e} of scale {rep.logit_scale:.3g}), "
-               f"top-1 {rep.top1_agreement:.1%}")
+    figures = (
+        f"tokens {'identical' if rep.tokens_match else 'DIFFER'} ({rep.n_tokens}), {rep.n_positions} positions: "
+        f"max |dlogit| {rep.max_abs_logit_diff:.3g} ({rep.max_rel_logit_diff:.2e} of scale {rep.logit_scale:.3g}), "
+        f"top-1 {rep.top1_agreement:.1%}"
+    )
     if rep.greedy_match is not None:
         figures += f", greedy {rep.greedy_tokens}/{GREEDY_TOKENS}"
     if rep.fidelity_top1 is not None:
@@ -197,12 +209,14 @@ def verify_hf(hf_dir, src, model=None, text: str = SAMPLE, dtype: str = "f32") -
     import torch
     from transformers import AutoTokenizer
 
-    from bulba.export.source import load_torch_model
     from bulba.export.hf import hf_logits
+    from bulba.export.source import load_torch_model
 
     model = model if model is not None else load_torch_model(src)
     ids = reference_ids(src.tokenizer_path, text, src.tokenizer.bos_id, src.tokenizer.add_bos)[: src.model.ctx_len]
-    hf_ids = AutoTokenizer.from_pretrained(str(hf_dir))(text, truncation=True, max_length=src.model.ctx_len)["input_ids"]
+    hf_ids = AutoTokenizer.from_pretrained(str(hf_dir))(text, truncation=True, max_length=src.model.ctx_len)[
+        "input_ids"
+    ]
     with torch.no_grad():
         ref = model(torch.tensor([ids]))[0].float().numpy()
     got = hf_logits(hf_dir, ids).numpy()

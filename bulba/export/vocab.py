@@ -57,8 +57,10 @@ def read_tokenizer(path: Path, tok_cfg: dict, vocab_size: int) -> TokenizerInfo:
     try:
         return _read_tokenizer(path, tj, tok_cfg, vocab_size)
     except (AttributeError, KeyError, TypeError, ValueError, IndexError, OverflowError) as e:  # hand-edited/foreign
-        raise UserError(f"{path} (or config.json's tokenizer ids) is malformed ({type(e).__name__}: "
-                        f"{str(e)[:120]}); use the tokenizer.json that train.py wrote") from None
+        raise UserError(
+            f"{path} (or config.json's tokenizer ids) is malformed ({type(e).__name__}: "
+            f"{str(e)[:120]}); use the tokenizer.json that train.py wrote"
+        ) from None
 
 
 def _read_tokenizer(path: Path, tj: dict, tok_cfg: dict, vocab_size: int) -> TokenizerInfo:
@@ -89,13 +91,17 @@ def _read_tokenizer(path: Path, tj: dict, tok_cfg: dict, vocab_size: int) -> Tok
         missing = [i for i in range(n) if i not in by_id][:5]  # some id below n is missing (n <= the file)
         raise UserError(f"{path}: token ids are not contiguous (missing e.g. {missing})")
     if n != vocab_size:
-        raise UserError(f"{path} has {n} tokens but the model's vocab_size is {vocab_size}: "
-                        "config/weights and tokenizer do not belong together (llama.cpp needs them equal)")
+        raise UserError(
+            f"{path} has {n} tokens but the model's vocab_size is {vocab_size}: "
+            "config/weights and tokenizer do not belong together (llama.cpp needs them equal)"
+        )
     tokens = [by_id[i] for i in range(n)]
     seen: dict[str, int] = {}
     for i, t in enumerate(tokens):
         if t in seen:  # a duplicate token aborts llama.cpp's loader
-            raise UserError(f"{path}: token {t!r} appears twice (ids {seen[t]} and {i}); llama.cpp refuses duplicate tokens")
+            raise UserError(
+                f"{path}: token {t!r} appears twice (ids {seen[t]} and {i}); llama.cpp refuses duplicate tokens"
+            )
         seen[t] = i
     types = [int(gguf.TokenType.NORMAL)] * n
     for i in user:
@@ -115,11 +121,22 @@ def _read_tokenizer(path: Path, tj: dict, tok_cfg: dict, vocab_size: int) -> Tok
     bos = ident("bos_id", ("<|begin_of_text|>", "<s>"))
     eos = ident("eos_id", ("<|end_of_text|>", "</s>"))
     if bos is None or eos is None:
-        raise UserError(f"config.json has no tokenizer.bos_id/eos_id and {path} has no <|begin_of_text|>/<|end_of_text|>")
+        raise UserError(
+            f"config.json has no tokenizer.bos_id/eos_id and {path} has no <|begin_of_text|>/<|end_of_text|>"
+        )
     pad = ident("pad_id", ())
-    return TokenizerInfo(pre=_pre_tokenizer_name(tj.get("pre_tokenizer"), path), tokens=tokens, token_types=types, merges=merges, special=special,
-                         bos_id=bos, eos_id=eos, pad_id=pad, add_bos=bool(tok_cfg.get("add_bos_token", True)),
-                         eot_id=special.get("<|eot_id|>"))
+    return TokenizerInfo(
+        pre=_pre_tokenizer_name(tj.get("pre_tokenizer"), path),
+        tokens=tokens,
+        token_types=types,
+        merges=merges,
+        special=special,
+        bos_id=bos,
+        eos_id=eos,
+        pad_id=pad,
+        add_bos=bool(tok_cfg.get("add_bos_token", True)),
+        eot_id=special.get("<|eot_id|>"),
+    )
 
 
 def _pre_tokenizer_name(pre: dict | None, path: Path) -> str:
@@ -144,5 +161,7 @@ def _pre_tokenizer_name(pre: dict | None, path: Path) -> str:
         pattern = (steps[0].get("pattern") or {}).get("Regex")
         if pattern == LLAMA3_PATTERN:
             return "llama-bpe"
-    raise UserError(f"{path}: pre-tokenizer {kinds} is not one llama.cpp reproduces; "
-                    "train the tokenizer with prepare.py (Llama-3 regex)")
+    raise UserError(
+        f"{path}: pre-tokenizer {kinds} is not one llama.cpp reproduces; "
+        "train the tokenizer with prepare.py (Llama-3 regex)"
+    )

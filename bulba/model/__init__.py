@@ -6,7 +6,10 @@ path, which must not import torch (~300 MB of RSS) just to know tensor names and
 
 from bulba import lazy_exports
 
-__getattr__ = lazy_exports(__name__, {
-    "Llama": "bulba.model.llama",
-    "rope_cache": "bulba.model.llama",
-})
+__getattr__ = lazy_exports(
+    __name__,
+    {
+        "Llama": "bulba.model.llama",
+        "rope_cache": "bulba.model.llama",
+    },
+)

@@ -74,8 +74,14 @@ def flash_attention(q, k, v, cu_seqlens=None, max_seqlen=None):
         y = flash_attn_func(q, k, v, causal=True)
     else:
         y = flash_attn_varlen_func(
-            q.reshape(B * T, H, hd), k.reshape(B * T, k.shape[2], hd), v.reshape(B * T, v.shape[2], hd),
-            cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True,
+            q.reshape(B * T, H, hd),
+            k.reshape(B * T, k.shape[2], hd),
+            v.reshape(B * T, v.shape[2], hd),
+            cu_seqlens,
+            cu_seqlens,
+            max_seqlen,
+            max_seqlen,
+            causal=True,
         ).view(B, T, H, hd)
     return y.transpose(1, 2)
 

@@ -14,9 +14,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from bulba.config import ModelConfig
 from bulba.model.attention import attend
 from bulba.model.loss import chunked_lm_loss_sum
-from bulba.config import ModelConfig
 
 
 class RMSNorm(nn.Module):
@@ -160,11 +160,18 @@ class Llama(nn.Module):
         return self.loss_head(h.reshape(-1, h.shape[-1]), self.output_weight(), labels.reshape(-1).long())
 
     @torch.no_grad()
-    def generate(self, input_ids, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
-                 eos_id: int | None = None, generator: torch.Generator | None = None):
+    def generate(
+        self,
+        input_ids,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        eos_id: int | None = None,
+        generator: torch.Generator | None = None,
+    ):
         """Autoregressive sampling (greedy when temperature == 0); no KV cache: small models."""
         for _ in range(max_new_tokens):
-            ctx = input_ids[:, -self.cfg.ctx_len:]
+            ctx = input_ids[:, -self.cfg.ctx_len :]
             logits = self(ctx)[:, -1, :].float()
             if temperature <= 0:
                 nxt = logits.argmax(dim=-1, keepdim=True)

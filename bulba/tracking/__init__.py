@@ -9,5 +9,13 @@ from bulba.tracking.store import DEFAULT_EXPERIMENT, check_reachable, setup_mlfl
 from bulba.tracking.sync import sync
 from bulba.tracking.tracker import RunTracker
 
-__all__ = ["DEFAULT_EXPERIMENT", "RUN_FILE", "SPOOL_FILE", "RunTracker", "check_reachable", "setup_mlflow", "sync",
-           "tracking_uri"]
+__all__ = [
+    "DEFAULT_EXPERIMENT",
+    "RUN_FILE",
+    "SPOOL_FILE",
+    "RunTracker",
+    "check_reachable",
+    "setup_mlflow",
+    "sync",
+    "tracking_uri",
+]

@@ -24,9 +24,11 @@ def install_overrides() -> bool:
         try:
             from mlflow import environment_variables as ev
 
-            pairs = (("timeout", ev.MLFLOW_HTTP_REQUEST_TIMEOUT),
-                     ("max_retries", ev.MLFLOW_HTTP_REQUEST_MAX_RETRIES),
-                     ("backoff_factor", ev.MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR))
+            pairs = (
+                ("timeout", ev.MLFLOW_HTTP_REQUEST_TIMEOUT),
+                ("max_retries", ev.MLFLOW_HTTP_REQUEST_MAX_RETRIES),
+                ("backoff_factor", ev.MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR),
+            )
             for name, var in pairs:
                 orig = var.get
 
@@ -48,8 +50,7 @@ def install_overrides() -> bool:
 @contextlib.contextmanager
 def limits(timeout: float, max_retries: int = 0):
     old = getattr(_tls, "http", None)
-    _tls.http = {"timeout": max(1, int(math.ceil(timeout))), "max_retries": max_retries,
-                 "backoff_factor": 0}
+    _tls.http = {"timeout": max(1, int(math.ceil(timeout))), "max_retries": max_retries, "backoff_factor": 0}
     try:
         yield
     finally:
@@ -73,13 +74,15 @@ def is_permanent(e: BaseException) -> bool:
 
 def one_line(e: BaseException) -> str:
     s = " ".join(str(e).split())
-    for needle, short in (("Connection refused", "connection refused"),
-                          ("Failed to establish a new connection", "connection refused"),
-                          ("Read timed out", "no answer (timeout)"), ("timed out", "no answer (timeout)"),
-                          ("Name or service not known", "unknown host"),
-                          ("Connection reset", "connection reset"), ("Connection aborted", "connection aborted")):
+    for needle, short in (
+        ("Connection refused", "connection refused"),
+        ("Failed to establish a new connection", "connection refused"),
+        ("Read timed out", "no answer (timeout)"),
+        ("timed out", "no answer (timeout)"),
+        ("Name or service not known", "unknown host"),
+        ("Connection reset", "connection reset"),
+        ("Connection aborted", "connection aborted"),
+    ):
         if needle in s:
             return short
     return (s[:200] + "…") if len(s) > 200 else s
-
-

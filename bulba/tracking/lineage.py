@@ -19,17 +19,27 @@ def dataset_input(data_dir: Path, dtype: str, digest: str | None):
     from mlflow.types import Schema, TensorSpec
 
     schema = Schema([TensorSpec(np.dtype(dtype), (-1,), "tokens")])
-    return MetaDataset(source=LocalArtifactDatasetSource(str(Path(data_dir).resolve())), name=Path(data_dir).name,
-                       digest=(digest or "unknown")[:36], schema=schema)  # MLflow's digest limit
+    return MetaDataset(
+        source=LocalArtifactDatasetSource(str(Path(data_dir).resolve())),
+        name=Path(data_dir).name,
+        digest=(digest or "unknown")[:36],
+        schema=schema,
+    )  # MLflow's digest limit
 
 
 def git_commit() -> str:
     root = Path(__file__).resolve().parents[2]  # the checkout bulba/ lives in
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                             timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
         return (sha + ("-dirty" if dirty else "")) if sha else "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"

@@ -136,8 +136,9 @@ class Sender:
         run_id = None
         if self._create_attempted or info.get("create_attempted"):
             # an earlier create may have reached the server without us seeing the answer
-            found = client.search_runs([exp_id], filter_string=f"tags.`bulba.client_id` = '{info['client_id']}'",
-                                       max_results=1)
+            found = client.search_runs(
+                [exp_id], filter_string=f"tags.`bulba.client_id` = '{info['client_id']}'", max_results=1
+            )
             if found:
                 run_id = found[0].info.run_id
         if run_id is None:
@@ -150,8 +151,7 @@ class Sender:
                 tags["mlflow.note.content"] = info["description"]
             self._create_attempted = True
             info["create_attempted"] = True
-            run = client.create_run(exp_id, start_time=info.get("start_time"), tags=tags,
-                                    run_name=info.get("run_name"))
+            run = client.create_run(exp_id, start_time=info.get("start_time"), tags=tags, run_name=info.get("run_name"))
             run_id = run.info.run_id
             if not info.get("run_name"):
                 info["run_name"] = run.info.run_name
@@ -181,8 +181,12 @@ class Sender:
                 add_m = len(r["m"]) if t == "m" else 0
                 add_pt = len(r["p"]) if t == "p" else len(r["g"]) if t == "g" else 0
                 clash = (t == "p" and keys_p & r["p"].keys()) or (t == "g" and keys_g & r["g"].keys())
-                if group and (clash or n_m + add_m > _MAX_METRICS or n_pt + add_pt > _MAX_PARAMS_TAGS
-                              or n_m + n_pt + add_m + add_pt > _MAX_METRICS):
+                if group and (
+                    clash
+                    or n_m + add_m > _MAX_METRICS
+                    or n_pt + add_pt > _MAX_PARAMS_TAGS
+                    or n_m + n_pt + add_m + add_pt > _MAX_METRICS
+                ):
                     yield group, "batch"
                     group, n_m, n_pt, keys_p, keys_g = [], 0, 0, set(), set()
                 group.append(r)
@@ -329,9 +333,13 @@ class Sender:
                     stop_at = self._stop_deadline
                     has_work = self._seq > self._acked or not self.info.get("run_id")
                 now = time.monotonic()
-                due = (oldest_unsent is not None and now - oldest_unsent >= self.flush_interval) \
-                    or stop_at is not None or self._flush_req or not self.info.get("run_id") \
+                due = (
+                    (oldest_unsent is not None and now - oldest_unsent >= self.flush_interval)
+                    or stop_at is not None
+                    or self._flush_req
+                    or not self.info.get("run_id")
                     or not self.online
+                )
                 if has_work and due and now >= next_try:
                     try:
                         self._ensure_client()
@@ -368,8 +376,9 @@ class Sender:
                     done = self._acked >= self._seq and self._q.empty()
                     hard = self._hard_deadline
                 now = time.monotonic()
-                if stop_at is not None and (done or (now >= stop_at and not self.online)
-                                            or (hard is not None and now >= hard)):
+                if stop_at is not None and (
+                    done or (now >= stop_at and not self.online) or (hard is not None and now >= hard)
+                ):
                     self._drain(0)  # nothing queued may stay outside the spool
                     return
             except Exception as e:  # a bug here must never take training down

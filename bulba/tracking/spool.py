@@ -17,7 +17,6 @@ ARTIFACT_STAGE = "mlflow_artifacts"  # log_text/log_dict content waiting for upl
 DEFAULT_SPOOL_ROOT = Path("runs") / ".mlflow-spool"
 
 
-
 # In memory, unsent records are kept as (seq, JSON line) pairs: bytes and ints are not tracked
 # by Python's garbage collector, so a big backlog during an outage does not make the training
 # loop's GC pauses longer (50k records as dicts cost ~0.3 s per full collection here).
@@ -60,11 +59,10 @@ def logged_steps(path: Path) -> dict[str, int]:
     """Highest step logged per metric key in this spool (its compaction summaries included)."""
     steps: dict[str, int] = {}
     for _, r in spool_lines(path, marker=(b'"steps"', b'"t": "m"')):
-        items = r.get("steps", {}).items() if "steps" in r else \
-            ((m[0], m[3]) for m in r.get("m", ()) if r.get("t") == "m")
+        items = (
+            r.get("steps", {}).items() if "steps" in r else ((m[0], m[3]) for m in r.get("m", ()) if r.get("t") == "m")
+        )
         for k, st in items:
             if st > steps.get(k, -1):
                 steps[k] = st
     return steps
-
-

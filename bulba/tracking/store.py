@@ -40,8 +40,11 @@ def check_reachable(what: str, timeout: float = 5.0) -> None:
     uri = tracking_uri()
     if not uri.startswith(("http://", "https://")):
         return
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({})) if "127.0.0.1" in uri or "localhost" in uri \
+    opener = (
+        urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        if "127.0.0.1" in uri or "localhost" in uri
         else urllib.request.build_opener()
+    )
     try:
         with opener.open(uri.rstrip("/") + "/health", timeout=timeout):
             return

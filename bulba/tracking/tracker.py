@@ -99,19 +99,35 @@ from bulba.tracking.store import tracking_uri as default_tracking_uri
 _MAX_PARAM_LEN = 6000
 _MAX_TAG_LEN = 8000
 
+
 class RunTracker(Sender):
     """One MLflow run, logged from a background thread; see the module docstring."""
 
-    def __init__(self, experiment: str = DEFAULT_EXPERIMENT, run_name: str | None = None, *,
-                 run_dir: str | os.PathLike | None = None, tags: Mapping[str, Any] | None = None,
-                 params: Mapping[str, Any] | None = None, parent_run_id: str | None = None,
-                 run_id: str | None = None,
-                 description: str | None = None, resume: bool = True, tracking_uri: str | None = None,
-                 start_timeout: float = 10.0, finish_timeout: float = 30.0, http_timeout: float = 3.0,
-                 artifact_timeout: float = 120.0, flush_interval: float = 1.0,
-                 max_memory_records: int = 50_000, system_metrics: bool = False,
-                 system_metrics_interval: float = 10.0, skip_logged_steps: bool = False,
-                 quiet: bool = False, _attach_only: bool = False):
+    def __init__(
+        self,
+        experiment: str = DEFAULT_EXPERIMENT,
+        run_name: str | None = None,
+        *,
+        run_dir: str | os.PathLike | None = None,
+        tags: Mapping[str, Any] | None = None,
+        params: Mapping[str, Any] | None = None,
+        parent_run_id: str | None = None,
+        run_id: str | None = None,
+        description: str | None = None,
+        resume: bool = True,
+        tracking_uri: str | None = None,
+        start_timeout: float = 10.0,
+        finish_timeout: float = 30.0,
+        http_timeout: float = 3.0,
+        artifact_timeout: float = 120.0,
+        flush_interval: float = 1.0,
+        max_memory_records: int = 50_000,
+        system_metrics: bool = False,
+        system_metrics_interval: float = 10.0,
+        skip_logged_steps: bool = False,
+        quiet: bool = False,
+        _attach_only: bool = False,
+    ):
         self._pid = os.getpid()  # a forked child must not touch the parent's spool or lock
         self.finish_timeout = float(finish_timeout)
         self.http_timeout = float(http_timeout)
@@ -135,8 +151,10 @@ class RunTracker(Sender):
             fcntl.flock(self._lock_f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             self._lock_f.close()
-            raise UserError(f"{self.run_dir} is in use by another process logging to MLflow "
-                            "(a running training or sync); wait for it to end")
+            raise UserError(
+                f"{self.run_dir} is in use by another process logging to MLflow "
+                "(a running training or sync); wait for it to end"
+            )
 
         uri = tracking_uri or default_tracking_uri()
         info = self._load_info()
@@ -147,21 +165,38 @@ class RunTracker(Sender):
                 raise UserError(f"{self.run_dir} has no {RUN_FILE}: not a run directory with MLflow data")
             if tracking_uri:
                 info["tracking_uri"] = tracking_uri
-        elif info is not None and resume and info.get("tracking_uri") == uri and (
-                info.get("run_id") == run_id if run_id else info.get("experiment") == experiment):
+        elif (
+            info is not None
+            and resume
+            and info.get("tracking_uri") == uri
+            and (info.get("run_id") == run_id if run_id else info.get("experiment") == experiment)
+        ):
             pass  # continue the same run (same id, or still to be created)
         else:
             if info is not None and pending:
                 self._release()
-                raise UserError(f"{self.run_dir} holds {len(pending)} tracking records not yet on the server; "
-                                f"send them first: python -m bulba.tracking sync {self.run_dir}")
+                raise UserError(
+                    f"{self.run_dir} holds {len(pending)} tracking records not yet on the server; "
+                    f"send them first: python -m bulba.tracking sync {self.run_dir}"
+                )
             if info is not None and not quiet:
-                say(f"starting a new MLflow run in {self.run_dir} (previous run {info.get('run_id')} "
-                     f"was on {info.get('tracking_uri')}, experiment {info.get('experiment')})")
-            info = {"format": "bulba-mlflow-run", "version": 1, "tracking_uri": uri, "experiment": experiment,
-                    "run_name": run_name, "run_id": run_id, "client_id": uuid.uuid4().hex,
-                    "start_time": now_ms(), "parent_run_id": parent_run_id, "description": description,
-                    "tags": {str(k): str(v) for k, v in (tags or {}).items()}}
+                say(
+                    f"starting a new MLflow run in {self.run_dir} (previous run {info.get('run_id')} "
+                    f"was on {info.get('tracking_uri')}, experiment {info.get('experiment')})"
+                )
+            info = {
+                "format": "bulba-mlflow-run",
+                "version": 1,
+                "tracking_uri": uri,
+                "experiment": experiment,
+                "run_name": run_name,
+                "run_id": run_id,
+                "client_id": uuid.uuid4().hex,
+                "start_time": now_ms(),
+                "parent_run_id": parent_run_id,
+                "description": description,
+                "tags": {str(k): str(v) for k, v in (tags or {}).items()},
+            }
             acked = last = 0
             pending = []
             with contextlib.suppress(FileNotFoundError):
@@ -184,8 +219,8 @@ class RunTracker(Sender):
         self._cv = threading.Condition()
         self._q: queue.SimpleQueue = queue.SimpleQueue()
         self._acked = acked
-        self._seq = last                  # last sequence number assigned (by the worker)
-        self._seq_base = last             # record k put by _put gets seq _seq_base + k
+        self._seq = last  # last sequence number assigned (by the worker)
+        self._seq_base = last  # record k put by _put gets seq _seq_base + k
         self._pending: deque[tuple[int, bytes]] = deque(pending[: self.max_memory_records])
         self._mem_upto = self._pending[-1][0] if self._pending else acked
         self._flush_req = 0.0
@@ -197,7 +232,7 @@ class RunTracker(Sender):
             self._run_ready.set()
         self.last_error: str | None = None
         self.online = False
-        self.dropped = 0                  # records the server refused (bad key/value), warned about
+        self.dropped = 0  # records the server refused (bad key/value), warned about
         self._finished = False
         self._synced = False
         self._warned_offline = False
@@ -219,8 +254,12 @@ class RunTracker(Sender):
         _live_trackers.add(self)
         self._sys_stop = threading.Event()
         if system_metrics and not _attach_only:
-            threading.Thread(target=self._system_metrics, args=(float(system_metrics_interval),),
-                             name="bulba-mlflow-system", daemon=True).start()
+            threading.Thread(
+                target=self._system_metrics,
+                args=(float(system_metrics_interval),),
+                name="bulba-mlflow-system",
+                daemon=True,
+            ).start()
 
         if not _attach_only:
             if self._resumed_run:
@@ -232,8 +271,10 @@ class RunTracker(Sender):
             if start_timeout > 0:
                 self._first_attempt_done.wait(start_timeout)
                 if not self._run_ready.is_set() and not quiet:
-                    say(f"tracking server {self.tracking_uri} not reachable ({self.last_error or 'no answer yet'}); "
-                         f"training goes on, metrics are kept in {self.spool_path} and sent when it is back")
+                    say(
+                        f"tracking server {self.tracking_uri} not reachable ({self.last_error or 'no answer yet'}); "
+                        f"training goes on, metrics are kept in {self.spool_path} and sent when it is back"
+                    )
                     self._warned_offline = True
 
     # ---------------------------------------------------------------- public API
@@ -258,8 +299,7 @@ class RunTracker(Sender):
         """Records not yet acknowledged by the server (including ones still queued)."""
         return self._seq_base + self._enqueued - self._acked
 
-    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None,
-                    timestamp_ms: int | None = None) -> None:
+    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None, timestamp_ms: int | None = None) -> None:
         """Queue metrics (Python numbers; a CUDA tensor would force a device sync in float())."""
         ts = now_ms() if timestamp_ms is None else int(timestamp_ms)
         st = 0 if step is None else int(step)
@@ -303,8 +343,7 @@ class RunTracker(Sender):
         self._put({"t": "a", "path": str(Path(local_path).absolute()), "artifact_path": artifact_path})
 
     def log_artifacts(self, local_dir: str | os.PathLike, artifact_path: str | None = None) -> None:
-        self._put({"t": "a", "path": str(Path(local_dir).absolute()), "artifact_path": artifact_path,
-                   "dir": True})
+        self._put({"t": "a", "path": str(Path(local_dir).absolute()), "artifact_path": artifact_path, "dir": True})
 
     def log_text(self, text: str, artifact_file: str) -> None:
         """Store `text` as artifact `artifact_file` (staged in the run dir until uploaded)."""
@@ -444,8 +483,10 @@ class RunTracker(Sender):
             self._release()
             if not self.quiet:
                 why = f" ({self.last_error})" if self.last_error else ""
-                say(f"{left} tracking records not on {self.tracking_uri}{why}; kept in {self.spool_path}; "
-                     f"send them later with: python -m bulba.tracking sync {self.run_dir}")
+                say(
+                    f"{left} tracking records not on {self.tracking_uri}{why}; kept in {self.spool_path}; "
+                    f"send them later with: python -m bulba.tracking sync {self.run_dir}"
+                )
 
     def _system_metrics(self, interval: float) -> None:
         """MLflow-style `system/...` metrics through the same non-blocking queue."""
@@ -459,10 +500,12 @@ class RunTracker(Sender):
         while not self._sys_stop.wait(interval):
             try:
                 vm = psutil.virtual_memory()
-                m = {"system/cpu_utilization_percentage": psutil.cpu_percent(None),
-                     "system/system_memory_usage_megabytes": (vm.total - vm.available) / 2**20,
-                     "system/system_memory_usage_percentage": vm.percent,
-                     "system/process_rss_megabytes": proc.memory_info().rss / 2**20}
+                m = {
+                    "system/cpu_utilization_percentage": psutil.cpu_percent(None),
+                    "system/system_memory_usage_megabytes": (vm.total - vm.available) / 2**20,
+                    "system/system_memory_usage_percentage": vm.percent,
+                    "system/process_rss_megabytes": proc.memory_info().rss / 2**20,
+                }
                 torch = sys.modules.get("torch")
                 if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
                     for i in range(torch.cuda.device_count()):
@@ -485,5 +528,3 @@ def _finish_forgotten() -> None:
             if not t._finished:
                 failed = getattr(sys, "last_type", None) is not None  # set for an uncaught exception
                 t.finish("FAILED" if failed else "FINISHED", timeout=min(t.finish_timeout, 10.0))
-
-

@@ -6,10 +6,13 @@ must answer `--help` and argument errors without it.
 
 from bulba import lazy_exports
 
-__getattr__ = lazy_exports(__name__, {
-    "train": "bulba.train.run",
-    "Interrupted": "bulba.train.run",
-    "TrainingFault": "bulba.train.run_dir",
-    "benchmark": "bulba.train.benchmark",
-    "BulbaModule": "bulba.train.module",
-})
+__getattr__ = lazy_exports(
+    __name__,
+    {
+        "train": "bulba.train.run",
+        "Interrupted": "bulba.train.run",
+        "TrainingFault": "bulba.train.run_dir",
+        "benchmark": "bulba.train.benchmark",
+        "BulbaModule": "bulba.train.module",
+    },
+)

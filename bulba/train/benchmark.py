@@ -51,7 +51,7 @@ def benchmark(recipe: Recipe, steps: int = 20, warmup: int = 5) -> dict:
     trainer, strategy = make_trainer(t.mode, accelerator, precision)
     trainer.fit(module)
     # Per-step durations of the timed steps; the median resists the noise of a shared machine.
-    stamps = times[max(warmup - 1, 0):]
+    stamps = times[max(warmup - 1, 0) :]
     durations = sorted(b - a for a, b in zip(stamps, stamps[1:]))
     n = len(durations)
     if n == 0:
@@ -62,10 +62,16 @@ def benchmark(recipe: Recipe, steps: int = 20, warmup: int = 5) -> dict:
     tps_mean = per_step * n / sum(durations)
     device = torch.device(accelerator, 0) if accelerator == "cuda" else torch.device("cpu")
     return {
-        "mode": t.mode, "precision": precision, "attention": strategy.resolved["attention"],
-        "tokens_per_s": tps, "mfu": flops.mfu(recipe.model, tps, device, recipe.model.ctx_len),
+        "mode": t.mode,
+        "precision": precision,
+        "attention": strategy.resolved["attention"],
+        "tokens_per_s": tps,
+        "mfu": flops.mfu(recipe.model, tps, device, recipe.model.ctx_len),
         "peak_device_mb": torch.cuda.max_memory_allocated() / 2**20 if accelerator == "cuda" else None,
         "peak_rss_mb": peak_rss_mb(),
-        "tokens_per_s_mean": tps_mean, "step_time_s": median, "steps_timed": n,
-        "final_loss": module.losses.get(module.state.step), "params": param_count(recipe.model),
+        "tokens_per_s_mean": tps_mean,
+        "step_time_s": median,
+        "steps_timed": n,
+        "final_loss": module.losses.get(module.state.step),
+        "params": param_count(recipe.model),
     }

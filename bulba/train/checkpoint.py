@@ -105,8 +105,10 @@ def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
     np_state = np.random.get_state()
     tensors["numpy_keys"] = torch.from_numpy(np.asarray(np_state[1], dtype=np.int64).copy())
     py = random.getstate()
-    meta = {"numpy": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])],
-            "python": [py[0], list(py[1]), py[2]]}
+    meta = {
+        "numpy": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "python": [py[0], list(py[1]), py[2]],
+    }
     return tensors, meta
 
 
@@ -128,8 +130,14 @@ def step_dir(ckpt_root: Path, step: int) -> Path:
     return Path(ckpt_root) / f"step-{step:08d}"
 
 
-def save_checkpoint(ckpt_root: str | Path, step: int, model_state: dict[str, torch.Tensor],
-                    optimizer_state: dict | None, state: dict, keep: int = 2) -> Path:
+def save_checkpoint(
+    ckpt_root: str | Path,
+    step: int,
+    model_state: dict[str, torch.Tensor],
+    optimizer_state: dict | None,
+    state: dict,
+    keep: int = 2,
+) -> Path:
     """Write checkpoint `step` atomically; keep the newest `keep` complete ones (0: all)."""
     ckpt_root = Path(ckpt_root)
     final = step_dir(ckpt_root, step)
@@ -148,8 +156,15 @@ def save_checkpoint(ckpt_root: str | Path, step: int, model_state: dict[str, tor
         files["rng.safetensors"] = None
         for name in files:
             files[name] = sha256_file(tmp / name)
-        doc = {"format": FORMAT, "version": VERSION, "step": step, "files": files,
-               "optimizer": opt_meta, "rng": rng_meta, **state}
+        doc = {
+            "format": FORMAT,
+            "version": VERSION,
+            "step": step,
+            "files": files,
+            "optimizer": opt_meta,
+            "rng": rng_meta,
+            **state,
+        }
         # state.json last: inside the temp dir until the rename, so its presence in a
         # `step-N` directory means every other file was fully written before it.
         (tmp / "state.json").write_text(json.dumps(doc, indent=1), encoding="utf-8")
@@ -193,14 +208,17 @@ def load_checkpoint(path: str | Path, device="cpu") -> dict:
     for name, digest in doc["files"].items():
         f = path / name
         if not f.is_file() or sha256_file(f) != digest:
-            raise UserError(f"checkpoint {path} is corrupt ({name} missing or its sha256 differs); "
-                            "delete that directory to resume from the previous checkpoint")
+            raise UserError(
+                f"checkpoint {path} is corrupt ({name} missing or its sha256 differs); "
+                "delete that directory to resume from the previous checkpoint"
+            )
     try:
         model = load_file(str(path / "model.safetensors"), device=str(device))
         opt = None
         if "optimizer.safetensors" in doc["files"]:
-            opt = optimizer_from_flat(load_file(str(path / "optimizer.safetensors"), device=str(device)),
-                                      doc["optimizer"])
+            opt = optimizer_from_flat(
+                load_file(str(path / "optimizer.safetensors"), device=str(device)), doc["optimizer"]
+            )
         rng = load_file(str(path / "rng.safetensors"))
     except Exception as e:  # safetensors raises its own error types on malformed headers
         raise UserError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e})") from None
@@ -252,8 +270,10 @@ class Checkpointer:
                 path = self._save(st, model_sd, opt_sd, reason, trainer.world_size if trainer else 1)
             except OSError as e:
                 prev = latest_checkpoint(self.root)
-                msg = (f"cannot write checkpoint step {st.step} in {self.root} ({e.strerror or e}); "
-                       f"the previous checkpoint {prev or '(none)'} is intact")
+                msg = (
+                    f"cannot write checkpoint step {st.step} in {self.root} ({e.strerror or e}); "
+                    f"the previous checkpoint {prev or '(none)'} is intact"
+                )
                 if reason != "interval":
                     raise UserError(msg + "; free space and resume with resume=auto") from None
                 # Interval checkpoint: keep training (the weights in memory are fine), try
@@ -269,7 +289,13 @@ class Checkpointer:
         return path
 
     def _save(self, st, model_sd, opt_sd, reason, world):
-        state = {"reason": reason, "train": dataclasses.asdict(st), "mlflow_run_id": self.get_run_id(),
-                 "dataset_digest": self.dataset_digest,
-                 "sampler": {"consumed": st.consumed}, "world_size": world, "recipe": self.recipe.to_dict()}
+        state = {
+            "reason": reason,
+            "train": dataclasses.asdict(st),
+            "mlflow_run_id": self.get_run_id(),
+            "dataset_digest": self.dataset_digest,
+            "sampler": {"consumed": st.consumed},
+            "world_size": world,
+            "recipe": self.recipe.to_dict(),
+        }
         return save_checkpoint(self.root, st.step, model_sd, opt_sd, state, keep=self.recipe.train.ckpt_keep)

@@ -21,8 +21,17 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")  # Lightning vs torch 2.10+
 
 
-def make_trainer(mode: str, accelerator: str, precision: str, *, strategy: str = "auto", devices=1, n_proc: int = 1,
-                 num_nodes: int = 1, root: str | None = None):
+def make_trainer(
+    mode: str,
+    accelerator: str,
+    precision: str,
+    *,
+    strategy: str = "auto",
+    devices=1,
+    n_proc: int = 1,
+    num_nodes: int = 1,
+    root: str | None = None,
+):
     """(L.Trainer, our strategy) for `train.mode` on `accelerator`; the strategy's `resolved`
     says after setup which attention backend and compilation it picked."""
     import lightning as L
@@ -33,9 +42,19 @@ def make_trainer(mode: str, accelerator: str, precision: str, *, strategy: str =
     trainer = L.Trainer(
         accelerator="gpu" if accelerator == "cuda" else "cpu",
         devices=devices,
-        num_nodes=num_nodes, strategy=strat, precision=precision,
-        max_epochs=1, max_steps=-1, limit_val_batches=0, num_sanity_val_steps=0,
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        use_distributed_sampler=False, deterministic=False, default_root_dir=root,
+        num_nodes=num_nodes,
+        strategy=strat,
+        precision=precision,
+        max_epochs=1,
+        max_steps=-1,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        deterministic=False,
+        default_root_dir=root,
     )
     return trainer, strat

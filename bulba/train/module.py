@@ -22,12 +22,12 @@ from dataclasses import dataclass, field
 import lightning as L
 import torch
 
-from bulba.model import flops
 from bulba.config import Recipe
 from bulba.data.loader import document_layout
-from bulba.train.optim import lr_at, make_optimizer, planned_steps
 from bulba.memory import rss_mb
+from bulba.model import flops
 from bulba.model.llama import Llama
+from bulba.train.optim import lr_at, make_optimizer, planned_steps
 
 
 @dataclass
@@ -54,8 +54,17 @@ class Outcome:
 
 
 class BulbaModule(L.LightningModule):
-    def __init__(self, recipe: Recipe, *, batches_factory=None, sink=None, tokenizer=None,
-                 bos_id: int | None = None, eos_id: int | None = None, checkpointer=None):
+    def __init__(
+        self,
+        recipe: Recipe,
+        *,
+        batches_factory=None,
+        sink=None,
+        tokenizer=None,
+        bos_id: int | None = None,
+        eos_id: int | None = None,
+        checkpointer=None,
+    ):
         super().__init__()
         self.recipe = recipe
         self.model = Llama(recipe.model)
@@ -114,8 +123,11 @@ class BulbaModule(L.LightningModule):
         # the Rust engine's iterable, started at the micro-batch the last checkpoint consumed.
         saved = self.resumed_world_size
         if saved is not None and saved != self.trainer.world_size and self.global_rank == 0:
-            print(f"warning: resuming a run checkpointed with {saved} processes on {self.trainer.world_size}: "
-                  "training continues, but the data order differs from an uninterrupted run", flush=True)
+            print(
+                f"warning: resuming a run checkpointed with {saved} processes on {self.trainer.world_size}: "
+                "training continues, but the data order differs from an uninterrupted run",
+                flush=True,
+            )
         return self._batches_factory("train", self.global_rank, self.trainer.world_size, self.state.consumed)
 
     def configure_optimizers(self):
@@ -236,8 +248,10 @@ class BulbaModule(L.LightningModule):
             self._step_tokens = 0
         world = self.trainer.world_size
         if not finite:
-            msg = (f"non-finite {'loss' if not math.isfinite(loss_v) else 'gradient norm'} at step {step} "
-                   f"(loss={loss_v}, grad_norm={gn})")
+            msg = (
+                f"non-finite {'loss' if not math.isfinite(loss_v) else 'gradient norm'} at step {step} "
+                f"(loss={loss_v}, grad_norm={gn})"
+            )
             if t.nan_policy == "stop" or st.nan_streak >= t.nan_max_skips:
                 if t.nan_policy == "skip":
                     msg += f"; {st.nan_streak} non-finite steps in a row (train.nan_max_skips)"
@@ -316,9 +330,14 @@ class BulbaModule(L.LightningModule):
         seq_len = self.recipe.model.ctx_len
         mfu = flops.mfu(self.recipe.model, tok_s / world, self.device, seq_len)
         m = {
-            "train/loss": loss, "train/lr": lr, "train/grad_norm": gn,
-            "train/tokens_seen": float(self.state.tokens), "train/nan_skipped": float(self.state.nan_skips),
-            "perf/tokens_per_s": tok_s, "perf/mfu": mfu, "perf/step_time_s": dt / w["steps"],
+            "train/loss": loss,
+            "train/lr": lr,
+            "train/grad_norm": gn,
+            "train/tokens_seen": float(self.state.tokens),
+            "train/nan_skipped": float(self.state.nan_skips),
+            "perf/tokens_per_s": tok_s,
+            "perf/mfu": mfu,
+            "perf/step_time_s": dt / w["steps"],
             "data/padding_frac": w["pad"] / max(1, w["cells"]),
             "mem/host_rss_mb": rss_mb(),
         }
@@ -326,8 +345,11 @@ class BulbaModule(L.LightningModule):
             m["mem/peak_device_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
         self._log(m, step)
         if self.global_rank == 0:
-            print(f"step {step:>6}/{t.max_steps} | loss {loss:.4f} | lr {lr:.2e} | gnorm {gn:.2f} | "
-                  f"{tok_s:,.0f} tok/s | mfu {100 * mfu:.1f}%", flush=True)
+            print(
+                f"step {step:>6}/{t.max_steps} | loss {loss:.4f} | lr {lr:.2e} | gnorm {gn:.2f} | "
+                f"{tok_s:,.0f} tok/s | mfu {100 * mfu:.1f}%",
+                flush=True,
+            )
         self._window = {"tokens": 0, "pad": 0, "cells": 0, "steps": 0, "t0": time.perf_counter()}
 
     # ------------------------------------------------------------------ validation, samples
@@ -355,8 +377,7 @@ class BulbaModule(L.LightningModule):
         self.outcome.last_val = v
         if self.state.best_val is None or v < self.state.best_val:
             self.state.best_val = v
-        self._log({"val/loss": v, "val/ppl": math.exp(min(v, 50)), "perf/val_time_s": time.perf_counter() - t0},
-                  step)
+        self._log({"val/loss": v, "val/ppl": math.exp(min(v, 50)), "perf/val_time_s": time.perf_counter() - t0}, step)
         if self.global_rank == 0:
             print(f"step {step:>6} | val loss {v:.4f}", flush=True)
         self._window["t0"] += time.perf_counter() - t0  # keep eval time out of tokens/s
@@ -378,10 +399,9 @@ class BulbaModule(L.LightningModule):
                 ids = self._tokenizer.encode(prompt, add_special_tokens=False).ids
                 if self._bos is not None:
                     ids = [self._bos] + ids
-                x = torch.tensor([ids[-(self.recipe.model.ctx_len - t.sample_tokens):]], device=self.device)
-                y = self.model.generate(x, t.sample_tokens, temperature=0.8, top_k=50, eos_id=self._eos,
-                                        generator=gen)
-                text = self._tokenizer.decode(y[0, x.shape[1]:].tolist(), skip_special_tokens=True)
+                x = torch.tensor([ids[-(self.recipe.model.ctx_len - t.sample_tokens) :]], device=self.device)
+                y = self.model.generate(x, t.sample_tokens, temperature=0.8, top_k=50, eos_id=self._eos, generator=gen)
+                text = self._tokenizer.decode(y[0, x.shape[1] :].tolist(), skip_special_tokens=True)
                 out.append({"step": step, "prompt": prompt, "completion": text})
         self.model.train(was_training)
         self.outcome.samples.extend(out)
@@ -396,7 +416,3 @@ class BulbaModule(L.LightningModule):
         # bytes of int64) and is widened on the device in _forward_loss.
         nb = device.type == "cuda"
         return {k: (v.to(device, non_blocking=nb) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-
-
-
-

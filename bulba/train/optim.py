@@ -39,7 +39,6 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-
 def make_optimizer(model: torch.nn.Module, t, state: dict | None = None) -> torch.optim.Optimizer:
     """AdamW per the recipe's train section; `state`: a checkpoint's optimizer state to continue."""
     kwargs = dict(lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8)

@@ -41,15 +41,23 @@ def preflight(recipe: Recipe) -> Plan:
     data = prepare_recipe(recipe)
     accelerator = resolve_accelerator(recipe)
     if recipe.train.strategy == "fsdp" and accelerator != "cuda":
-        raise UserError("train.strategy=fsdp needs CUDA GPUs (torch's FSDP has no CPU backend); "
-                        "use train.strategy=ddp on CPU")
+        raise UserError(
+            "train.strategy=fsdp needs CUDA GPUs (torch's FSDP has no CPU backend); use train.strategy=ddp on CPU"
+        )
     check_attention_memory(recipe, accelerator)
     precision = resolve_precision(recipe, accelerator)
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
     devices, n_proc = resolve_devices(recipe, accelerator)
-    return Plan(data=data, accelerator=accelerator, precision=precision, devices=devices, n_proc=n_proc,
-                rank0=rank0, n_params=param_count(recipe.model))
+    return Plan(
+        data=data,
+        accelerator=accelerator,
+        precision=precision,
+        devices=devices,
+        n_proc=n_proc,
+        rank0=rank0,
+        n_params=param_count(recipe.model),
+    )
 
 
 def early_global_rank() -> int:
@@ -82,8 +90,19 @@ def check_splits(recipe: Recipe, data) -> None:
     d, m, t = recipe.data, recipe.model, recipe.train
     for split in ("train", "val"):
         train = split == "train"
-        Batches(data, split=split, sampler=d.sampler, batch_size=t.batch_size, ctx=m.ctx_len, seed=recipe.seed,
-                buckets=d.buckets, prefetch=1, shuffle=train, infinite=train, drop_last=train)
+        Batches(
+            data,
+            split=split,
+            sampler=d.sampler,
+            batch_size=t.batch_size,
+            ctx=m.ctx_len,
+            seed=recipe.seed,
+            buckets=d.buckets,
+            prefetch=1,
+            shuffle=train,
+            infinite=train,
+            drop_last=train,
+        )
 
 
 def resolve_accelerator(recipe: Recipe) -> str:
@@ -108,7 +127,6 @@ def resolve_precision(recipe: Recipe, accelerator: str) -> str:
     except Exception:  # noqa: BLE001
         ok = False
     return "bf16-mixed" if ok else "32-true"
-
 
 
 def resolve_devices(recipe: Recipe, accelerator: str) -> tuple[int | list, int]:
@@ -149,12 +167,16 @@ def check_attention_memory(recipe: Recipe, accelerator: str) -> None:
     limit = memory_limit_bytes()
     params = param_count(m)
     if limit and params * 16 > limit:  # fp32 weights + gradients + two AdamW moments
-        raise UserError(f"the model has {flops.human(params)} parameters: weights, gradients and optimizer state "
-                        f"need ~{params * 16 / 2**30:.0f} GiB, more than this machine's {limit / 2**30:.0f} GiB; "
-                        "check model.n_layer / n_embd / ffn_hidden / vocab_size")
-    need = t.batch_size * m.n_head * m.ctx_len ** 2 * 4
+        raise UserError(
+            f"the model has {flops.human(params)} parameters: weights, gradients and optimizer state "
+            f"need ~{params * 16 / 2**30:.0f} GiB, more than this machine's {limit / 2**30:.0f} GiB; "
+            "check model.n_layer / n_embd / ffn_hidden / vocab_size"
+        )
+    need = t.batch_size * m.n_head * m.ctx_len**2 * 4
     if limit and need > limit // 2:
-        raise UserError(f"model.ctx_len={m.ctx_len} is longer than this machine can train on CPU: attention "
-                        f"scores alone need ~{need / 2**30:.0f} GiB per layer (batch {t.batch_size} x "
-                        f"{m.n_head} heads x ctx^2), memory is {limit / 2**30:.0f} GiB; lower model.ctx_len "
-                        "or train.batch_size")
+        raise UserError(
+            f"model.ctx_len={m.ctx_len} is longer than this machine can train on CPU: attention "
+            f"scores alone need ~{need / 2**30:.0f} GiB per layer (batch {t.batch_size} x "
+            f"{m.n_head} heads x ctx^2), memory is {limit / 2**30:.0f} GiB; lower model.ctx_len "
+            "or train.batch_size"
+        )

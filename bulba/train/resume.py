@@ -30,8 +30,10 @@ def load(recipe: Recipe, path: Path | None, data, rank0: bool) -> dict | None:
         return None
     loaded = ckpt.load_checkpoint(path)
     if loaded["state"]["train"]["step"] >= recipe.train.max_steps:
-        raise UserError(f"{recipe.out_dir} is already at step {loaded['state']['train']['step']} >= "
-                        f"train.max_steps={recipe.train.max_steps}; raise train.max_steps to train further")
+        raise UserError(
+            f"{recipe.out_dir} is already at step {loaded['state']['train']['step']} >= "
+            f"train.max_steps={recipe.train.max_steps}; raise train.max_steps to train further"
+        )
     check_compatible(path, loaded["state"], recipe, data, rank0)
     loaded["path"] = path
     return loaded
@@ -54,8 +56,10 @@ def restore(module, loaded: dict, rank0: bool) -> None:
     module.restore(loaded["model"], loaded["optimizer"], loaded["state"]["train"], loaded["state"].get("world_size"))
     ckpt.set_rng_state(*loaded["rng"])
     if rank0:
-        print(f"resuming from {loaded['path']} (step {module.state.step}, "
-              f"{module.state.consumed} batches consumed)", flush=True)
+        print(
+            f"resuming from {loaded['path']} (step {module.state.step}, {module.state.consumed} batches consumed)",
+            flush=True,
+        )
 
 
 def run_exists(out: Path) -> bool:
@@ -69,8 +73,10 @@ def check_out_dir(recipe: Recipe) -> Path | None:
         raise UserError(f"out_dir {out} exists and is not a directory")
     if recipe.resume != "auto":
         if run_exists(out):
-            raise UserError(f"out_dir {out} already holds a run; pass resume=auto to continue it, "
-                            f"or out_dir=<new dir> to start another")
+            raise UserError(
+                f"out_dir {out} already holds a run; pass resume=auto to continue it, "
+                f"or out_dir=<new dir> to start another"
+            )
         return None
     return ckpt.latest_checkpoint(out / "checkpoints")
 
@@ -79,13 +85,22 @@ def check_compatible(path: Path, state: dict, recipe: Recipe, data, rank0: bool)
     """A checkpoint continues only the same model; data or batch changes are allowed, said."""
     saved = state.get("recipe") or {}
     old_model, new_model = saved.get("model") or {}, dataclasses.asdict(recipe.model)
-    diff = [f"{k} {old_model[k]!r} -> {new_model[k]!r}" for k in new_model
-            if k in old_model and old_model[k] != new_model[k] and k != "init_std"]
+    diff = [
+        f"{k} {old_model[k]!r} -> {new_model[k]!r}"
+        for k in new_model
+        if k in old_model and old_model[k] != new_model[k] and k != "init_std"
+    ]
     if diff:
-        raise UserError(f"cannot resume from {path}: the model changed ({', '.join(diff)}); "
-                        "restore those model.* values or start a new out_dir")
-    changed = [f"{sec}.{k}" for sec, keys in (("data", ("sampler", "dir")), ("train", ("batch_size", "grad_accum")))
-               for k in keys if (saved.get(sec) or {}).get(k) != getattr(getattr(recipe, sec), k)]
+        raise UserError(
+            f"cannot resume from {path}: the model changed ({', '.join(diff)}); "
+            "restore those model.* values or start a new out_dir"
+        )
+    changed = [
+        f"{sec}.{k}"
+        for sec, keys in (("data", ("sampler", "dir")), ("train", ("batch_size", "grad_accum")))
+        for k in keys
+        if (saved.get(sec) or {}).get(k) != getattr(getattr(recipe, sec), k)
+    ]
     if saved.get("seed") != recipe.seed:
         changed.append("seed")
     if state.get("dataset_digest") not in (None, data.dataset_digest):
@@ -94,12 +109,18 @@ def check_compatible(path: Path, state: dict, recipe: Recipe, data, rank0: bool)
     if run_tok.is_file() and token_table(run_tok) != token_table(data_tok):
         # Same vocab size, other ids: the weights would be trained on tokens that mean something
         # else, and the run's tokenizer.json (what export ships) would be replaced. Refuse.
-        raise UserError(f"cannot resume from {path}: {data.dir} was prepared with another tokenizer than "
-                        f"{run_tok}; resume with the run's data.dir ({saved.get('data', {}).get('dir')}) or "
-                        "start a new out_dir")
+        raise UserError(
+            f"cannot resume from {path}: {data.dir} was prepared with another tokenizer than "
+            f"{run_tok}; resume with the run's data.dir ({saved.get('data', {}).get('dir')}) or "
+            "start a new out_dir"
+        )
     if changed and rank0:
-        print(f"warning: resuming with changed {', '.join(changed)}: training continues, but the batches "
-              "differ from those the uninterrupted run would have seen", file=sys.stderr, flush=True)
+        print(
+            f"warning: resuming with changed {', '.join(changed)}: training continues, but the batches "
+            "differ from those the uninterrupted run would have seen",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def token_table(path: Path):
@@ -107,7 +128,10 @@ def token_table(path: Path):
     try:
         tj = json.loads(path.read_text(encoding="utf-8"))
         model = tj.get("model") or {}
-        return (model.get("vocab"), model.get("merges"),
-                sorted((t.get("id"), t.get("content")) for t in tj.get("added_tokens") or []))
+        return (
+            model.get("vocab"),
+            model.get("merges"),
+            sorted((t.get("id"), t.get("content")) for t in tj.get("added_tokens") or []),
+        )
     except (OSError, ValueError, AttributeError, TypeError) as e:
         raise UserError(f"{path} is not a readable tokenizer.json ({e})") from None

@@ -50,16 +50,28 @@ def train(recipe: Recipe, *, module_hook=None, enable_tracking: bool = True) -> 
     del loaded  # the module holds the weights now; do not keep a second copy through fit
     if module_hook is not None:
         module_hook(module)
-    trainer, strategy = make_trainer(recipe.train.mode, plan.accelerator, plan.precision,
-                                     strategy=recipe.train.strategy, devices=plan.devices, n_proc=plan.n_proc,
-                                     num_nodes=recipe.train.num_nodes, root=str(run.out))
+    trainer, strategy = make_trainer(
+        recipe.train.mode,
+        plan.accelerator,
+        plan.precision,
+        strategy=recipe.train.strategy,
+        devices=plan.devices,
+        n_proc=plan.n_proc,
+        num_nodes=recipe.train.num_nodes,
+        root=str(run.out),
+    )
     status = "FAILED"
     old_handlers = _signal_handlers(module)
     try:
         _fit(trainer, module)
         if strategy.resolved:
-            run.tags({"bulba.mode": recipe.train.mode, "bulba.attention_backend": strategy.resolved["attention"],
-                      "bulba.compiled": strategy.resolved["compiled"]})
+            run.tags(
+                {
+                    "bulba.mode": recipe.train.mode,
+                    "bulba.attention_backend": strategy.resolved["attention"],
+                    "bulba.compiled": strategy.resolved["compiled"],
+                }
+            )
         run.write_rank_log(module, trainer)
         status, summary = _finish(recipe, plan, run, module, checkpointer, t_start)
         return summary
@@ -75,10 +87,13 @@ def train(recipe: Recipe, *, module_hook=None, enable_tracking: bool = True) -> 
 def _announce(recipe: Recipe, plan: Plan) -> None:
     if plan.rank0:
         m = recipe.model
-        print(f"{recipe.name}: {plan.n_params:,} parameters ({flops.human(plan.n_params)}), "
-              f"{m.n_layer} layers, d={m.n_embd}, heads {m.n_head}/{m.n_kv_head} (GQA 1:{m.n_head // m.n_kv_head}), "
-              f"ctx {m.ctx_len}, vocab {m.vocab_size}; "
-              f"{plan.accelerator} {plan.precision}, mode {recipe.train.mode}", flush=True)
+        print(
+            f"{recipe.name}: {plan.n_params:,} parameters ({flops.human(plan.n_params)}), "
+            f"{m.n_layer} layers, d={m.n_embd}, heads {m.n_head}/{m.n_kv_head} (GQA 1:{m.n_head // m.n_kv_head}), "
+            f"ctx {m.ctx_len}, vocab {m.vocab_size}; "
+            f"{plan.accelerator} {plan.precision}, mode {recipe.train.mode}",
+            flush=True,
+        )
 
 
 def _build_module(recipe: Recipe, plan: Plan, run: RunDir, loaded: dict | None):
@@ -89,9 +104,15 @@ def _build_module(recipe: Recipe, plan: Plan, run: RunDir, loaded: dict | None):
     data = plan.data
     tok = Tokenizer.from_file(str(data.dir / "tokenizer.json"))
     checkpointer = Checkpointer(recipe, lambda: run.run_id, run.refresh_config, data.dataset_digest)
-    module = BulbaModule(recipe, batches_factory=make_batches_factory(recipe, data, pin=plan.accelerator == "cuda"),
-                         sink=run.tracker.metrics if run.tracker else None, tokenizer=tok,
-                         bos_id=data.bos_id, eos_id=data.eos_id, checkpointer=checkpointer)
+    module = BulbaModule(
+        recipe,
+        batches_factory=make_batches_factory(recipe, data, pin=plan.accelerator == "cuda"),
+        sink=run.tracker.metrics if run.tracker else None,
+        tokenizer=tok,
+        bos_id=data.bos_id,
+        eos_id=data.eos_id,
+        checkpointer=checkpointer,
+    )
     if loaded is not None:
         resume.restore(module, loaded, plan.rank0)
     return module, checkpointer
@@ -119,14 +140,24 @@ def _finish(recipe: Recipe, plan: Plan, run: RunDir, module, checkpointer: Check
         path = oc.checkpoint if oc.checkpointed else module.checkpoint(oc.signal or "signal")
         raise Interrupted(oc.signal or "signal", path)
     if oc.reason == "fault":
-        raise TrainingFault(f"{oc.fault}; stopped, no final weights written; checkpoint from before the fault: "
-                            f"{oc.checkpoint}. Lower train.lr or set train.nan_policy=skip and resume with resume=auto")
+        raise TrainingFault(
+            f"{oc.fault}; stopped, no final weights written; checkpoint from before the fault: "
+            f"{oc.checkpoint}. Lower train.lr or set train.nan_policy=skip and resume with resume=auto"
+        )
     if oc.reason == "running":
         raise RuntimeError("training ended before train.max_steps (the data iterator ran dry?)")
     # finished (the final validation and samples ran at the last step): checkpoint, weights
-    summary = {"step": module.state.step, "tokens": module.state.tokens, "val_loss": oc.last_val,
-               "losses": module.losses, "run_id": run.run_id, "out_dir": str(run.out), "params": plan.n_params,
-               "seconds": time.perf_counter() - t_start, "nan_skips": module.state.nan_skips}
+    summary = {
+        "step": module.state.step,
+        "tokens": module.state.tokens,
+        "val_loss": oc.last_val,
+        "losses": module.losses,
+        "run_id": run.run_id,
+        "out_dir": str(run.out),
+        "params": plan.n_params,
+        "seconds": time.perf_counter() - t_start,
+        "nan_skips": module.state.nan_skips,
+    }
     if plan.rank0:
         run.write_final(module, checkpointer.last_model_sd)
     return "FINISHED", summary
@@ -141,8 +172,11 @@ def _signal_handlers(module):
         name = signal.Signals(signum).name
         if module.request_stop(name) and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        print(f"\n{name} received: stopping after this step and writing a checkpoint "
-              f"(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+        print(
+            f"\n{name} received: stopping after this step and writing a checkpoint (Ctrl-C again to stop at once)",
+            file=sys.stderr,
+            flush=True,
+        )
 
     for s in (signal.SIGTERM, signal.SIGINT):
         old[s] = signal.signal(s, handler)

@@ -56,8 +56,9 @@ class Tracker:
     def run_id(self) -> str | None:
         return self._rt.run_id if self._rt is not None else None
 
-    def start(self, experiment: str, run_name: str | None, run_dir: Path, run_id: str | None,
-              tags: dict, params: dict | None) -> str | None:
+    def start(
+        self, experiment: str, run_name: str | None, run_dir: Path, run_id: str | None, tags: dict, params: dict | None
+    ) -> str | None:
         if not self.enabled:
             return None
         from bulba.tracking import RunTracker
@@ -66,8 +67,17 @@ class Tracker:
         # skip_logged_steps: after a SIGKILL, resume=auto replays the steps between the last
         # checkpoint and the kill; the spool says which the dead process already logged, and
         # those are not logged again (each step once in MLflow's history, as an uninterrupted run).
-        self._rt = RunTracker(experiment, run_name, run_dir=run_dir, run_id=run_id, tags=tags, params=params,
-                              resume=True, system_metrics=True, skip_logged_steps=True)
+        self._rt = RunTracker(
+            experiment,
+            run_name,
+            run_dir=run_dir,
+            run_id=run_id,
+            tags=tags,
+            params=params,
+            resume=True,
+            system_metrics=True,
+            skip_logged_steps=True,
+        )
         return self._rt.run_id
 
     def tags(self, d: dict):
@@ -82,9 +92,12 @@ class Tracker:
             except OSError as e:  # disk full: the weights matter more than the local log; say it once
                 if not getattr(self, "_warned", False):
                     self._warned = True
-                    print(f"warning: cannot write {self._metrics_file} ({e.strerror or e}); training continues"
-                          + (", metrics still go to MLflow" if self._rt is not None else ""),
-                          file=sys.stderr, flush=True)
+                    print(
+                        f"warning: cannot write {self._metrics_file} ({e.strerror or e}); training continues"
+                        + (", metrics still go to MLflow" if self._rt is not None else ""),
+                        file=sys.stderr,
+                        flush=True,
+                    )
         if self._rt is not None:
             clean = {k: float(v) for k, v in d.items() if v is not None and math.isfinite(float(v))}
             self._rt.log_metrics(clean, step=step)
@@ -109,14 +122,14 @@ class Tracker:
 
 def run_config(recipe: Recipe, data, run_id: str | None) -> dict:
     return {
-        "format": RUN_FORMAT, "version": RUN_VERSION,
+        "format": RUN_FORMAT,
+        "version": RUN_VERSION,
         "model": dataclasses.asdict(recipe.model),
         "tokenizer": {"bos_id": data.bos_id, "eos_id": data.eos_id, "pad_id": data.pad_id, "add_bos_token": True},
         "recipe": recipe.to_dict(),
         "dataset_digest": data.dataset_digest,
         "mlflow_run_id": run_id,
     }
-
 
 
 class RunDir:
@@ -149,9 +162,15 @@ class RunDir:
         """Per-rank record of what data this rank consumed (fingerprints of its first batches)."""
         with contextlib.suppress(OSError):
             (self.out / "logs").mkdir(parents=True, exist_ok=True)
-            write_json(self.out / "logs" / f"rank-{trainer.global_rank}.json",
-                       {"rank": trainer.global_rank, "world_size": trainer.world_size,
-                        "consumed": module.state.consumed, "first_batches_sha256": module.fingerprints})
+            write_json(
+                self.out / "logs" / f"rank-{trainer.global_rank}.json",
+                {
+                    "rank": trainer.global_rank,
+                    "world_size": trainer.world_size,
+                    "consumed": module.state.consumed,
+                    "first_batches_sha256": module.fingerprints,
+                },
+            )
 
     def write_final(self, module, weights: dict | None) -> None:
         """final.safetensors from `weights` (the final checkpoint's; None: the module's), then
@@ -170,8 +189,10 @@ class RunDir:
             with atomic_open(out / "final.safetensors", "wb") as f:
                 f.write(save(sd, metadata={"format": "pt", "bulba.step": str(module.state.step)}))
         except OSError as e:
-            raise UserError(f"cannot write {out / 'final.safetensors'} ({e.strerror or e}); the final checkpoint "
-                            f"in {out / 'checkpoints'} holds the same weights") from None
+            raise UserError(
+                f"cannot write {out / 'final.safetensors'} ({e.strerror or e}); the final checkpoint "
+                f"in {out / 'checkpoints'} holds the same weights"
+            ) from None
         write_json(out / "config.json", run_config(recipe, self.data, self.run_id))
         print(f"wrote {out / 'final.safetensors'} ({len(sd)} tensors, step {module.state.step})", flush=True)
         if self.tracker:
@@ -202,15 +223,30 @@ def open_run(recipe: Recipe, plan, loaded: dict | None, run_id: str | None, enab
     tracker = Tracker(enable_tracking, out / "metrics.jsonl")
     new_run = run_id is None and not (out / "mlflow_run.json").exists()
     commit = git_commit()
-    tags = {"bulba.stage": "train", "bulba.git_commit": commit,
-            "mlflow.source.git.commit": commit.removesuffix("-dirty"),
-            "bulba.dataset_digest": data.dataset_digest or "unknown",
-            "bulba.prepare_run_id": data.meta.get("mlflow_run_id") or "none",
-            "bulba.data_dir": str(data.dir.resolve()), "bulba.params": plan.n_params,
-            "bulba.preset": recipe.name, "bulba.precision": plan.precision,
-            "bulba.accelerator": plan.accelerator, "bulba.out_dir": str(out.resolve())}
-    run_id = tracker.start(recipe.tracking.experiment, recipe.tracking.run_name or f"{recipe.name}-{out.name}",
-                           out, run_id, tags, flatten(recipe.to_dict()) if new_run else None) or run_id
+    tags = {
+        "bulba.stage": "train",
+        "bulba.git_commit": commit,
+        "mlflow.source.git.commit": commit.removesuffix("-dirty"),
+        "bulba.dataset_digest": data.dataset_digest or "unknown",
+        "bulba.prepare_run_id": data.meta.get("mlflow_run_id") or "none",
+        "bulba.data_dir": str(data.dir.resolve()),
+        "bulba.params": plan.n_params,
+        "bulba.preset": recipe.name,
+        "bulba.precision": plan.precision,
+        "bulba.accelerator": plan.accelerator,
+        "bulba.out_dir": str(out.resolve()),
+    }
+    run_id = (
+        tracker.start(
+            recipe.tracking.experiment,
+            recipe.tracking.run_name or f"{recipe.name}-{out.name}",
+            out,
+            run_id,
+            tags,
+            flatten(recipe.to_dict()) if new_run else None,
+        )
+        or run_id
+    )
     shutil.copyfile(data.dir / "tokenizer.json", out / ".tmp-tokenizer.json")
     os.replace(out / ".tmp-tokenizer.json", out / "tokenizer.json")
     write_json(out / "config.json", run_config(recipe, data, run_id))

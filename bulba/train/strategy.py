@@ -118,8 +118,7 @@ def make_strategy(kind: str, mode: str, device: torch.device, n_processes: int):
     if kind == "fsdp":
         # Shard at block granularity; use_orig_params keeps parameter names (and our weight
         # decay groups) and is what torch.compile'd blocks need under FSDP.
-        return BulbaFSDPStrategy(mode=mode, auto_wrap_policy={Block}, use_orig_params=True,
-                                 state_dict_type="full")
+        return BulbaFSDPStrategy(mode=mode, auto_wrap_policy={Block}, use_orig_params=True, state_dict_type="full")
     if kind == "ddp" or n_processes > 1:
         # gloo on CPU, nccl on CUDA (Lightning's default for the accelerator).
         return BulbaDDPStrategy(mode=mode, find_unused_parameters=False, gradient_as_bucket_view=True)

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from support.paths import REPO as ROOT
+
 ROWS = ["hf-trainer-default", "hf-trainer-best", "bulba-eager", "bulba-flash", "bulba-compile", "bulba-both"]
 
 pytest.importorskip("transformers")
@@ -22,8 +23,14 @@ pytest.importorskip("accelerate")  # the HF Trainer needs it
 
 
 def _bench(args: list[str], env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "bench.py"), "train", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    return subprocess.run(
+        [sys.executable, str(ROOT / "bench.py"), "train", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+    )
 
 
 # Very small shapes: a few steps per row; the compile rows still compile (that is the cost).
@@ -38,8 +45,21 @@ def test_bench_train_every_row_and_mlflow(prepared_data, mlflow_uri, tmp_path):
     cuda = torch.cuda.is_available()
     experiment = f"bench-train-test-{uuid.uuid4().hex[:8]}"
     md, js = tmp_path / "train.md", tmp_path / "train.json"
-    r = _bench(["--data", str(prepared_data), *SMALL, "--json", str(js), "--md", str(md),
-                "--experiment", experiment, "--cache-dir", str(tmp_path / "cache")])
+    r = _bench(
+        [
+            "--data",
+            str(prepared_data),
+            *SMALL,
+            "--json",
+            str(js),
+            "--md",
+            str(md),
+            "--experiment",
+            experiment,
+            "--cache-dir",
+            str(tmp_path / "cache"),
+        ]
+    )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
 
     payload = json.loads(js.read_text(encoding="utf-8"))
@@ -80,8 +100,9 @@ def test_bench_train_every_row_and_mlflow(prepared_data, mlflow_uri, tmp_path):
     assert len(parents) == 1
     parent = parents[0]
     assert parent.data.tags.get("bulba.bench") == "train"
-    children = {x.data.tags["bulba.bench_row"]: x for x in runs
-                if x.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    children = {
+        x.data.tags["bulba.bench_row"]: x for x in runs if x.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+    }
     assert set(children) == set(ROWS)
     for name, row in rows.items():
         metrics, params = children[name].data.metrics, children[name].data.params

@@ -16,11 +16,16 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
+
 from support.train_data import ROOT, TINY, losses_from, run_train
 
 MAX_STEPS, CKPT_EVERY = 30, 10
-ARGS = TINY + [f"train.max_steps={MAX_STEPS}", f"train.ckpt_every={CKPT_EVERY}", "train.val_every=0",
-               "train.ckpt_keep=0"]
+ARGS = TINY + [
+    f"train.max_steps={MAX_STEPS}",
+    f"train.ckpt_every={CKPT_EVERY}",
+    "train.val_every=0",
+    "train.ckpt_keep=0",
+]
 # Same values as the uninterrupted run (CPU, deterministic); timings and memory only in count.
 DETERMINISTIC = ("train/loss", "train/lr", "train/grad_norm", "train/tokens_seen", "train/nan_skipped")
 
@@ -75,8 +80,14 @@ def test_sigkill_then_resume_logs_every_step_once_in_same_mlflow_run(train_data,
     args = ["tiny", f"data.dir={train_data}", f"out_dir={out}", *ARGS]
     client = mlflow.MlflowClient(tracking_uri=uri)
     client.create_experiment("bulbagpt")  # the store exists before the run (schema set-up is slow)
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         seen = []
         for line in proc.stdout:  # the step-10 checkpoint is complete once its line is printed

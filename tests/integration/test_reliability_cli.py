@@ -15,20 +15,28 @@ from support.paths import REPO
 
 def _run(script: str, *args: str, cwd: Path):
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    return subprocess.run([sys.executable, str(REPO / script), *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, str(REPO / script), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
+    )
 
 
-@pytest.mark.parametrize("script,args,needle", [
-    ("prepare.py", [], "required"),
-    ("prepare.py", ["a.txt", "--out", "o", "--vocab-size", "abc"], "invalid int value"),
-    ("prepare.py", ["a.txt", "--out", "o", "--encoder", "fast"], "invalid choice"),
-    ("train.py", ["tiny", "--bogus"], "unrecognized arguments: --bogus"),
-    ("export.py", ["run"], "required: --type, --out"),
-    ("export.py", ["run", "--type", "f16", "--out", "x.gguf", "--hf-dtype", "f8"], "invalid choice"),
-    ("export.py", ["run", "--type", "f16", "--out", "x.gguf", "--register", "m", "--no-mlflow"], "--register needs MLflow"),
-    ("bench.py", ["nosuch"], "invalid choice: 'nosuch'"),
-])
+@pytest.mark.parametrize(
+    "script,args,needle",
+    [
+        ("prepare.py", [], "required"),
+        ("prepare.py", ["a.txt", "--out", "o", "--vocab-size", "abc"], "invalid int value"),
+        ("prepare.py", ["a.txt", "--out", "o", "--encoder", "fast"], "invalid choice"),
+        ("train.py", ["tiny", "--bogus"], "unrecognized arguments: --bogus"),
+        ("export.py", ["run"], "required: --type, --out"),
+        ("export.py", ["run", "--type", "f16", "--out", "x.gguf", "--hf-dtype", "f8"], "invalid choice"),
+        (
+            "export.py",
+            ["run", "--type", "f16", "--out", "x.gguf", "--register", "m", "--no-mlflow"],
+            "--register needs MLflow",
+        ),
+        ("bench.py", ["nosuch"], "invalid choice: 'nosuch'"),
+    ],
+)
 def test_command_line_mistakes_are_one_line_exit_2(tmp_path, script, args, needle):
     r = _run(script, *args, cwd=tmp_path)
     err = r.stderr.strip()

@@ -20,14 +20,14 @@ import time
 from pathlib import Path
 
 import pytest
-from support.cli import assert_one_line_exit_2
-
-from support.paths import REPO
 
 from bulba.errors import UserError  # noqa: E402
+from support.cli import assert_one_line_exit_2
+from support.paths import REPO
 
-TEXT = ("Зубр жыве ў Белавежскай пушчы. Аист вьёт гнездо на крыше. The stork builds a nest. "
-        "def main():\n    return 42\n") * 40
+TEXT = (
+    "Зубр жыве ў Белавежскай пушчы. Аист вьёт гнездо на крыше. The stork builds a nest. def main():\n    return 42\n"
+) * 40
 
 
 def make_run(out: Path, n_layer=2, n_embd=256, ffn=768, vocab=300) -> Path:
@@ -35,22 +35,42 @@ def make_run(out: Path, n_layer=2, n_embd=256, ffn=768, vocab=300) -> Path:
     from safetensors.torch import save_file
 
     from bulba.config import ModelConfig
-    from bulba.model.llama import Llama
     from bulba.data.tokenizer import BOS, EOS, train_tokenizer
+    from bulba.model.llama import Llama
 
     out.mkdir(parents=True, exist_ok=True)
     tok = train_tokenizer(TEXT.splitlines(), vocab_size=vocab)
     tok.save(str(out / "tokenizer.json"))
-    cfg = ModelConfig(vocab_size=tok.get_vocab_size(), n_layer=n_layer, n_embd=n_embd, n_head=4, n_kv_head=2,
-                      ffn_hidden=ffn, ctx_len=128)
+    cfg = ModelConfig(
+        vocab_size=tok.get_vocab_size(),
+        n_layer=n_layer,
+        n_embd=n_embd,
+        n_head=4,
+        n_kv_head=2,
+        ffn_hidden=ffn,
+        ctx_len=128,
+    )
     torch.manual_seed(0)
     model = Llama(cfg)
     save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(out / "final.safetensors"))
-    (out / "config.json").write_text(json.dumps({
-        "format": "bulba-run", "version": 1, "model": dataclasses.asdict(cfg),
-        "tokenizer": {"bos_id": tok.token_to_id(BOS), "eos_id": tok.token_to_id(EOS), "pad_id": tok.token_to_id(EOS),
-                      "add_bos_token": True},
-        "recipe": {"name": "rel"}, "dataset_digest": "test", "mlflow_run_id": None}))
+    (out / "config.json").write_text(
+        json.dumps(
+            {
+                "format": "bulba-run",
+                "version": 1,
+                "model": dataclasses.asdict(cfg),
+                "tokenizer": {
+                    "bos_id": tok.token_to_id(BOS),
+                    "eos_id": tok.token_to_id(EOS),
+                    "pad_id": tok.token_to_id(EOS),
+                    "add_bos_token": True,
+                },
+                "recipe": {"name": "rel"},
+                "dataset_digest": "test",
+                "mlflow_run_id": None,
+            }
+        )
+    )
     return out
 
 
@@ -89,8 +109,9 @@ def test_sigkill_during_export_keeps_previous_gguf(tmp_path):
     r = export_cli(run, "--type", "f16", "--out", out, "--no-verify", "--no-mlflow", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     before = sha(out)
-    p = export_cli(run, "--type", "q8_0", "--out", out, "--no-verify", "--no-mlflow", "--force",
-                   cwd=tmp_path, popen=True)
+    p = export_cli(
+        run, "--type", "q8_0", "--out", out, "--no-verify", "--no-mlflow", "--force", cwd=tmp_path, popen=True
+    )
     killed_at = None
     deadline = time.time() + 120
     while time.time() < deadline and p.poll() is None:
@@ -121,15 +142,17 @@ def test_disk_full_during_export_keeps_previous_gguf(small_run, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     before = sha(out)
     # f32 is ~6 MB: a 2 MB file size limit makes the write fail with EFBIG
-    r = export_cli(small_run, "--type", "f32", "--out", out, "--no-verify", "--no-mlflow", "--force",
-                   cwd=tmp_path, fsize=2_000_000)
+    r = export_cli(
+        small_run, "--type", "f32", "--out", out, "--no-verify", "--no-mlflow", "--force", cwd=tmp_path, fsize=2_000_000
+    )
     assert_one_line_exit_2(r, "cannot write", "m.gguf", "unchanged")
     assert sha(out) == before
     assert sorted(x.name for x in out.parent.iterdir()) == ["m.Modelfile", "m.gguf"]  # no temp file left
     # a first export that cannot be written leaves no file and no folder
     fresh = tmp_path / "fresh" / "n.gguf"
-    r = export_cli(small_run, "--type", "f32", "--out", fresh, "--no-verify", "--no-mlflow",
-                   cwd=tmp_path, fsize=2_000_000)
+    r = export_cli(
+        small_run, "--type", "f32", "--out", fresh, "--no-verify", "--no-mlflow", cwd=tmp_path, fsize=2_000_000
+    )
     assert_one_line_exit_2(r, "nothing was written")
     assert not fresh.parent.exists()
 
@@ -168,15 +191,17 @@ def test_export_refuses_a_gguf_or_ckpt_as_source(good_gguf, tmp_path):
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGUF" + os.urandom(1000))
     for src in (good_gguf, bad):
-        r = export_cli(src, "--type", "f16", "--out", tmp_path / "o" / "x.gguf", "--no-mlflow", "--no-verify",
-                       cwd=tmp_path)
+        r = export_cli(
+            src, "--type", "f16", "--out", tmp_path / "o" / "x.gguf", "--no-mlflow", "--no-verify", cwd=tmp_path
+        )
         assert_one_line_exit_2(r, "is not a .safetensors file")
     ckpt = tmp_path / "model.ckpt"
     import torch
 
     torch.save({"x": torch.zeros(2)}, ckpt)  # a pickle: must never be unpickled
-    r = export_cli(ckpt, "--type", "f16", "--out", tmp_path / "o" / "x.gguf", "--no-mlflow", "--no-verify",
-                   cwd=tmp_path)
+    r = export_cli(
+        ckpt, "--type", "f16", "--out", tmp_path / "o" / "x.gguf", "--no-mlflow", "--no-verify", cwd=tmp_path
+    )
     assert_one_line_exit_2(r, "model.ckpt", "is not a .safetensors file")
     assert not (tmp_path / "o").exists()
 
@@ -219,16 +244,18 @@ def test_corrupted_gguf_in_llama_cpp_and_registry_pyfunc_is_exit_2(good_gguf, tm
     if not llama_cpp_available():
         pytest.skip("llama-cpp-python not installed")
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-c", _LOAD_SCRIPT, str(good_gguf)], capture_output=True, text=True,
-                       env=env, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-c", _LOAD_SCRIPT, str(good_gguf)], capture_output=True, text=True, env=env, timeout=120
+    )
     assert r.returncode == 0 and "loaded" in r.stdout, r.stderr[-2000:]
     for name, data in corruptions(good_gguf.read_bytes()).items():
         if name == "bit-flips":
             continue  # flips in values can load fine; flips in lengths are covered by the others
         p = tmp_path / f"{name}.gguf"
         p.write_bytes(data)
-        r = subprocess.run([sys.executable, "-c", _LOAD_SCRIPT, str(p)], capture_output=True, text=True,
-                           env=env, timeout=120)
+        r = subprocess.run(
+            [sys.executable, "-c", _LOAD_SCRIPT, str(p)], capture_output=True, text=True, env=env, timeout=120
+        )
         assert r.returncode == 2, (name, r.returncode, r.stderr[-2000:])  # not a crash (negative rc)
         err = r.stderr.strip().splitlines()
         assert "Traceback" not in r.stderr and err[-1].startswith("error: ") and str(p) in err[-1], (name, r.stderr)
@@ -258,9 +285,11 @@ def test_register_name_cannot_escape_output_models(small_run, tmp_path, name):
 def _json_values():
     from hypothesis import strategies as st
 
-    return st.recursive(st.none() | st.booleans() | st.integers(-2**65, 2**65) | st.floats() | st.text(max_size=6),
-                        lambda x: st.lists(x, max_size=3) | st.dictionaries(st.text(max_size=5), x, max_size=3),
-                        max_leaves=5)
+    return st.recursive(
+        st.none() | st.booleans() | st.integers(-(2**65), 2**65) | st.floats() | st.text(max_size=6),
+        lambda x: st.lists(x, max_size=3) | st.dictionaries(st.text(max_size=5), x, max_size=3),
+        max_leaves=5,
+    )
 
 
 def _set_path(obj, path: list, value):
@@ -287,22 +316,52 @@ def test_export_source_fuzz(small_run, tmp_path_factory):
 
     from bulba.export.source import open_source
 
-    paths = st.sampled_from([
-        ["model"], ["model", "vocab_size"], ["model", "n_layer"], ["model", "n_embd"], ["model", "tie_embeddings"],
-        ["tokenizer"], ["tokenizer", "bos_id"], ["tokenizer", "eos_id"], ["tokenizer", "pad_id"], ["recipe"],
-        ["format"], ["mlflow_run_id"]])
-    tok_paths = st.sampled_from([["model"], ["model", "type"], ["model", "vocab"], ["model", "merges"],
-                                 ["model", "vocab", "a"], ["added_tokens"], ["added_tokens", 0],
-                                 ["added_tokens", 0, "id"], ["added_tokens", 0, "content"], ["pre_tokenizer"],
-                                 ["pre_tokenizer", "pretokenizers"], ["pre_tokenizer", "pretokenizers", 0]])
+    paths = st.sampled_from(
+        [
+            ["model"],
+            ["model", "vocab_size"],
+            ["model", "n_layer"],
+            ["model", "n_embd"],
+            ["model", "tie_embeddings"],
+            ["tokenizer"],
+            ["tokenizer", "bos_id"],
+            ["tokenizer", "eos_id"],
+            ["tokenizer", "pad_id"],
+            ["recipe"],
+            ["format"],
+            ["mlflow_run_id"],
+        ]
+    )
+    tok_paths = st.sampled_from(
+        [
+            ["model"],
+            ["model", "type"],
+            ["model", "vocab"],
+            ["model", "merges"],
+            ["model", "vocab", "a"],
+            ["added_tokens"],
+            ["added_tokens", 0],
+            ["added_tokens", 0, "id"],
+            ["added_tokens", 0, "content"],
+            ["pre_tokenizer"],
+            ["pre_tokenizer", "pretokenizers"],
+            ["pre_tokenizer", "pretokenizers", 0],
+        ]
+    )
     edit = st.one_of(
         st.tuples(st.just("config.json"), paths, _json_values()),
         st.tuples(st.just("tokenizer.json"), tok_paths, _json_values()),
-        st.tuples(st.just("final.safetensors"), st.integers(0, 1500), st.binary(min_size=1, max_size=16)))
+        st.tuples(st.just("final.safetensors"), st.integers(0, 1500), st.binary(min_size=1, max_size=16)),
+    )
     work = tmp_path_factory.mktemp("fuzz-src")
 
-    @settings(max_examples=int(os.environ.get("BULBA_FUZZ_EXAMPLES", "150")), deadline=None, database=None,
-              derandomize=True, suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=int(os.environ.get("BULBA_FUZZ_EXAMPLES", "150")),
+        deadline=None,
+        database=None,
+        derandomize=True,
+        suppress_health_check=list(HealthCheck),
+    )
     @given(edits=st.lists(edit, min_size=1, max_size=3))
     def check(edits):
         d = work / "run"
@@ -316,7 +375,7 @@ def test_export_source_fuzz(small_run, tmp_path_factory):
                 p.write_text(json.dumps(obj), encoding="utf-8")
             else:
                 b = bytearray(p.read_bytes())
-                b[where:where + len(what)] = what
+                b[where : where + len(what)] = what
                 p.write_bytes(bytes(b))
         try:
             src = open_source(str(d))
@@ -383,8 +442,9 @@ def test_dead_tracking_server_export_still_writes_and_register_fails_early(small
     env = dict(os.environ, PYTHONPATH=str(REPO), MLFLOW_TRACKING_URI=f"http://127.0.0.1:{port}")
     out = tmp_path / "m.gguf"
     run = [sys.executable, str(REPO / "export.py"), str(small_run), "--type", "f16", "--out", str(out), "--no-verify"]
-    r = subprocess.run([*run, "--register", "bulba-x"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                       timeout=120)
+    r = subprocess.run(
+        [*run, "--register", "bulba-x"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
     assert_one_line_exit_2(r, "not reachable")
     assert list(tmp_path.iterdir()) == []
     t0 = time.time()

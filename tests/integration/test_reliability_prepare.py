@@ -18,8 +18,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from support.cli import assert_one_line_exit_2
 
+from support.cli import assert_one_line_exit_2
 from support.paths import CORPUS, REPO
 
 
@@ -29,9 +29,15 @@ def _run_prepare(args, cwd: Path, fsize: int | None = None):
         resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
 
     env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONDONTWRITEBYTECODE="1")
-    return subprocess.run([sys.executable, str(REPO / "prepare.py"), *map(str, args), "--no-mlflow", "-q",
-                           "--vocab-size", "400"], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=180, preexec_fn=limit if fsize else None)
+    return subprocess.run(
+        [sys.executable, str(REPO / "prepare.py"), *map(str, args), "--no-mlflow", "-q", "--vocab-size", "400"],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        preexec_fn=limit if fsize else None,
+    )
 
 
 def _digest(d: Path) -> dict[str, str]:
@@ -45,8 +51,9 @@ def texts(tmp_path):
     small = tmp_path / "small.txt"
     small.write_bytes((CORPUS / "be.txt").read_bytes()[:200_000].rsplit(b"\n", 1)[0] + b"\n")
     big = tmp_path / "big.txt"
-    big.write_bytes(b"".join((CORPUS / f"{x}.txt").read_bytes()[:1_200_000].rsplit(b"\n", 1)[0] + b"\n"
-                             for x in ("be", "ru", "en")))
+    big.write_bytes(
+        b"".join((CORPUS / f"{x}.txt").read_bytes()[:1_200_000].rsplit(b"\n", 1)[0] + b"\n" for x in ("be", "ru", "en"))
+    )
     return small, big
 
 
@@ -88,20 +95,44 @@ def test_disk_full_enospc_tmpfs_keeps_previous_dataset(tmp_path, texts):
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["--vocab-size", "0"], "--vocab-size"), (["--vocab-size", "-5"], "--vocab-size"),
-    (["--vocab-size", "99999999999"], "--vocab-size"),
-    (["--val-fraction", "-0.1"], "--val-fraction"), (["--val-fraction", "1"], "--val-fraction"),
-    (["--val-fraction", "nan"], "--val-fraction"),
-    (["--block-mb", "0"], "--block-mb"), (["--block-mb", "-1"], "--block-mb"), (["--block-mb", "nan"], "--block-mb"),
-    (["--tokenizer-max-mb", "0"], "--tokenizer-max-mb"), (["--tokenizer-max-mb", "nan"], "--tokenizer-max-mb"),
-    (["--min-frequency", "-1"], "--min-frequency"), (["--min-frequency", "99999999999999999999999"], "--min-frequency"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--vocab-size", "0"], "--vocab-size"),
+        (["--vocab-size", "-5"], "--vocab-size"),
+        (["--vocab-size", "99999999999"], "--vocab-size"),
+        (["--val-fraction", "-0.1"], "--val-fraction"),
+        (["--val-fraction", "1"], "--val-fraction"),
+        (["--val-fraction", "nan"], "--val-fraction"),
+        (["--block-mb", "0"], "--block-mb"),
+        (["--block-mb", "-1"], "--block-mb"),
+        (["--block-mb", "nan"], "--block-mb"),
+        (["--tokenizer-max-mb", "0"], "--tokenizer-max-mb"),
+        (["--tokenizer-max-mb", "nan"], "--tokenizer-max-mb"),
+        (["--min-frequency", "-1"], "--min-frequency"),
+        (["--min-frequency", "99999999999999999999999"], "--min-frequency"),
+    ],
+)
 def test_zero_negative_and_absurd_sizes_exit_2(tmp_path, args, needle):
     src = tmp_path / "a.txt"
     src.write_text("Зубр жыве ў пушчы.\n\nThe stork builds a nest.\n\nАист вьёт гнездо.\n", encoding="utf-8")
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    r = subprocess.run([sys.executable, str(REPO / "prepare.py"), str(src), "--out", str(tmp_path / "out"),
-                        "--no-mlflow", "-q", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "prepare.py"),
+            str(src),
+            "--out",
+            str(tmp_path / "out"),
+            "--no-mlflow",
+            "-q",
+            *args,
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert_one_line_exit_2(r, needle)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]

@@ -24,14 +24,21 @@ from pathlib import Path
 import pytest
 
 from support.paths import REPO
-
 from support.train_data import TINY, build_dataset, losses_from  # noqa: E402
 
 # Kills aim at steps 1-7; the run goes on well past them (a step takes tens of ms), so a kill
 # always lands in a running process, however fast the machine.
 MAX_STEPS = 30
-ARGS = TINY + ["model.n_layer=1", "train.batch_size=2", "train.val_every=0", "train.val_batches=1",
-               f"train.max_steps={MAX_STEPS}", "train.ckpt_every=1", "train.ckpt_keep=3", "--no-mlflow"]
+ARGS = TINY + [
+    "model.n_layer=1",
+    "train.batch_size=2",
+    "train.val_every=0",
+    "train.val_batches=1",
+    f"train.max_steps={MAX_STEPS}",
+    "train.ckpt_every=1",
+    "train.ckpt_keep=3",
+    "--no-mlflow",
+]
 
 
 def _env(**extra):
@@ -39,13 +46,26 @@ def _env(**extra):
 
 
 def _train(args, preexec=None, timeout=300):
-    return subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=REPO, env=_env(),
-                          capture_output=True, text=True, timeout=timeout, preexec_fn=preexec)
+    return subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *args],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        preexec_fn=preexec,
+    )
 
 
 def _popen(args):
-    return subprocess.Popen([sys.executable, str(REPO / "train.py"), *args], cwd=REPO, env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "train.py"), *args],
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +92,7 @@ def _assert_same_losses(out: Path, reference: dict[int, float]):
 
 def _resume_and_check(data, out, reference):
     from bulba.train import checkpoint as ckpt
+
     latest = ckpt.latest_checkpoint(out / "checkpoints")
     if latest is not None:
         ckpt.load_checkpoint(latest)  # the newest complete checkpoint is intact (sha256 verified)
@@ -157,6 +178,7 @@ def test_file_size_limit_on_checkpoints_is_exit_2_and_resumable(data, tmp_path, 
     assert "step-00000002 is intact" in err[0] and "File too large" in err[0], err
     assert "training continues" in p.stderr  # the interval checkpoints failed with a warning
     from bulba.train import checkpoint as ckpt
+
     assert ckpt.latest_checkpoint(out / "checkpoints").name == "step-00000002"
     assert not list((out / "checkpoints").glob(".tmp-*")) and not (out / "final.safetensors").exists()
     _resume_and_check(data, out, reference)

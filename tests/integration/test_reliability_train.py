@@ -15,15 +15,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from support.cli import assert_one_line_exit_2
-
-
-from support.train_data import TINY, build_dataset, run_train  # noqa: E402
 
 from bulba.errors import UserError  # noqa: E402
+from support.cli import assert_one_line_exit_2
+from support.train_data import TINY, build_dataset, run_train  # noqa: E402
 
-FAST = TINY + ["model.n_layer=1", "train.batch_size=2", "train.val_every=0", "train.val_batches=1",
-               "train.ckpt_every=1", "train.ckpt_keep=0"]
+FAST = TINY + [
+    "model.n_layer=1",
+    "train.batch_size=2",
+    "train.val_every=0",
+    "train.val_batches=1",
+    "train.ckpt_every=1",
+    "train.ckpt_keep=0",
+]
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +36,9 @@ def data(tmp_path_factory) -> Path:
 
 
 def tree_digest(d: Path) -> dict[str, str]:
-    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(d.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.rglob("*")) if p.is_file()
+    }
 
 
 # --------------------------------------------------------------------------- corrupted token files
@@ -61,16 +66,23 @@ def _corrupt(d: Path, case: str) -> str:
     raise AssertionError(case)
 
 
-@pytest.mark.parametrize("case", ["truncated-bin", *(pytest.param(c, marks=pytest.mark.slow) for c in (
-    "token-past-vocab", "index-not-increasing", "bin-replaced-by-other-dataset"))])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "truncated-bin",
+        *(
+            pytest.param(c, marks=pytest.mark.slow)
+            for c in ("token-past-vocab", "index-not-increasing", "bin-replaced-by-other-dataset")
+        ),
+    ],
+)
 def test_corrupted_token_files_exit_2_before_the_run_exists(data, tmp_path, case):
     bad = tmp_path / "data"
     shutil.copytree(data, bad)
     needle = _corrupt(bad, case)
     before = tree_digest(bad)
     out = tmp_path / "run"
-    p = run_train(["tiny", "--no-mlflow", f"data.dir={bad}", f"out_dir={out}", *FAST, "train.max_steps=2"],
-                  timeout=180)
+    p = run_train(["tiny", "--no-mlflow", f"data.dir={bad}", f"out_dir={out}", *FAST, "train.max_steps=2"], timeout=180)
     assert_one_line_exit_2(p, needle)
     assert not out.exists()  # no half-made run directory that would block the next attempt
     assert tree_digest(bad) == before  # the data is only read
@@ -85,8 +97,9 @@ def test_resume_with_data_of_another_tokenizer_is_refused(data, tmp_path):
     from bulba.train.run import train
 
     out = tmp_path / "run"
-    train(load_recipe("tiny", [f"data.dir={data}", f"out_dir={out}", *FAST, "train.max_steps=2"]),
-          enable_tracking=False)
+    train(
+        load_recipe("tiny", [f"data.dir={data}", f"out_dir={out}", *FAST, "train.max_steps=2"]), enable_tracking=False
+    )
     before = tree_digest(out)
     # Same vocabulary size, other ids: two tokens swapped (what a re-trained tokenizer looks like).
     other = tmp_path / "other"
@@ -96,39 +109,64 @@ def test_resume_with_data_of_another_tokenizer_is_refused(data, tmp_path):
     a, b = [k for k, v in vocab.items() if v in (300, 301)]
     vocab[a], vocab[b] = vocab[b], vocab[a]
     (other / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False), encoding="utf-8")
-    p = run_train(["tiny", "--no-mlflow", f"data.dir={other}", f"out_dir={out}", *FAST, "train.max_steps=4",
-                   "resume=auto"], timeout=180)
+    p = run_train(
+        ["tiny", "--no-mlflow", f"data.dir={other}", f"out_dir={out}", *FAST, "train.max_steps=4", "resume=auto"],
+        timeout=180,
+    )
     assert_one_line_exit_2(p, "another tokenizer", "step-00000002")
     after = tree_digest(out)
-    assert {k: v for k, v in after.items() if k != "metrics.jsonl"} == \
-           {k: v for k, v in before.items() if k != "metrics.jsonl"}  # checkpoints, tokenizer.json, weights
+    assert {k: v for k, v in after.items() if k != "metrics.jsonl"} == {
+        k: v for k, v in before.items() if k != "metrics.jsonl"
+    }  # checkpoints, tokenizer.json, weights
     # a vocabulary of another size changes the model: refused as well (in-process, same check)
     with pytest.raises(UserError, match="vocab size mismatch|the model changed"):
-        train(load_recipe("tiny", [f"data.dir={data}", f"out_dir={out}", *FAST, "train.max_steps=4",
-                                   "resume=auto", "model.vocab_size=2000"]), enable_tracking=False)
+        train(
+            load_recipe(
+                "tiny",
+                [
+                    f"data.dir={data}",
+                    f"out_dir={out}",
+                    *FAST,
+                    "train.max_steps=4",
+                    "resume=auto",
+                    "model.vocab_size=2000",
+                ],
+            ),
+            enable_tracking=False,
+        )
     # and so does a longer context than the checkpoint's model
     with pytest.raises(UserError, match=r"the model changed \(ctx_len 64 -> 128\)"):
-        train(load_recipe("tiny", [f"data.dir={data}", f"out_dir={out}", *FAST, "train.max_steps=4",
-                                   "resume=auto", "model.ctx_len=128"]), enable_tracking=False)
+        train(
+            load_recipe(
+                "tiny",
+                [f"data.dir={data}", f"out_dir={out}", *FAST, "train.max_steps=4", "resume=auto", "model.ctx_len=128"],
+            ),
+            enable_tracking=False,
+        )
     assert tree_digest(out) == after
 
 
 # --------------------------------------------------------------------------- ctx too long
 
 
-@pytest.mark.parametrize("override,needle", [
-    # stream windows of ctx+1 tokens: more than the ~300k-token train split holds
-    (["data.sampler=stream", "model.ctx_len=400000"], "fewer than one batch"),
-    # fits the data (packed) but not the machine: [B, H, T, T] attention scores on CPU
-    (["data.sampler=packed", "model.ctx_len=200000", "train.accelerator=cpu"], "longer than this machine"),
-    (["data.sampler=bucketed", "data.buckets=[64,128]"], "longer than model.ctx_len"),
-    # a typo'd size that no machine here holds: refused instead of an OOM kill
-    pytest.param(["model.n_layer=100000", "train.accelerator=cpu"], "parameters", marks=pytest.mark.slow),
-])
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        # stream windows of ctx+1 tokens: more than the ~300k-token train split holds
+        (["data.sampler=stream", "model.ctx_len=400000"], "fewer than one batch"),
+        # fits the data (packed) but not the machine: [B, H, T, T] attention scores on CPU
+        (["data.sampler=packed", "model.ctx_len=200000", "train.accelerator=cpu"], "longer than this machine"),
+        (["data.sampler=bucketed", "data.buckets=[64,128]"], "longer than model.ctx_len"),
+        # a typo'd size that no machine here holds: refused instead of an OOM kill
+        pytest.param(["model.n_layer=100000", "train.accelerator=cpu"], "parameters", marks=pytest.mark.slow),
+    ],
+)
 def test_ctx_longer_than_data_or_machine_exit_2(data, tmp_path, override, needle):
     out = tmp_path / "run"
-    p = run_train(["tiny", "--no-mlflow", f"data.dir={data}", f"out_dir={out}", *FAST, "train.max_steps=2",
-                   *override], timeout=180)
+    p = run_train(
+        ["tiny", "--no-mlflow", f"data.dir={data}", f"out_dir={out}", *FAST, "train.max_steps=2", *override],
+        timeout=180,
+    )
     assert_one_line_exit_2(p, needle)
     assert not out.exists()
 
@@ -136,22 +174,56 @@ def test_ctx_longer_than_data_or_machine_exit_2(data, tmp_path, override, needle
 # --------------------------------------------------------------------------- zero / negative sizes
 
 
-@pytest.mark.parametrize("override", [
-    "model.n_layer=0", "model.n_embd=-256", "model.n_head=0", "model.n_kv_head=-1", "model.ffn_hidden=0",
-    "model.ctx_len=0", "model.ctx_len=-64", "model.vocab_size=0", "model.vocab_size=-5",
-    "model.rope_theta=0", "model.norm_eps=-1e-5",
-    "train.batch_size=0", "train.batch_size=-4", "train.grad_accum=0", "train.max_steps=0",
-    "train.max_steps=-1", "train.max_tokens=0", "train.val_batches=0", "train.log_every=0",
-    "train.warmup_steps=-1", "train.ckpt_every=-1", "train.ckpt_keep=-1", "train.sample_tokens=-1",
-    "train.threads=-2", "train.lr=0", "train.lr=-0.1", "train.min_lr=-1", "train.grad_clip=-1",
-    "train.nan_max_skips=0", "data.prefetch=0", "data.buckets=[]", "data.buckets=[0,128]",
-    "data.buckets=[-128]", "train.lr=.nan", "train.devices=0", "train.devices=-1", "train.devices=[]",
-    "train.devices=[-1]", "train.devices=gpu", "train.num_nodes=0",
-])
+@pytest.mark.parametrize(
+    "override",
+    [
+        "model.n_layer=0",
+        "model.n_embd=-256",
+        "model.n_head=0",
+        "model.n_kv_head=-1",
+        "model.ffn_hidden=0",
+        "model.ctx_len=0",
+        "model.ctx_len=-64",
+        "model.vocab_size=0",
+        "model.vocab_size=-5",
+        "model.rope_theta=0",
+        "model.norm_eps=-1e-5",
+        "train.batch_size=0",
+        "train.batch_size=-4",
+        "train.grad_accum=0",
+        "train.max_steps=0",
+        "train.max_steps=-1",
+        "train.max_tokens=0",
+        "train.val_batches=0",
+        "train.log_every=0",
+        "train.warmup_steps=-1",
+        "train.ckpt_every=-1",
+        "train.ckpt_keep=-1",
+        "train.sample_tokens=-1",
+        "train.threads=-2",
+        "train.lr=0",
+        "train.lr=-0.1",
+        "train.min_lr=-1",
+        "train.grad_clip=-1",
+        "train.nan_max_skips=0",
+        "data.prefetch=0",
+        "data.buckets=[]",
+        "data.buckets=[0,128]",
+        "data.buckets=[-128]",
+        "train.lr=.nan",
+        "train.devices=0",
+        "train.devices=-1",
+        "train.devices=[]",
+        "train.devices=[-1]",
+        "train.devices=gpu",
+        "train.num_nodes=0",
+    ],
+)
 def test_zero_and_negative_sizes_exit_2(override, tmp_path, data):
     out = tmp_path / "run"
-    p = run_train(["tiny", "--no-mlflow", f"data.dir={data}", f"out_dir={out}", "train.max_steps=2", override],
-                  timeout=180)
+    p = run_train(
+        ["tiny", "--no-mlflow", f"data.dir={data}", f"out_dir={out}", "train.max_steps=2", override], timeout=180
+    )
     assert_one_line_exit_2(p)
     assert not out.exists()
 
@@ -195,9 +267,15 @@ def test_metrics_log_on_a_full_disk_warns_once_and_goes_on(capsys):
 # --------------------------------------------------------------------------- missing files
 
 
-@pytest.mark.parametrize("missing", ["recipe", pytest.param("tokenizer.json", marks=pytest.mark.slow),
-                                     pytest.param("val.idx", marks=pytest.mark.slow),
-                                     pytest.param("meta.json", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "missing",
+    [
+        "recipe",
+        pytest.param("tokenizer.json", marks=pytest.mark.slow),
+        pytest.param("val.idx", marks=pytest.mark.slow),
+        pytest.param("meta.json", marks=pytest.mark.slow),
+    ],
+)
 def test_missing_files_exit_2(data, tmp_path, missing):
     d = tmp_path / "data"
     shutil.copytree(data, d)

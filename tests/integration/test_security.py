@@ -16,9 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from support.paths import REPO
-
 from bulba.errors import UserError  # noqa: E402
+from support.paths import REPO
 
 # --------------------------------------------------------------------------- static: no unsafe loaders
 
@@ -67,9 +66,17 @@ def unsafe_calls(source: str, filename: str = "<src>") -> list[str]:
         where = f"{filename}:{node.lineno}: {name}("
         if isinstance(node.func, ast.Name) and node.func.id in ("eval", "exec") and full == node.func.id:
             bad.append(where)
-        elif full in ("yaml.load", "yaml.unsafe_load", "yaml.full_load", "yaml.load_all", "yaml.unsafe_load_all",
-                      "yaml.full_load_all") and not (full == "yaml.load" and _is_safe_loader(_kw(node, "Loader")
-                                                                                               or (node.args[1] if len(node.args) > 1 else None))):
+        elif full in (
+            "yaml.load",
+            "yaml.unsafe_load",
+            "yaml.full_load",
+            "yaml.load_all",
+            "yaml.unsafe_load_all",
+            "yaml.full_load_all",
+        ) and not (
+            full == "yaml.load"
+            and _is_safe_loader(_kw(node, "Loader") or (node.args[1] if len(node.args) > 1 else None))
+        ):
             bad.append(where)
         elif re.fullmatch(r"(c?pickle|dill|marshal|shelve|joblib|_pickle)\.(loads?|open|Unpickler)", full):
             bad.append(where)
@@ -83,7 +90,9 @@ def unsafe_calls(source: str, filename: str = "<src>") -> list[str]:
                 bad.append(where + " allow_pickle")
         elif full in ("os.system", "os.popen"):
             bad.append(where)
-        elif full.startswith("subprocess.") and isinstance(_kw(node, "shell"), ast.Constant) and _kw(node, "shell").value:
+        elif (
+            full.startswith("subprocess.") and isinstance(_kw(node, "shell"), ast.Constant) and _kw(node, "shell").value
+        ):
             bad.append(where + " shell=True")
     return bad
 
@@ -93,11 +102,13 @@ def _is_safe_loader(node) -> bool:
 
 
 def test_the_scanner_catches_what_it_should():
-    src = ("import yaml, torch, pickle as pk\nfrom pickle import loads\nimport numpy as np\n"
-           "eval('1')\nexec('x=1')\nyaml.load(s)\nyaml.load(s, Loader=yaml.SafeLoader)\nyaml.safe_load(s)\n"
-           "torch.load(p)\ntorch.load(p, weights_only=True)\ntorch.load(p, weights_only=False)\npk.load(f)\n"
-           "loads(b)\nnp.load(p, allow_pickle=True)\nnp.load(p)\nmodel.eval()\n# eval(comment)\n"
-           "s = 'exec(in a string)'\n")
+    src = (
+        "import yaml, torch, pickle as pk\nfrom pickle import loads\nimport numpy as np\n"
+        "eval('1')\nexec('x=1')\nyaml.load(s)\nyaml.load(s, Loader=yaml.SafeLoader)\nyaml.safe_load(s)\n"
+        "torch.load(p)\ntorch.load(p, weights_only=True)\ntorch.load(p, weights_only=False)\npk.load(f)\n"
+        "loads(b)\nnp.load(p, allow_pickle=True)\nnp.load(p)\nmodel.eval()\n# eval(comment)\n"
+        "s = 'exec(in a string)'\n"
+    )
     bad = unsafe_calls(src)
     lines = sorted(int(b.split(":")[1]) for b in bad)
     assert lines == [4, 5, 6, 9, 11, 12, 13, 14], bad
@@ -130,8 +141,8 @@ def _evil_bytes(marker: Path) -> bytes:
 def test_pickles_are_never_loaded(tmp_path):
     """A pickle as export source (.ckpt, .pt, or renamed to final.safetensors / model.safetensors),
     and a pickle beside a checkpoint: refused or ignored, never unpickled."""
-    from bulba.train.checkpoint import load_checkpoint
     from bulba.export.pipeline import export
+    from bulba.train.checkpoint import load_checkpoint
 
     marker = tmp_path / "pwned"
     for name in ("model.ckpt", "model.pt", "weights.bin"):
@@ -178,15 +189,33 @@ def test_recipe_names_and_runs_uri_cannot_escape(tmp_path):
     work = tmp_path / "work" / "sub"
     work.mkdir(parents=True)
     out = tmp_path / "run"
-    env = dict(os.environ, PYTHONPATH=str(REPO), MLFLOW_TRACKING_URI=f"sqlite:///{work / 'mlflow.db'}",
-               OMP_NUM_THREADS="1")
+    env = dict(
+        os.environ, PYTHONPATH=str(REPO), MLFLOW_TRACKING_URI=f"sqlite:///{work / 'mlflow.db'}", OMP_NUM_THREADS="1"
+    )
     env.pop("MLFLOW_ARTIFACT_URI", None)
     before_repo = set(_evil_paths(REPO))
-    r = subprocess.run([sys.executable, str(REPO / "train.py"), "tiny", f"data.dir={data}", f"out_dir={out}", *TINY,
-                        "model.n_layer=1", "train.max_steps=1", "train.val_every=0", "train.ckpt_every=0",
-                        "name=../../../evil-name", "tracking.run_name=../../../evil-run",
-                        "tracking.experiment=../../../evil-exp"],
-                       cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "train.py"),
+            "tiny",
+            f"data.dir={data}",
+            f"out_dir={out}",
+            *TINY,
+            "model.n_layer=1",
+            "train.max_steps=1",
+            "train.val_every=0",
+            "train.ckpt_every=0",
+            "name=../../../evil-name",
+            "tracking.run_name=../../../evil-run",
+            "tracking.experiment=../../../evil-exp",
+        ],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert (out / "final.safetensors").is_file()
     # nothing named after the recipe escaped the run directory or the tracking store
@@ -196,18 +225,37 @@ def test_recipe_names_and_runs_uri_cannot_escape(tmp_path):
     # runs:/<id>/<path> with '..': MLflow refuses it or resolves it inside the run's artifacts;
     # either way nothing outside the temporary download folder is read or written.
     for uri in (f"runs:/{run_id}/../../../../../../etc", f"runs:/{run_id}/model/../../.."):
-        r = subprocess.run([sys.executable, str(REPO / "export.py"), uri, "--type", "f16", "--out",
-                            str(tmp_path / "x.gguf"), "--no-verify", "--no-mlflow"],
-                           cwd=work, env=env, capture_output=True, text=True, timeout=300)
+        r = subprocess.run(
+            [
+                sys.executable,
+                str(REPO / "export.py"),
+                uri,
+                "--type",
+                "f16",
+                "--out",
+                str(tmp_path / "x.gguf"),
+                "--no-verify",
+                "--no-mlflow",
+            ],
+            cwd=work,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert "Traceback" not in r.stderr, r.stderr[-3000:]
         if r.returncode != 0:
-            assert r.returncode == 2 and r.stderr.strip().startswith("error: ") \
-                and len(r.stderr.strip().splitlines()) == 1, r.stderr
+            assert (
+                r.returncode == 2 and r.stderr.strip().startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
+            ), r.stderr
             assert not (tmp_path / "x.gguf").exists()
         else:  # resolved inside the run's own artifacts: a valid export of that run
             (tmp_path / "x.gguf").unlink()
-    assert not [p for p in Path("/tmp").glob("bulba-export-src-*") if p.stat().st_mtime > out.stat().st_mtime - 60
-                and any(p.iterdir())]
+    assert not [
+        p
+        for p in Path("/tmp").glob("bulba-export-src-*")
+        if p.stat().st_mtime > out.stat().st_mtime - 60 and any(p.iterdir())
+    ]
 
 
 def test_default_spool_folder_keeps_experiment_names_inside(tmp_path, monkeypatch):

@@ -14,9 +14,9 @@ import pytest
 
 pytest.importorskip("mlflow")
 
+from support.paths import CORPUS
+from support.paths import REPO as ROOT
 from support.train_data import TINY  # noqa: E402
-
-from support.paths import CORPUS, REPO as ROOT
 
 
 def _run(args, env, timeout=300):
@@ -34,14 +34,38 @@ def test_prepare_train_export_register_on_server(mlflow_uri, mlflow_server, tmp_
     for lang in ("be", "ru", "en"):  # a slice of the real corpus keeps this quick
         lines = (CORPUS / f"{lang}.txt").read_text(encoding="utf-8").splitlines()[:800]
         (src / f"{lang}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri, "NO_PROXY": "127.0.0.1,localhost",
-           "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri, "NO_PROXY": "127.0.0.1,localhost", "PYTHONUNBUFFERED": "1"}
     data, out, gguf = tmp_path / "data", tmp_path / "run", tmp_path / "pipe-q8_0.gguf"
 
-    _run(["prepare.py", str(src), "--out", str(data), "--vocab-size", "512", "--experiment", "pipe-prepare",
-          "--no-progress", "-q"], env)
-    _run(["train.py", "tiny", f"data.dir={data}", f"out_dir={out}", *TINY, "train.max_steps=4",
-          "train.val_every=2", "train.ckpt_every=0", "tracking.experiment=pipe-train"], env)
+    _run(
+        [
+            "prepare.py",
+            str(src),
+            "--out",
+            str(data),
+            "--vocab-size",
+            "512",
+            "--experiment",
+            "pipe-prepare",
+            "--no-progress",
+            "-q",
+        ],
+        env,
+    )
+    _run(
+        [
+            "train.py",
+            "tiny",
+            f"data.dir={data}",
+            f"out_dir={out}",
+            *TINY,
+            "train.max_steps=4",
+            "train.val_every=2",
+            "train.ckpt_every=0",
+            "tracking.experiment=pipe-train",
+        ],
+        env,
+    )
     _run(["export.py", str(out), "--type", "q8_0", "--out", str(gguf), "--register", "pipe-test", "--no-verify"], env)
 
     from mlflow import MlflowClient

@@ -39,10 +39,19 @@ def _last_step(out: Path) -> int:
 def test_train_survives_server_outage(train_data, mlflow_uri, mlflow_server, tmp_path):
     out = tmp_path / "run"
     steps = 120
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "MLFLOW_TRACKING_URI": mlflow_uri,
-           "NO_PROXY": "127.0.0.1,localhost"}
-    args = [sys.executable, str(ROOT / "train.py"), "tiny", f"data.dir={train_data}", f"out_dir={out}", *TINY,
-            f"train.max_steps={steps}", "train.val_every=10", "train.ckpt_every=0", "train.mode=eager"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "MLFLOW_TRACKING_URI": mlflow_uri, "NO_PROXY": "127.0.0.1,localhost"}
+    args = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "tiny",
+        f"data.dir={train_data}",
+        f"out_dir={out}",
+        *TINY,
+        f"train.max_steps={steps}",
+        "train.val_every=10",
+        "train.ckpt_every=0",
+        "train.mode=eager",
+    ]
     proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 240
@@ -76,8 +85,10 @@ def test_train_survives_server_outage(train_data, mlflow_uri, mlflow_server, tmp
     gaps = [times[s] - times[s - 1] for s in range(down_at + 1, up_at + 1) if s in times and s - 1 in times]
     normal = sorted(times[s] - times[s - 1] for s in range(2, down_at + 1) if s in times and s - 1 in times)
     worst = max(gaps)
-    print(f"\n[tracking] train.py outage {outage_s:.1f} s over steps {down_at}..{up_at}: worst step gap "
-          f"{worst:.2f} s (median before {normal[len(normal) // 2]:.2f} s)")
+    print(
+        f"\n[tracking] train.py outage {outage_s:.1f} s over steps {down_at}..{up_at}: worst step gap "
+        f"{worst:.2f} s (median before {normal[len(normal) // 2]:.2f} s)"
+    )
     assert worst < 3.0, f"a step took {worst:.2f} s while the server was down"
 
     run_id = json.loads((out / "mlflow_run.json").read_text())["run_id"]

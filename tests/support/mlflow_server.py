@@ -75,9 +75,20 @@ class MlflowServer:
     # ------------------------------------------------------------------ lifecycle
     def args(self) -> list[str]:
         """The `mlflow` command line (what a user would type after `mlflow`)."""
-        return ["server", "--backend-store-uri", self.backend_uri,
-                "--artifacts-destination", str(self.artifacts_dir), "--serve-artifacts",
-                "--host", self.host, "--port", str(self.port), "--workers", "1"]
+        return [
+            "server",
+            "--backend-store-uri",
+            self.backend_uri,
+            "--artifacts-destination",
+            str(self.artifacts_dir),
+            "--serve-artifacts",
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+            "--workers",
+            "1",
+        ]
 
     def _spawn(self) -> subprocess.Popen:
         """A process that has imported the `mlflow` CLI and waits for "go" on stdin before
@@ -88,9 +99,15 @@ class MlflowServer:
         env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
         log = open(self.log_path, "ab")
         try:
-            return subprocess.Popen([sys.executable, "-c", _LAUNCHER, *self.args()], stdout=log,
-                                    stderr=subprocess.STDOUT, stdin=subprocess.PIPE, cwd=self.root,
-                                    env=env, start_new_session=True)
+            return subprocess.Popen(
+                [sys.executable, "-c", _LAUNCHER, *self.args()],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.PIPE,
+                cwd=self.root,
+                env=env,
+                start_new_session=True,
+            )
         finally:
             log.close()
 

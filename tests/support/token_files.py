@@ -29,6 +29,18 @@ def write_dataset(d, train_docs, val_docs=None, vocab_size: int = 1000, dtype: s
     dtype = dtype or token_dtype(vocab_size)
     val_docs = val_docs if val_docs is not None else train_docs[: max(1, len(train_docs) // 10)]
     splits = {"train": write_split(d, "train", train_docs, dtype), "val": write_split(d, "val", val_docs, dtype)}
-    write_meta(d, new_meta(dtype=dtype, vocab_size=vocab_size, splits=splits, bos_id=BOS, eos_id=EOS, pad_id=EOS,
-                           special_tokens={"<|begin_of_text|>": BOS}, sources=[], dataset_digest="test"))
+    write_meta(
+        d,
+        new_meta(
+            dtype=dtype,
+            vocab_size=vocab_size,
+            splits=splits,
+            bos_id=BOS,
+            eos_id=EOS,
+            pad_id=EOS,
+            special_tokens={"<|begin_of_text|>": BOS},
+            sources=[],
+            dataset_digest="test",
+        ),
+    )
     return d

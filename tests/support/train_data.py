@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 
 from bulba.data.format import new_meta, write_meta, write_split
+from support.paths import CORPUS
+from support.paths import REPO as ROOT
 
-from support.paths import CORPUS, REPO as ROOT
 SPECIALS = ["<|start_header_id|>", "<|end_header_id|>", "<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"]
 
 
@@ -28,7 +29,7 @@ def _docs(lines_per_doc: int = 6, per_lang: int = 2400) -> list[str]:
     for lang in ("be", "ru", "en"):
         lines = (CORPUS / f"{lang}.txt").read_text(encoding="utf-8").splitlines()[:per_lang]
         for i in range(0, len(lines), lines_per_doc):
-            docs.append(" ".join(lines[i:i + lines_per_doc]))
+            docs.append(" ".join(lines[i : i + lines_per_doc]))
     rng = np.random.default_rng(0)
     rng.shuffle(docs)
     return docs
@@ -43,8 +44,9 @@ def build_dataset(out: Path, n_bpe: int = 1024) -> Path:
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=n_bpe, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=n_bpe, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
     tok.train_from_iterator(docs, trainer)
     tok.add_special_tokens(SPECIALS)
     V = tok.get_vocab_size()
@@ -55,11 +57,24 @@ def build_dataset(out: Path, n_bpe: int = 1024) -> Path:
     for split, part in (("val", docs[:n_val]), ("train", docs[n_val:])):
         ids = [np.array([bos] + e.ids + [eos]) for e in tok.encode_batch(part, add_special_tokens=False)]
         splits[split] = write_split(out, split, ids, "uint16")
-    write_meta(out, new_meta(dtype="uint16", vocab_size=V, splits=splits, bos_id=bos, eos_id=eos, pad_id=eos,
-                             special_tokens={s: tok.token_to_id(s) for s in SPECIALS}, sources=[],
-                             tokenizer_sha256="fixture", inputs_sha256="fixture",
-                             dataset_digest=hashlib.sha256(json.dumps(splits, sort_keys=True).encode()).hexdigest(),
-                             mlflow_run_id=None, created="fixture"))
+    write_meta(
+        out,
+        new_meta(
+            dtype="uint16",
+            vocab_size=V,
+            splits=splits,
+            bos_id=bos,
+            eos_id=eos,
+            pad_id=eos,
+            special_tokens={s: tok.token_to_id(s) for s in SPECIALS},
+            sources=[],
+            tokenizer_sha256="fixture",
+            inputs_sha256="fixture",
+            dataset_digest=hashlib.sha256(json.dumps(splits, sort_keys=True).encode()).hexdigest(),
+            mlflow_run_id=None,
+            created="fixture",
+        ),
+    )
     return out
 
 
@@ -70,15 +85,34 @@ def train_data(prepared_data) -> Path:
 
 
 # Tiny shapes: a few steps each in seconds on 2 cores.
-TINY = ["model.n_layer=2", "model.n_embd=256", "model.n_head=4", "model.n_kv_head=1", "model.ffn_hidden=256",
-        "model.ctx_len=64", "train.batch_size=4", "train.val_batches=2", "train.sample_every=0",
-        "train.sample_tokens=4", "train.log_every=1", "train.threads=1", "train.warmup_steps=2"]
+TINY = [
+    "model.n_layer=2",
+    "model.n_embd=256",
+    "model.n_head=4",
+    "model.n_kv_head=1",
+    "model.ffn_hidden=256",
+    "model.ctx_len=64",
+    "train.batch_size=4",
+    "train.val_batches=2",
+    "train.sample_every=0",
+    "train.sample_tokens=4",
+    "train.log_every=1",
+    "train.threads=1",
+    "train.warmup_steps=2",
+]
 
 
 def run_train(args: list[str], env_extra: dict | None = None, timeout: int = 300, **kw) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout, **kw)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **kw,
+    )
 
 
 def losses_from(out_dir: Path) -> dict[int, float]:

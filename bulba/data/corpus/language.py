@@ -33,5 +33,3 @@ def guess_language(text: str, default: str | None) -> str:
     if _LAT.search(text):
         return "en"
     return default or "other"
-
-

@@ -122,8 +122,10 @@ def _iter_code(files: list[Path], batch_bytes: int) -> Iterator[list[str]]:
 def _text_of(value, field_name: str, where: str) -> str | None:
     if isinstance(value, dict):
         if field_name not in value:
-            raise UserError(f"{where}: no field {field_name!r} (fields: {', '.join(list(value)[:8]) or 'none'}); "
-                            f"choose one with --text-field")
+            raise UserError(
+                f"{where}: no field {field_name!r} (fields: {', '.join(list(value)[:8]) or 'none'}); "
+                f"choose one with --text-field"
+            )
         value = value[field_name]
     if value is None:
         return None
@@ -181,7 +183,9 @@ def _single_json_object(path: Path) -> bool:
 
 def _check_column(names, field_name: str, where: str) -> None:
     if field_name not in names:
-        raise UserError(f"{where}: no column {field_name!r} (columns: {', '.join(names)}); choose one with --text-field")
+        raise UserError(
+            f"{where}: no column {field_name!r} (columns: {', '.join(names)}); choose one with --text-field"
+        )
 
 
 def _iter_column(values, field_name: str, where: str) -> list[str]:
@@ -222,8 +226,10 @@ def _load_hf(src: Input):
     try:
         return [datasets.load_dataset(src.location, split="train", streaming=True)]
     except Exception as e:
-        raise UserError(f"cannot load hub dataset {src.location} (offline, or a wrong name?): "
-                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise UserError(
+            f"cannot load hub dataset {src.location} (offline, or a wrong name?): "
+            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        ) from None
 
 
 def _iter_hf(src: Input, field_name: str, batch_bytes: int) -> Iterator[list[str]]:

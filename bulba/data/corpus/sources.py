@@ -17,15 +17,58 @@ from typing import Iterator
 from bulba.data.corpus.language import guess_language
 from bulba.errors import UserError
 
-
 TEXT_EXTENSIONS = {".txt", ".md", ".markdown", ".text"}
 JSON_EXTENSIONS = {".json", ".jsonl", ".ndjson"}
 PARQUET_EXTENSIONS = {".parquet"}
 CODE_EXTENSIONS = {
-    ".py", ".pyi", ".rs", ".sh", ".bash", ".zsh", ".fish", ".c", ".h", ".cc", ".cpp", ".hpp", ".cu",
-    ".go", ".js", ".mjs", ".ts", ".tsx", ".jsx", ".java", ".kt", ".scala", ".swift", ".cs", ".rb",
-    ".php", ".pl", ".lua", ".r", ".jl", ".zig", ".hs", ".ml", ".sql", ".toml", ".yaml", ".yml",
-    ".css", ".html", ".tex", ".ps1", ".mk", ".cmake", ".proto", ".dart", ".ex", ".erl", ".clj",
+    ".py",
+    ".pyi",
+    ".rs",
+    ".sh",
+    ".bash",
+    ".zsh",
+    ".fish",
+    ".c",
+    ".h",
+    ".cc",
+    ".cpp",
+    ".hpp",
+    ".cu",
+    ".go",
+    ".js",
+    ".mjs",
+    ".ts",
+    ".tsx",
+    ".jsx",
+    ".java",
+    ".kt",
+    ".scala",
+    ".swift",
+    ".cs",
+    ".rb",
+    ".php",
+    ".pl",
+    ".lua",
+    ".r",
+    ".jl",
+    ".zig",
+    ".hs",
+    ".ml",
+    ".sql",
+    ".toml",
+    ".yaml",
+    ".yml",
+    ".css",
+    ".html",
+    ".tex",
+    ".ps1",
+    ".mk",
+    ".cmake",
+    ".proto",
+    ".dart",
+    ".ex",
+    ".erl",
+    ".clj",
 }
 CODE_NAMES = {"Makefile", "Dockerfile", "CMakeLists.txt", "Justfile"}
 BLOCK = 1 << 20
@@ -145,11 +188,21 @@ def resolve_inputs(specs: list[str]) -> tuple[list[Input], int]:
                         kind = "text"
                     sources.append(Input(name=str(f), kind=kind, weight=weight, files=[f], location=str(f)))
         if code:
-            sources.append(Input(name=pattern.rstrip("/") + (f" ({len(code)} code files)" if len(code) > 1 else ""),
-                                  kind="code", weight=weight, files=code, location=pattern, language="code"))
+            sources.append(
+                Input(
+                    name=pattern.rstrip("/") + (f" ({len(code)} code files)" if len(code) > 1 else ""),
+                    kind="code",
+                    weight=weight,
+                    files=code,
+                    location=pattern,
+                    language="code",
+                )
+            )
     if not sources:
-        raise UserError("empty corpus: the inputs hold no readable files "
-                        "(.txt .md .json .jsonl .parquet, source code, or HF dataset folders)")
+        raise UserError(
+            "empty corpus: the inputs hold no readable files "
+            "(.txt .md .json .jsonl .parquet, source code, or HF dataset folders)"
+        )
     return sources, skipped
 
 
@@ -179,7 +232,7 @@ def scan_source(src: Input) -> None:
     src.nbytes = total
     src.sha256 = h.hexdigest()
     if src.language is None and sample:
-        src.language = guess_language("".join(sample)[:1 << 16], None)
+        src.language = guess_language("".join(sample)[: 1 << 16], None)
 
 
 def _scan_file(path: Path, h, check_text: bool) -> tuple[int, bool, str]:
@@ -202,14 +255,17 @@ def _scan_file(path: Path, h, check_text: bool) -> tuple[int, bool, str]:
                 if block:
                     nul = block.find(b"\0")
                     if nul >= 0:
-                        raise UserError(f"{path}: binary file (NUL byte at byte offset {pos + nul}); "
-                                        f"only UTF-8 text is accepted")
+                        raise UserError(
+                            f"{path}: binary file (NUL byte at byte offset {pos + nul}); only UTF-8 text is accepted"
+                        )
                 pending = len(dec.getstate()[0])
                 try:
                     text = dec.decode(block, final=not block)
                 except UnicodeDecodeError as e:
-                    raise UserError(f"{path}: not UTF-8 text (invalid byte at byte offset "
-                                    f"{pos - pending + e.start}); convert it to UTF-8 first") from None
+                    raise UserError(
+                        f"{path}: not UTF-8 text (invalid byte at byte offset "
+                        f"{pos - pending + e.start}); convert it to UTF-8 first"
+                    ) from None
                 if len(head) < (1 << 16):
                     head += text[: (1 << 16)]
                 if not blank:
@@ -217,10 +273,8 @@ def _scan_file(path: Path, h, check_text: bool) -> tuple[int, bool, str]:
                     if BLANK_LINE.search(t):
                         blank = True
                     last = t.rfind("\n")
-                    tail = t[last:] if last >= 0 and not t[last + 1:].strip() else ""
+                    tail = t[last:] if last >= 0 and not t[last + 1 :].strip() else ""
             if not block:
                 break
             pos += len(block)
     return pos, blank, head
-
-

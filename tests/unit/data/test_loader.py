@@ -42,8 +42,8 @@ def test_reads_what_numpy_wrote(tmp_path, vocab_size):
     b = Batches(d, sampler="stream", batch_size=3, ctx=16, shuffle=False)
     x = b.batch(0)
     for r in range(3):  # unshuffled: window r starts at r * ctx
-        np.testing.assert_array_equal(x["input_ids"][r], stream[r * 16:(r + 1) * 16])
-        np.testing.assert_array_equal(x["labels"][r], stream[r * 16 + 1:(r + 1) * 16 + 1])
+        np.testing.assert_array_equal(x["input_ids"][r], stream[r * 16 : (r + 1) * 16])
+        np.testing.assert_array_equal(x["labels"][r], stream[r * 16 + 1 : (r + 1) * 16 + 1])
     np.testing.assert_array_equal(x["cu_seqlens"], [0, 16, 32, 48])
     assert set(x) == {*KEYS, "max_seqlen", "n_tokens", "n_pad"}
     assert (x["max_seqlen"], x["n_tokens"], x["n_pad"]) == (16, 48, 0)

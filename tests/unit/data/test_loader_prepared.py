@@ -14,8 +14,9 @@ pytest.importorskip("bulba._rust")
 @pytest.mark.parametrize("sampler", ["stream", "packed", "bucketed"])
 def test_prepared_corpus(prepared_data, sampler):
     data = open_data(prepared_data)
-    b = Batches(data, sampler=sampler, batch_size=8, ctx=256, buckets=[16, 32, 64, 128, 256],
-                vocab_size=data.vocab_size)
+    b = Batches(
+        data, sampler=sampler, batch_size=8, ctx=256, buckets=[16, 32, 64, 128, 256], vocab_size=data.vocab_size
+    )
     if sampler == "packed":
         assert b.padding_frac < 0.01  # the bound on the shared corpus
     it = iter(b)
@@ -30,6 +31,15 @@ def test_prepared_corpus(prepared_data, sampler):
             assert (pos[:, 0] == 0).all()
             starts = ids[(pos == 0) & (ids != data.pad_id)]
             assert np.mean(starts == data.bos_id) > 0.9  # pieces of long documents aside
-    val = Batches(data, split="val", sampler=sampler, batch_size=2, ctx=64, buckets=[16, 32, 64],
-                  shuffle=False, infinite=False, drop_last=False)
+    val = Batches(
+        data,
+        split="val",
+        sampler=sampler,
+        batch_size=2,
+        ctx=64,
+        buckets=[16, 32, 64],
+        shuffle=False,
+        infinite=False,
+        drop_last=False,
+    )
     assert sum(1 for _ in val) == val.batches_per_epoch

@@ -15,9 +15,9 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from bulba.data.format import new_meta, write_meta, write_split
 from bulba.data.loader import Batches, document_layout
 from bulba.errors import UserError
-from bulba.data.format import new_meta, write_meta, write_split
 
 pytest.importorskip("bulba._rust")
 
@@ -82,8 +82,9 @@ def check_batch(x: dict, n: int, doc_ends: set[int], sampler: str) -> np.ndarray
     flat_ids, flat_pos, flat_seq = ids.ravel(), pos.ravel(), seq.ravel()
     assert cu[0] == 0 and cu[-1] == ids.size and (np.diff(cu) > 0).all()
     assert x["max_seqlen"] == int(np.diff(cu).max())
-    assert ((np.arange(ids.size) // ids.shape[1])[cu[1:] - 1] == (np.arange(ids.size) // ids.shape[1])[cu[:-1]]).all(), \
-        "a segment crosses a row"
+    assert (
+        (np.arange(ids.size) // ids.shape[1])[cu[1:] - 1] == (np.arange(ids.size) // ids.shape[1])[cu[:-1]]
+    ).all(), "a segment crosses a row"
     for k, (a, z) in enumerate(zip(cu[:-1], cu[1:])):
         assert (flat_seq[a:z] == k).all() and (flat_pos[a:z] == np.arange(z - a)).all()
         seg_real = real.ravel()[a:z]
@@ -94,15 +95,22 @@ def check_batch(x: dict, n: int, doc_ends: set[int], sampler: str) -> np.ndarray
 
 
 @SETTINGS
-@given(lengths=lengths_st, sampler=st.sampled_from(["stream", "packed", "bucketed"]),
-       world=st.integers(1, 3), batch_size=st.integers(1, 4), drop_last=st.booleans(), seed=st.integers(0, 2**32))
+@given(
+    lengths=lengths_st,
+    sampler=st.sampled_from(["stream", "packed", "bucketed"]),
+    world=st.integers(1, 3),
+    batch_size=st.integers(1, 4),
+    drop_last=st.booleans(),
+    seed=st.integers(0, 2**32),
+)
 def test_sharding_coverage_and_contract(lengths, sampler, world, batch_size, drop_last, seed):
     ctx = 32
     with tempfile.TemporaryDirectory() as tmp:
         n, doc_ends = write_positions(Path(tmp), lengths)
         try:
-            ranks = epoch(tmp, sampler, world, batch_size=batch_size, ctx=ctx, seed=seed, drop_last=drop_last,
-                          prefetch=2)
+            ranks = epoch(
+                tmp, sampler, world, batch_size=batch_size, ctx=ctx, seed=seed, drop_last=drop_last, prefetch=2
+            )
         except UserError as e:
             assert "fewer than one batch" in str(e)
             assume(False)
@@ -145,8 +153,13 @@ def test_padding_bounds(lengths):
 
 
 @SETTINGS
-@given(lengths=lengths_st, sampler=st.sampled_from(["stream", "packed", "bucketed"]),
-       consumed=st.integers(0, 40), seed=st.integers(0, 1000), workers=st.integers(1, 3))
+@given(
+    lengths=lengths_st,
+    sampler=st.sampled_from(["stream", "packed", "bucketed"]),
+    consumed=st.integers(0, 40),
+    seed=st.integers(0, 1000),
+    workers=st.integers(1, 3),
+)
 def test_resume_equivalence(lengths, sampler, consumed, seed, workers):
     """A run stopped after `consumed` batches (with one batch prefetched and lost, as under
     Lightning) and resumed from its state sees exactly the batches of an uninterrupted run."""

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from support.paths import REPO
 from tokenizers import Tokenizer
 
 from bulba.data.prepare import PrepareConfig, dataset_digest, prepare
+from support.paths import REPO
 
 PROSE = {
     "be": "Зубр жыве ў Белавежскай пушчы.\nЁн есць траву і кару дрэў.\n\nЗімой зубры ходзяць статкамі.\n",
@@ -70,7 +70,7 @@ def test_documents_decode_to_corpus_lines(prepared_data, corpus_dir):
             if line.strip():
                 lines.add(unicodedata.normalize("NFC", line).strip())
     tokens, idx = load_split(prepared_data, "val", meta)
-    docs = [tokens[a + 1:b - 1].tolist() for a, b in zip(idx[:-1], idx[1:])]
+    docs = [tokens[a + 1 : b - 1].tolist() for a, b in zip(idx[:-1], idx[1:])]
     decoded = tok.decode_batch(docs, skip_special_tokens=False)
     assert all(x in lines for x in decoded)
 
@@ -85,12 +85,16 @@ def write_corpus(root: Path) -> Path:
     for lang, text in PROSE.items():
         (c / f"{lang}.txt").write_text(text, encoding="utf-8")
     (c / "notes.md").write_text("# Title\n\nFirst paragraph\nstill first.\n\n  \nSecond paragraph.\n")
-    (c / "recs.jsonl").write_text("\n".join(json.dumps({"text": t, "id": i}) for i, t in
-                                            enumerate(["Першы запіс.", "Второй запись.", "Third record."])) + "\n")
+    (c / "recs.jsonl").write_text(
+        "\n".join(
+            json.dumps({"text": t, "id": i}) for i, t in enumerate(["Першы запіс.", "Второй запись.", "Third record."])
+        )
+        + "\n"
+    )
     (c / "list.json").write_text(json.dumps([{"text": "Item one."}, "Item two.", {"text": None}]))
     pq.write_table(pa.table({"text": ["Parquet row one.", "Parquet row two."], "n": [1, 2]}), c / "rows.parquet")
     (c / "code" / "a.py").write_text("def add(a, b):\n    return a + b\n")
-    (c / "code" / "b.rs").write_text("fn main() {\n    println!(\"hi\");\n}\n")
+    (c / "code" / "b.rs").write_text('fn main() {\n    println!("hi");\n}\n')
     (c / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n\0\0")  # unknown type inside a directory: skipped
     return c
 
@@ -120,8 +124,9 @@ def test_formats_and_documents(tmp_path):
 def test_hf_datasets_folder_and_glob(tmp_path):
     import datasets
 
-    datasets.Dataset.from_dict({"body": ["Dataset row one.", "Dataset row two.", "Трэці радок."]}) \
-        .save_to_disk(str(tmp_path / "ds"))
+    datasets.Dataset.from_dict({"body": ["Dataset row one.", "Dataset row two.", "Трэці радок."]}).save_to_disk(
+        str(tmp_path / "ds")
+    )
     c = write_corpus(tmp_path)
     meta = run_prepare([tmp_path / "ds", str(c / "*.txt")], tmp_path / "out", text_field="body", val_fraction=0)
     assert [s["documents"] for s in meta["sources"]] == [3, 2, 2, 2]
@@ -171,6 +176,7 @@ def test_small_corpus_still_gets_val(tmp_path):
 
 def test_interrupted_prepare_leaves_nothing(tmp_path, monkeypatch):
     from bulba.data import prepare as P
+
     c = write_corpus(tmp_path)
 
     def boom(self, *args):

@@ -9,16 +9,23 @@ import sys
 from pathlib import Path
 
 import pytest
-from support.cli import assert_one_line_exit_2
 
+from support.cli import assert_one_line_exit_2
 from support.paths import REPO
+
 GOOD = "Зубр жыве ў пушчы.\nThe stork builds a nest.\nАист вьёт гнездо.\n"
 
 
 def run(args, cwd: Path):
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    return subprocess.run([sys.executable, str(REPO / "prepare.py"), *map(str, args), "--no-mlflow"],
-                          cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, str(REPO / "prepare.py"), *map(str, args), "--no-mlflow"],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def assert_nothing_left(parent: Path, out_name: str = "out"):

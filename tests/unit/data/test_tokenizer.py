@@ -7,12 +7,23 @@ import unicodedata
 import pytest
 from tokenizers import Tokenizer
 
+from bulba.data.tokenizer import (
+    BOS,
+    EOS,
+    MIN_VOCAB,
+    SPECIAL_TOKENS,
+    encoder_for_documents,
+    load_tokenizer,
+    train_tokenizer,
+)
 from bulba.errors import UserError
-from bulba.data.tokenizer import (BOS, EOS, MIN_VOCAB, SPECIAL_TOKENS, encoder_for_documents, load_tokenizer,
-                             train_tokenizer)
 
-SMALL_TEXT = ["The bison walks in the forest.", "Зубр ходзіць па пушчы.", "Зубр гуляет по лесу.",
-              "def f(x):\n    return x + 1\n"] * 20
+SMALL_TEXT = [
+    "The bison walks in the forest.",
+    "Зубр ходзіць па пушчы.",
+    "Зубр гуляет по лесу.",
+    "def f(x):\n    return x + 1\n",
+] * 20
 
 
 def corpus_lines(corpus_dir, lang: str) -> list[str]:
@@ -34,8 +45,14 @@ def test_round_trip_every_line(prepared_data, corpus_dir, lang):
 def test_round_trip_unseen_scripts_and_nfd():
     """Text the tokenizer never saw still round-trips (full byte alphabet), NFD arrives as NFC."""
     tok = train_tokenizer(iter(SMALL_TEXT), vocab_size=400)
-    samples = ["中文 😀 ∑ ﬁ", "Ёлка, й", unicodedata.normalize("NFD", "Ёлка, й, ў, café"),
-               "\t tabs  and\r\nnewlines\n\n", "\x00\x01 control", "ʼ’' apostrophes: з’ява"]
+    samples = [
+        "中文 😀 ∑ ﬁ",
+        "Ёлка, й",
+        unicodedata.normalize("NFD", "Ёлка, й, ў, café"),
+        "\t tabs  and\r\nnewlines\n\n",
+        "\x00\x01 control",
+        "ʼ’' apostrophes: з’ява",
+    ]
     for s in samples:
         ids = tok.encode(s, add_special_tokens=False).ids
         assert tok.decode(ids, skip_special_tokens=False) == unicodedata.normalize("NFC", s)
@@ -95,7 +112,7 @@ def test_cached_encoder_matches_tokenizers_every_line(prepared_data, corpus_dir,
     tok = load_tokenizer(prepared_data / "tokenizer.json")
     lines = [unicodedata.normalize("NFC", x) for x in corpus_lines(corpus_dir, lang)]
     fast = DocumentEncoder(tok, fast=True)
-    got = [ids for i in range(0, len(lines), 5000) for ids in fast.encode(lines[i:i + 5000])]
+    got = [ids for i in range(0, len(lines), 5000) for ids in fast.encode(lines[i : i + 5000])]
     want = [e.ids for e in encoder_for_documents(tok).encode_batch_fast(lines)]
     assert got == want
     assert fast.fast_docs > 0.99 * len(lines)
@@ -109,7 +126,9 @@ def test_cached_encoder_unicode_sweep():
 
     tok = train_tokenizer(iter(SMALL_TEXT), vocab_size=400)
     cps = [c for c in range(0, 0x110000, 61) if not 0xD800 <= c < 0xE000] + [0x88F, 0x17F, 0x212A, 0xFB05]
-    docs = [unicodedata.normalize("NFC", f"a{chr(c)}b {chr(c)}{chr(c)}1 x'{chr(c)} 12{chr(c)}\n{chr(c)}  ") for c in cps]
+    docs = [
+        unicodedata.normalize("NFC", f"a{chr(c)}b {chr(c)}{chr(c)}1 x'{chr(c)} 12{chr(c)}\n{chr(c)}  ") for c in cps
+    ]
     enc = DocumentEncoder(tok, fast=True)
     assert enc.encode(docs) == [e.ids for e in encoder_for_documents(tok).encode_batch_fast(docs)]
     assert "\u088f" in enc.unsafe and enc.rust_docs >= 1

@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from support.paths import CORPUS, REPO as ROOT
-
 from bulba.errors import UserError  # noqa: E402
 from bulba.export.llamacpp import llama_cpp_available  # noqa: E402
+from support.paths import CORPUS
+from support.paths import REPO as ROOT
 
 needs_llama = pytest.mark.skipif(not llama_cpp_available(), reason="llama-cpp-python not installed")
 
@@ -51,31 +51,49 @@ def _train(model, tok, lines: list[str], steps: int) -> None:
     g = torch.Generator().manual_seed(0)
     for _ in range(steps):
         ix = torch.randint(0, len(ids) - 65, (4,), generator=g)
-        x = torch.stack([ids[i:i + 64] for i in ix])
-        y = torch.stack([ids[i + 1:i + 65] for i in ix])
+        x = torch.stack([ids[i : i + 64] for i in ix])
+        y = torch.stack([ids[i + 1 : i + 65] for i in ix])
         logits = model(x)
-        loss = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.view(-1).long(), ignore_index=-100)
+        loss = torch.nn.functional.cross_entropy(
+            logits.float().view(-1, logits.shape[-1]), y.view(-1).long(), ignore_index=-100
+        )
         opt.zero_grad()
         loss.backward()
         opt.step()
 
 
-def build_run(out: Path, steps: int = 30, tie: bool = True, n_embd: int = 256, ffn: int = 768,
-              n_head: int = 4, vocab: int = 1029, mlflow_run_id: str | None = None) -> Path:
+def build_run(
+    out: Path,
+    steps: int = 30,
+    tie: bool = True,
+    n_embd: int = 256,
+    ffn: int = 768,
+    n_head: int = 4,
+    vocab: int = 1029,
+    mlflow_run_id: str | None = None,
+) -> Path:
     """A run directory per docs/contracts.md: config.json, tokenizer.json, final.safetensors."""
     import torch
     from safetensors.torch import save_file
 
     from bulba.config import ModelConfig
-    from bulba.model.llama import Llama
     from bulba.data.tokenizer import BOS, EOS, train_tokenizer
+    from bulba.model.llama import Llama
 
     out.mkdir(parents=True, exist_ok=True)
     lines = _texts()
     tok = train_tokenizer(lines, vocab_size=vocab)
     tok.save(str(out / "tokenizer.json"))
-    cfg = ModelConfig(vocab_size=tok.get_vocab_size(), n_layer=2, n_embd=n_embd, n_head=n_head, n_kv_head=2,
-                      ffn_hidden=ffn, ctx_len=256, tie_embeddings=tie)
+    cfg = ModelConfig(
+        vocab_size=tok.get_vocab_size(),
+        n_layer=2,
+        n_embd=n_embd,
+        n_head=n_head,
+        n_kv_head=2,
+        ffn_hidden=ffn,
+        ctx_len=256,
+        tie_embeddings=tie,
+    )
     torch.manual_seed(0)
     model = Llama(cfg)
     threads = torch.get_num_threads()
@@ -85,12 +103,25 @@ def build_run(out: Path, steps: int = 30, tie: bool = True, n_embd: int = 256, f
     finally:
         torch.set_num_threads(threads)
     save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(out / "final.safetensors"))
-    (out / "config.json").write_text(json.dumps({
-        "format": "bulba-run", "version": 1, "model": dataclasses.asdict(cfg),
-        "tokenizer": {"bos_id": tok.token_to_id(BOS), "eos_id": tok.token_to_id(EOS), "pad_id": tok.token_to_id(EOS),
-                      "add_bos_token": True},
-        "recipe": {"name": "tiny"}, "dataset_digest": "test-digest", "mlflow_run_id": mlflow_run_id,
-    }, indent=1))
+    (out / "config.json").write_text(
+        json.dumps(
+            {
+                "format": "bulba-run",
+                "version": 1,
+                "model": dataclasses.asdict(cfg),
+                "tokenizer": {
+                    "bos_id": tok.token_to_id(BOS),
+                    "eos_id": tok.token_to_id(EOS),
+                    "pad_id": tok.token_to_id(EOS),
+                    "add_bos_token": True,
+                },
+                "recipe": {"name": "tiny"},
+                "dataset_digest": "test-digest",
+                "mlflow_run_id": mlflow_run_id,
+            },
+            indent=1,
+        )
+    )
     return out
 
 
@@ -98,13 +129,32 @@ def train_with_train_py(data_dir: Path, out: Path, steps: int = 80) -> Path | No
     """`tiny` trained a few steps by the real train.py (None when train.py is not there)."""
     if not (ROOT / "train.py").is_file():
         return None
-    args = ["--no-mlflow", "tiny", f"data.dir={data_dir}", f"out_dir={out}", f"train.max_steps={steps}",
-            "train.lr=2e-3", "model.n_layer=2", "model.n_kv_head=2", "train.batch_size=4", "train.threads=1",
-            "train.val_every=0", "train.sample_every=0", "train.ckpt_every=0", "train.warmup_steps=5"]
+    args = [
+        "--no-mlflow",
+        "tiny",
+        f"data.dir={data_dir}",
+        f"out_dir={out}",
+        f"train.max_steps={steps}",
+        "train.lr=2e-3",
+        "model.n_layer=2",
+        "model.n_kv_head=2",
+        "train.batch_size=4",
+        "train.threads=1",
+        "train.val_every=0",
+        "train.sample_every=0",
+        "train.ckpt_every=0",
+        "train.warmup_steps=5",
+    ]
     # 80 steps: top-1 margins wide enough that f16/bf16/q8_0 rounding flips under 1% of positions
     # (at 20 steps a tenth of positions were near-ties and q8_0 sat at the 99% edge).
-    r = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, capture_output=True, text=True,
-                       timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     if r.returncode != 0:
         pytest.fail(f"train.py failed ({r.returncode}): {r.stderr[-1500:]}")
     return out
@@ -180,8 +230,8 @@ def test_gguf_metadata_and_tensors(tiny_run, tmp_path):
     """What llama.cpp reads, exactly; no output.weight when tied; rows == tokens (no llama.cpp needed)."""
     import gguf
 
-    from bulba.export.source import open_source
     from bulba.export.gguf import read_back
+    from bulba.export.source import open_source
 
     out = tmp_path / "m.gguf"
     _export(str(tiny_run), "q8_0", out, verify=False)
@@ -190,15 +240,26 @@ def test_gguf_metadata_and_tensors(tiny_run, tmp_path):
     r = read_back(out)
     kv, tensors = r["kv"], r["tensors"]
     expect = {
-        "general.architecture": "llama", "general.name": "tiny",
+        "general.architecture": "llama",
+        "general.name": "tiny",
         "general.file_type": int(gguf.LlamaFileType.MOSTLY_Q8_0),
-        "llama.context_length": 256, "llama.embedding_length": 256, "llama.block_count": 2,
-        "llama.feed_forward_length": 768, "llama.attention.head_count": 4, "llama.attention.head_count_kv": 2,
-        "llama.attention.key_length": 64, "llama.attention.value_length": 64, "llama.rope.dimension_count": 64,
-        "llama.rope.freq_base": 500000.0, "llama.vocab_size": cfg.vocab_size,
-        "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "llama-bpe",
-        "tokenizer.ggml.bos_token_id": tok.bos_id, "tokenizer.ggml.eos_token_id": tok.eos_id,
-        "tokenizer.ggml.padding_token_id": tok.pad_id, "tokenizer.ggml.add_bos_token": True,
+        "llama.context_length": 256,
+        "llama.embedding_length": 256,
+        "llama.block_count": 2,
+        "llama.feed_forward_length": 768,
+        "llama.attention.head_count": 4,
+        "llama.attention.head_count_kv": 2,
+        "llama.attention.key_length": 64,
+        "llama.attention.value_length": 64,
+        "llama.rope.dimension_count": 64,
+        "llama.rope.freq_base": 500000.0,
+        "llama.vocab_size": cfg.vocab_size,
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": "llama-bpe",
+        "tokenizer.ggml.bos_token_id": tok.bos_id,
+        "tokenizer.ggml.eos_token_id": tok.eos_id,
+        "tokenizer.ggml.padding_token_id": tok.pad_id,
+        "tokenizer.ggml.add_bos_token": True,
         "tokenizer.ggml.add_eos_token": False,
     }
     for k, v in expect.items():
@@ -250,15 +311,22 @@ def test_hf_folder_loads_in_transformers(tiny_run, tmp_path):
 
     hf = tmp_path / "hf"
     _export(str(tiny_run), "f16", tmp_path / "m.gguf", hf_out=hf, verify=False)
-    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-            "tokenizer_config.json"} <= {p.name for p in hf.iterdir()}
+    assert {
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    } <= {p.name for p in hf.iterdir()}
     src = open_source(str(tiny_run))
     rep = verify_hf(hf, src)
     assert rep["tokens_match"] and rep["max_rel_logit_diff"] <= 1e-5, rep
     tok = AutoTokenizer.from_pretrained(str(hf))
     assert tok("Прывітанне")["input_ids"][0] == src.tokenizer.bos_id
     assert tok.eos_token == "<|end_of_text|>"
-    chat = tok.apply_chat_template([{"role": "user", "content": "Добры дзень"}], tokenize=False, add_generation_prompt=True)
+    chat = tok.apply_chat_template(
+        [{"role": "user", "content": "Добры дзень"}], tokenize=False, add_generation_prompt=True
+    )
     assert chat.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
     model = AutoModelForCausalLM.from_pretrained(str(hf))
     ids = tok(SAMPLE[:60], return_tensors="pt")["input_ids"]
@@ -315,8 +383,9 @@ def test_registry_round_trip_from_runs_uri(tiny_run, tmp_path, mlflow_uri, monke
     text = model.predict(["Добры дзень"], params={"max_tokens": 4})
     assert isinstance(text[0], str)
     # A second export is a new version of the same registered model.
-    res2 = _export(f"runs:/{train_id}", "f16", tmp_path / "tiny-f16.gguf", register="bulba-tiny", mlflow=True,
-                   verify=False)
+    res2 = _export(
+        f"runs:/{train_id}", "f16", tmp_path / "tiny-f16.gguf", register="bulba-tiny", mlflow=True, verify=False
+    )
     assert res2.mlflow["version"] == "2"
 
 
@@ -324,8 +393,13 @@ def test_registry_round_trip_from_runs_uri(tiny_run, tmp_path, mlflow_uri, monke
 
 
 def _cli(*args, cwd=None):
-    return subprocess.run([sys.executable, str(ROOT / "export.py"), *map(str, args)], capture_output=True,
-                          text=True, cwd=cwd or ROOT, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "export.py"), *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd or ROOT,
+        timeout=300,
+    )
 
 
 def test_cli_errors_are_one_line_exit_2(tiny_run, tmp_path):
@@ -344,8 +418,9 @@ def _copy_run(tiny_run: Path, dst: Path) -> Path:
     return dst
 
 
-@pytest.mark.parametrize("case", ["no-weights", "no-tokenizer", "mismatch", "truncated", "vocab", "nan",
-                                  "exists", "rows"])
+@pytest.mark.parametrize(
+    "case", ["no-weights", "no-tokenizer", "mismatch", "truncated", "vocab", "nan", "exists", "rows"]
+)
 def test_bad_inputs_leave_nothing(tiny_run, tmp_path, case):
     import torch
     from safetensors.torch import load_file, save_file
@@ -411,8 +486,8 @@ def test_bad_inputs_leave_nothing(tiny_run, tmp_path, case):
 @needs_llama
 def test_k_quant_rows_need_256(tiny_run):
     """K-quants need 256-wide rows; the check runs before anything is written."""
-    from bulba.export.source import open_source
     from bulba.export.gguf import check_type
+    from bulba.export.source import open_source
 
     src = open_source(str(tiny_run))
     src.model = dataclasses.replace(src.model, n_embd=320, n_head=5)

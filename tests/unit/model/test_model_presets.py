@@ -8,15 +8,15 @@ import shutil
 import pytest
 import torch
 
-from bulba.train import checkpoint as ckpt
-from bulba.model import flops
 from bulba.config import ModelConfig, load_recipe
 from bulba.data.loader import document_layout
 from bulba.errors import UserError
-from bulba.train.module import TrainState
-from bulba.train.optim import lr_at, param_groups
+from bulba.model import flops
 from bulba.model.llama import Llama
 from bulba.model.weights import param_count
+from bulba.train import checkpoint as ckpt
+from bulba.train.module import TrainState
+from bulba.train.optim import lr_at, param_groups
 
 NAMED = {"krolik": 50e6, "aist": 150e6, "zubr": 350e6}
 
@@ -42,12 +42,22 @@ def test_weight_table_is_the_model(tie):
 
     from bulba.model.weights import expected_shapes, hf_name
 
-    cfg = ModelConfig(vocab_size=300, n_layer=2, n_embd=64, n_head=4, n_kv_head=2, ffn_hidden=128, ctx_len=32,
-                      tie_embeddings=tie)
+    cfg = ModelConfig(
+        vocab_size=300, n_layer=2, n_embd=64, n_head=4, n_kv_head=2, ffn_hidden=128, ctx_len=32, tie_embeddings=tie
+    )
     with torch.device("meta"):
         ours = {k: tuple(v.shape) for k, v in Llama(cfg).state_dict().items()}
-        hf = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie))
+        hf = LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=300,
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                tie_word_embeddings=tie,
+            )
+        )
     assert list(ours.items()) == list(expected_shapes(cfg).items())
     hf_shapes = {k: tuple(v.shape) for k, v in hf.state_dict().items() if not (tie and k == "lm_head.weight")}
     assert {hf_name(k): s for k, s in ours.items()} == hf_shapes

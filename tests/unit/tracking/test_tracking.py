@@ -18,7 +18,6 @@ import pytest
 pytest.importorskip("mlflow")
 
 from bulba.tracking import RUN_FILE, SPOOL_FILE, RunTracker  # noqa: E402
-
 from support.paths import REPO
 
 
@@ -66,9 +65,16 @@ class _Trainer(threading.Thread):
 
 def test_outage_mid_run_replayed_exactly_once(mlflow_uri, mlflow_server, tmp_path, capsys):
     run_dir = tmp_path / "run"
-    t = RunTracker("bulbagpt-test", "outage", run_dir=run_dir, params={"lr": 3e-4, "preset": "tiny"},
-                   tags={"bulba.stage": "test"}, flush_interval=0.2, http_timeout=2,
-                   max_memory_records=100)  # the outage overflows memory: replay reads the spool
+    t = RunTracker(
+        "bulbagpt-test",
+        "outage",
+        run_dir=run_dir,
+        params={"lr": 3e-4, "preset": "tiny"},
+        tags={"bulba.stage": "test"},
+        flush_interval=0.2,
+        http_timeout=2,
+        max_memory_records=100,
+    )  # the outage overflows memory: replay reads the spool
     assert t.run_id, "server up at start: run created before the constructor returns"
     assert json.loads((run_dir / RUN_FILE).read_text())["run_id"] == t.run_id
     t.log_metrics({"ok_metric": 1.0, "bad*key": 2.0}, step=0)  # the server refuses only the bad key
@@ -97,9 +103,11 @@ def test_outage_mid_run_replayed_exactly_once(mlflow_uri, mlflow_server, tmp_pat
             mlflow_server.start()
     assert t.finish(timeout=30)
     with capsys.disabled():
-        print(f"\n[tracking] outage: {len(trainer.steps)} steps, worst log_metrics call "
-              f"{trainer.worst * 1000:.2f} ms, backlog replayed {replay_s:.2f} s after the server was healthy "
-              f"(server restart {mlflow_server.last_start_s:.1f} s, stop {stop_s:.1f} s)")
+        print(
+            f"\n[tracking] outage: {len(trainer.steps)} steps, worst log_metrics call "
+            f"{trainer.worst * 1000:.2f} ms, backlog replayed {replay_s:.2f} s after the server was healthy "
+            f"(server restart {mlflow_server.last_start_s:.1f} s, stop {stop_s:.1f} s)"
+        )
     assert trainer.worst < 0.5, f"log_metrics stalled {trainer.worst:.3f} s"
 
     uri = mlflow_server.uri
@@ -121,8 +129,7 @@ def test_hung_server_costs_no_stall_and_no_duplicates(mlflow_uri, mlflow_server,
     """A frozen server (accepts connections, never answers): requests time out in the
     background; when it wakes it also applies the stale requests, and the replay of the same
     points must not duplicate them."""
-    t = RunTracker("bulbagpt-test", "hung", run_dir=tmp_path / "run", flush_interval=0.1, http_timeout=1,
-                   quiet=True)
+    t = RunTracker("bulbagpt-test", "hung", run_dir=tmp_path / "run", flush_interval=0.1, http_timeout=1, quiet=True)
     assert t.run_id
     trainer = _Trainer(t)
     trainer.start()
@@ -152,8 +159,14 @@ def test_server_down_at_start(mlflow_uri, mlflow_server, tmp_path, capsys):
     mlflow_server.stop(kill=True)  # a crashed server
     try:
         a = time.monotonic()
-        t = RunTracker("bulbagpt-test", "offline", run_dir=run_dir, params={"n_layer": 2},
-                       tags={"bulba.stage": "test"}, start_timeout=10)
+        t = RunTracker(
+            "bulbagpt-test",
+            "offline",
+            run_dir=run_dir,
+            params={"n_layer": 2},
+            tags={"bulba.stage": "test"},
+            start_timeout=10,
+        )
         started = time.monotonic() - a
         late = RunTracker("bulbagpt-test", "late", run_dir=tmp_path / "late", quiet=True, flush_interval=0.1)
         assert t.run_id is None and late.run_id is None
@@ -176,8 +189,10 @@ def test_server_down_at_start(mlflow_uri, mlflow_server, tmp_path, capsys):
         assert (run_dir / SPOOL_FILE).exists()
         assert json.loads((run_dir / RUN_FILE).read_text())["run_id"] is None
         with capsys.disabled():
-            print(f"\n[tracking] server down at start: constructor {started:.2f} s, worst log call "
-                  f"{worst * 1000:.2f} ms, finish {finish_s:.2f} s")
+            print(
+                f"\n[tracking] server down at start: constructor {started:.2f} s, worst log call "
+                f"{worst * 1000:.2f} ms, finish {finish_s:.2f} s"
+            )
     finally:
         mlflow_server.start()
 
@@ -193,14 +208,22 @@ def test_server_down_at_start(mlflow_uri, mlflow_server, tmp_path, capsys):
     env = dict(os.environ, PYTHONPATH=str(REPO), NO_PROXY="127.0.0.1,localhost")
     env.pop("MLFLOW_TRACKING_URI", None)  # the URI recorded in the run directory is used
     a = time.monotonic()
-    r = subprocess.run([sys.executable, "-m", "bulba.tracking", "sync", str(run_dir)],
-                       capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "bulba.tracking", "sync", str(run_dir)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+    )
     sync_s = time.monotonic() - a
     assert r.returncode == 0, r.stderr
     assert "synced" in r.stdout
     with capsys.disabled():
-        print(f"[tracking] sync CLI {sync_s:.2f} s: {r.stdout.strip().splitlines()[-1]} "
-              f"(server restart {mlflow_server.last_start_s:.1f} s)")
+        print(
+            f"[tracking] sync CLI {sync_s:.2f} s: {r.stdout.strip().splitlines()[-1]} "
+            f"(server restart {mlflow_server.last_start_s:.1f} s)"
+        )
 
     info = json.loads((run_dir / RUN_FILE).read_text())
     run_id = info["run_id"]
@@ -269,16 +292,24 @@ def test_embedded_sqlite_default(tmp_path, monkeypatch):
     from mlflow.tracking._tracking_service.utils import _get_default_tracking_uri
 
     assert _get_default_tracking_uri() == "sqlite:///mlflow.db"
-    assert not (tmp_path / "runs" / ".mlflow-spool").exists() or not any((tmp_path / "runs" / ".mlflow-spool").iterdir())
+    assert not (tmp_path / "runs" / ".mlflow-spool").exists() or not any(
+        (tmp_path / "runs" / ".mlflow-spool").iterdir()
+    )
 
 
 def test_sync_cli_help_and_bad_input(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    r = subprocess.run([sys.executable, "-m", "bulba.tracking", "sync", "--help"], capture_output=True,
-                       text=True, env=env, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "bulba.tracking", "sync", "--help"], capture_output=True, text=True, env=env, timeout=60
+    )
     assert r.returncode == 0 and "RUN_DIR" in r.stdout
-    r = subprocess.run([sys.executable, "-m", "bulba.tracking", "sync", str(tmp_path)], capture_output=True,
-                       text=True, env=env, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "bulba.tracking", "sync", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
     assert r.returncode == 2 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
 
 
@@ -288,10 +319,15 @@ def test_dataset_input_system_metrics_and_explicit_run_id(mlflow_uri, mlflow_ser
     from mlflow.data.sources import LocalArtifactDatasetSource
     from mlflow.types import Schema, TensorSpec
 
-    ds = MetaDataset(source=LocalArtifactDatasetSource(str(tmp_path)), name="demo", digest="abc123",
-                     schema=Schema([TensorSpec(np.dtype("uint16"), (-1,), "tokens")]))
-    with RunTracker("bulbagpt-test", "extras", run_dir=tmp_path / "a", system_metrics=True,
-                    system_metrics_interval=0.2, quiet=True) as t:
+    ds = MetaDataset(
+        source=LocalArtifactDatasetSource(str(tmp_path)),
+        name="demo",
+        digest="abc123",
+        schema=Schema([TensorSpec(np.dtype("uint16"), (-1,), "tokens")]),
+    )
+    with RunTracker(
+        "bulbagpt-test", "extras", run_dir=tmp_path / "a", system_metrics=True, system_metrics_interval=0.2, quiet=True
+    ) as t:
         t.log_input(ds, context="training")
         t.log_metric("loss", 1.0, step=0)
         t.log_metrics({"nan_metric": float("nan"), "inf_metric": float("inf")}, step=0)

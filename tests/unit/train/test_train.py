@@ -14,10 +14,10 @@ import time
 import pytest
 import torch
 
-from support.train_data import ROOT, TINY, losses_from, run_train
 from bulba.config import load_recipe
 from bulba.errors import UserError
 from bulba.train.run import TrainingFault, train
+from support.train_data import ROOT, TINY, losses_from, run_train
 
 RESUME_ARGS = TINY + ["train.max_steps=6", "train.ckpt_every=2", "train.val_every=0", "train.ckpt_keep=0"]
 
@@ -29,13 +29,16 @@ def _recipe(data, out, *extra):
 # --------------------------------------------------------------------------- bad input: exit 2
 
 
-@pytest.mark.parametrize("override,expect", [
-    ("train.max_step=3", "did you mean 'train.max_steps'"),
-    ("modle.n_layer=2", "did you mean 'model'"),
-    ("train.mode=compiled", "did you mean 'compile'"),
-    ("train.batch_size=abc", "train.batch_size: expected int"),
-    ("model.n_embd=0", "model.n_embd must be positive"),
-])
+@pytest.mark.parametrize(
+    "override,expect",
+    [
+        ("train.max_step=3", "did you mean 'train.max_steps'"),
+        ("modle.n_layer=2", "did you mean 'model'"),
+        ("train.mode=compiled", "did you mean 'compile'"),
+        ("train.batch_size=abc", "train.batch_size: expected int"),
+        ("model.n_embd=0", "model.n_embd must be positive"),
+    ],
+)
 def test_recipe_errors_exit_2_one_line(override, expect):
     p = run_train(["tiny", override], timeout=120)
     assert p.returncode == 2, p.stderr
@@ -46,8 +49,9 @@ def test_recipe_errors_exit_2_one_line(override, expect):
 def test_data_errors_exit_2(train_data, tmp_path):
     p = run_train(["tiny", f"data.dir={tmp_path / 'nope'}", f"out_dir={tmp_path / 'r'}"], timeout=120)
     assert p.returncode == 2 and "prepare.py" in p.stderr, p.stderr
-    p = run_train(["tiny", f"data.dir={train_data}", "model.vocab_size=32003", f"out_dir={tmp_path / 'r'}"],
-                  timeout=120)
+    p = run_train(
+        ["tiny", f"data.dir={train_data}", "model.vocab_size=32003", f"out_dir={tmp_path / 'r'}"], timeout=120
+    )
     assert p.returncode == 2 and "vocab size mismatch" in p.stderr, p.stderr
     assert not (tmp_path / "r").exists()  # nothing half-written
 
@@ -65,8 +69,18 @@ def test_refuses_to_overwrite_a_run(train_data, tmp_path):
 
 def test_tiny_loss_falls(train_data, tmp_path):
     out = tmp_path / "run"
-    s = train(_recipe(train_data, out, "train.max_steps=40", "train.lr=3e-3", "train.val_every=0",
-                      "train.sample_every=20", "train.ckpt_every=0"), enable_tracking=False)
+    s = train(
+        _recipe(
+            train_data,
+            out,
+            "train.max_steps=40",
+            "train.lr=3e-3",
+            "train.val_every=0",
+            "train.sample_every=20",
+            "train.ckpt_every=0",
+        ),
+        enable_tracking=False,
+    )
     losses = [s["losses"][i] for i in sorted(s["losses"])]
     assert len(losses) == 40 and all(math.isfinite(x) for x in losses)
     assert sum(losses[-5:]) / 5 < sum(losses[:3]) / 3 - 1.0, losses
@@ -97,10 +111,21 @@ def test_eager_and_compile_agree(train_data, tmp_path):
         module._optimizer_step = step
 
     for mode in ("eager", "compile"):
-        s = train(_recipe(train_data, tmp_path / mode, "train.max_steps=3", "train.val_every=0",
-                          "train.val_batches=1", "train.ckpt_every=0", "train.precision=32-true",
-                          "model.n_layer=2", f"train.mode={mode}"), enable_tracking=False,
-                  module_hook=count_graphs if mode == "compile" else None)
+        s = train(
+            _recipe(
+                train_data,
+                tmp_path / mode,
+                "train.max_steps=3",
+                "train.val_every=0",
+                "train.val_batches=1",
+                "train.ckpt_every=0",
+                "train.precision=32-true",
+                "model.n_layer=2",
+                f"train.mode={mode}",
+            ),
+            enable_tracking=False,
+            module_hook=count_graphs if mode == "compile" else None,
+        )
         got[mode] = [s["losses"][i] for i in (1, 2, 3)]
     for a, b in zip(got["eager"], got["compile"]):
         assert abs(a - b) < 1e-3 * abs(a), got
@@ -123,8 +148,14 @@ def reference(train_data, tmp_path_factory):
 
 def _start(args, env_extra=None):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
-    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _wait_for(proc, needle: str) -> list[str]:
@@ -163,9 +194,22 @@ def test_sigterm_writes_checkpoint_and_resumes(train_data, tmp_path, reference):
 @pytest.mark.slow  # two processes + gloo rendezvous: ~30-40 s on 2 cores
 def test_ddp_two_processes_gloo_disjoint_shards(train_data, tmp_path):
     out = tmp_path / "run"
-    p = run_train(["tiny", f"data.dir={train_data}", f"out_dir={out}", "--no-mlflow", *TINY,
-                   "train.max_steps=3", "train.val_every=0", "train.ckpt_every=0", "train.devices=2",
-                   "train.strategy=ddp", "train.accelerator=cpu"], timeout=400)
+    p = run_train(
+        [
+            "tiny",
+            f"data.dir={train_data}",
+            f"out_dir={out}",
+            "--no-mlflow",
+            *TINY,
+            "train.max_steps=3",
+            "train.val_every=0",
+            "train.ckpt_every=0",
+            "train.devices=2",
+            "train.strategy=ddp",
+            "train.accelerator=cpu",
+        ],
+        timeout=400,
+    )
     assert p.returncode == 0, (p.stdout[-2000:], p.stderr[-3000:])
     r0 = json.loads((out / "logs" / "rank-0.json").read_text())
     r1 = json.loads((out / "logs" / "rank-1.json").read_text())
@@ -195,12 +239,14 @@ def _nan_at(step_to_fault: int):
 
 def test_nan_stop_checkpoints_before_fault_and_writes_no_weights(train_data, tmp_path):
     out = tmp_path / "run"
-    r = _recipe(train_data, out, "train.max_steps=5", "train.val_every=0", "train.ckpt_every=0",
-                "train.nan_policy=stop")
+    r = _recipe(
+        train_data, out, "train.max_steps=5", "train.val_every=0", "train.ckpt_every=0", "train.nan_policy=stop"
+    )
     with pytest.raises(TrainingFault, match="non-finite loss at step 3"):
         train(r, module_hook=_nan_at(3), enable_tracking=False)
     assert not (out / "final.safetensors").exists()
     from bulba.train import checkpoint as ckpt
+
     last = ckpt.latest_checkpoint(out / "checkpoints")
     state = ckpt.load_checkpoint(last)
     assert state["state"]["train"]["step"] == 2 and state["state"]["reason"] == "fault"
@@ -209,8 +255,9 @@ def test_nan_stop_checkpoints_before_fault_and_writes_no_weights(train_data, tmp
 
 def test_nan_skip_skips_the_step_and_finishes(train_data, tmp_path):
     out = tmp_path / "run"
-    r = _recipe(train_data, out, "train.max_steps=4", "train.val_every=0", "train.ckpt_every=0",
-                "train.nan_policy=skip")
+    r = _recipe(
+        train_data, out, "train.max_steps=4", "train.val_every=0", "train.ckpt_every=0", "train.nan_policy=skip"
+    )
     s = train(r, module_hook=_nan_at(2), enable_tracking=False)
     assert s["nan_skips"] == 1 and s["step"] == 4
     from safetensors.torch import load_file
@@ -225,6 +272,7 @@ def test_disk_full_during_checkpoint_keeps_previous(train_data, tmp_path, monkey
     import errno
 
     from bulba.train import checkpoint as ckpt
+
     real = ckpt.save_file
 
     def full(tensors, filename, metadata=None):
@@ -234,8 +282,7 @@ def test_disk_full_during_checkpoint_keeps_previous(train_data, tmp_path, monkey
 
     monkeypatch.setattr(ckpt, "save_file", full)
     out = tmp_path / "run"
-    r = _recipe(train_data, out, "train.max_steps=6", "train.val_every=0", "train.ckpt_every=2",
-                "train.ckpt_keep=0")
+    r = _recipe(train_data, out, "train.max_steps=6", "train.val_every=0", "train.ckpt_every=2", "train.ckpt_keep=0")
     # step 4 (an interval checkpoint) fails: a warning, training goes on; step 6 (final) works
     s = train(r, enable_tracking=False)
     assert s["step"] == 6 and (out / "final.safetensors").is_file()
@@ -244,8 +291,7 @@ def test_disk_full_during_checkpoint_keeps_previous(train_data, tmp_path, monkey
     assert not list((out / "checkpoints").glob(".tmp-*"))
     # the final checkpoint failing is an error; the previous checkpoint stays loadable
     out2 = tmp_path / "run2"
-    r2 = _recipe(train_data, out2, "train.max_steps=4", "train.val_every=0", "train.ckpt_every=2",
-                 "train.ckpt_keep=0")
+    r2 = _recipe(train_data, out2, "train.max_steps=4", "train.val_every=0", "train.ckpt_every=2", "train.ckpt_keep=0")
     with pytest.raises(UserError, match="No space left on device.*step-00000002 is intact"):
         train(r2, enable_tracking=False)
     assert not (out2 / "final.safetensors").exists()
@@ -254,8 +300,10 @@ def test_disk_full_during_checkpoint_keeps_previous(train_data, tmp_path, monkey
 
 def test_corrupt_checkpoint_on_resume_is_exit_2_and_kept(train_data, tmp_path):
     out = tmp_path / "run"
-    train(_recipe(train_data, out, "train.max_steps=2", "train.val_every=0", "train.ckpt_every=1",
-                  "train.val_batches=1"), enable_tracking=False)
+    train(
+        _recipe(train_data, out, "train.max_steps=2", "train.val_every=0", "train.ckpt_every=1", "train.val_batches=1"),
+        enable_tracking=False,
+    )
     last = out / "checkpoints" / "step-00000002" / "optimizer.safetensors"
     last.write_bytes(last.read_bytes()[:-100])  # torn by something outside our atomic writes
     with pytest.raises(UserError, match="step-00000002 is corrupt.*delete that directory"):
@@ -266,8 +314,7 @@ def test_corrupt_checkpoint_on_resume_is_exit_2_and_kept(train_data, tmp_path):
 
     shutil.rmtree(out / "checkpoints" / "step-00000002")
     with pytest.raises(UserError, match=r"the model changed \(n_layer 2 -> 3\)"):
-        train(_recipe(train_data, out, "train.max_steps=3", "resume=auto", "model.n_layer=3"),
-              enable_tracking=False)
+        train(_recipe(train_data, out, "train.max_steps=3", "resume=auto", "model.n_layer=3"), enable_tracking=False)
 
 
 @pytest.mark.slow  # the tracker waits finish_timeout (30 s) for a server that never comes back
@@ -279,8 +326,18 @@ def test_dead_tracking_server_training_finishes_metrics_spooled(train_data, tmp_
         port = s.getsockname()[1]
     out = tmp_path / "run"
     t0 = time.time()
-    p = run_train(["tiny", f"data.dir={train_data}", f"out_dir={out}", *TINY, "train.max_steps=3",
-                   "train.val_every=0", "train.ckpt_every=0"], {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"})
+    p = run_train(
+        [
+            "tiny",
+            f"data.dir={train_data}",
+            f"out_dir={out}",
+            *TINY,
+            "train.max_steps=3",
+            "train.val_every=0",
+            "train.ckpt_every=0",
+        ],
+        {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"},
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     assert time.time() - t0 < 150
     assert (out / "final.safetensors").is_file() and sorted(losses_from(out)) == [1, 2, 3]
