@@ -303,12 +303,15 @@ def run(args) -> list[dict]:
     EXTRA.clear()
     EXTRA.update(
         {
-            "preset": f"{preset} ({_fmt_count(params) if params else '?'} params; layers {m.n_layer}, n_embd {m.n_embd}, "
+            "preset": f"{preset} ({_fmt_count(params) if params else '?'} params; "
+            f"layers {m.n_layer}, n_embd {m.n_embd}, "
             f"heads {m.n_head}/{m.n_kv_head} kv, ffn {m.ffn_hidden}, vocab {m.vocab_size}, "
             f"tied embeddings {m.tie_embeddings})",
             "shape": f"batch {batch} x ctx {ctx} = {batch * ctx} tokens/step, grad_accum 1",
-            "steps": f"{warmup} warm-up (untimed, compilation happens here) + {steps} timed; tokens/s over the timed steps",
-            "optimizer": f"AdamW lr {t.lr} (warmup {t.warmup_steps}, cosine to {t.min_lr}), betas ({t.beta1}, {t.beta2}), "
+            "steps": f"{warmup} warm-up (untimed, compilation happens here) + {steps} timed; "
+            "tokens/s over the timed steps",
+            "optimizer": f"AdamW lr {t.lr} (warmup {t.warmup_steps}, cosine to {t.min_lr}), "
+            f"betas ({t.beta1}, {t.beta2}), "
             f"weight decay {t.weight_decay}, grad clip {t.grad_clip}",
             "data": f"{data_dir} ({meta.get('splits', {}).get('train', {}).get('tokens', '?')} train tokens, "
             f"digest {str(meta.get('dataset_digest', '?'))[:12]}); contiguous windows of ctx tokens "

@@ -550,7 +550,8 @@ def summary(meta: dict, out: Path) -> str:
     tr, va = meta["splits"]["train"], meta["splits"]["val"]
     lines = [
         f"prepared {out}: vocab {meta['vocab_size']} ({meta['dtype']}), "
-        f"train {tr['documents']:,} docs / {tr['tokens']:,} tokens, val {va['documents']:,} docs / {va['tokens']:,} tokens",
+        f"train {tr['documents']:,} docs / {tr['tokens']:,} tokens, "
+        f"val {va['documents']:,} docs / {va['tokens']:,} tokens",
         f"{'language':<9}{'documents':>11}{'words':>13}{'tokens':>13}{'tok/word':>10}{'bytes/tok':>11}",
     ]
     for lang, d in meta["languages"].items():

@@ -96,8 +96,8 @@ def cpu_peak_flops(threads: int | None = None) -> tuple[float, str]:
 
     bf16 FLOPs per cycle per core: AMX tiles 1024, AVX512-BF16 (vdpbf16ps on two 512-bit
     ports) 128 (64 on Zen 4); otherwise fp32 FMA: AVX-512 64 (32 on Zen 4), AVX2 16. The clock
-    is the one /proc/cpuinfo reports (nominal; boost makes MFU read a little high). The AMX figure is the data-sheet peak;
-    measured on 2 cores here: ~1.7 TFLOP/s, about 40% of it.
+    is the one /proc/cpuinfo reports (nominal; boost makes MFU read a little high). The AMX figure
+    is the data-sheet peak; measured on 2 cores here: ~1.7 TFLOP/s, about 40% of it.
     """
     import torch
 

@@ -4,9 +4,10 @@ Fixtures (pulled into every test module by tests/conftest.py):
 
 - `mlflow_server` (session): a running server on 127.0.0.1 at a free port, started once.
   `.uri`, `.port`, `.backend_uri`, `.artifacts_dir`, `.log_path`; `.stop(kill=False)` (the
-  process ends, gracefully or by SIGKILL: connections are refused), `.start()` (again on the same port and store), `.pause()`
-  / `.resume()` (SIGSTOP/SIGCONT: a hung server that accepts connections but never answers),
-  `.running`. Tests that stop it must start it again (the `mlflow_uri` fixture also does).
+  process ends, gracefully or by SIGKILL: connections are refused), `.start()` (again on the
+  same port and store), `.pause()` / `.resume()` (SIGSTOP/SIGCONT: a hung server that accepts
+  connections but never answers), `.running`. Tests that stop it must start it again (the
+  `mlflow_uri` fixture also does).
 - `mlflow_uri` (function): ensures the server runs and points `MLFLOW_TRACKING_URI` (and
   mlflow's in-process URI) at it for the test; restored afterwards.
 

@@ -11,7 +11,7 @@ _DECISIVE = re.compile("[ўЎіІиИщЩъЪ]")
 _CYR = re.compile("[\u0400-\u04ff]")
 _LAT = re.compile("[A-Za-z]")
 LANGUAGES = ["be", "ru", "en", "code", "other"]
-LANG_ID = {l: i for i, l in enumerate(LANGUAGES)}
+LANG_ID = {lang: i for i, lang in enumerate(LANGUAGES)}
 
 
 def guess_language(text: str, default: str | None) -> str:
