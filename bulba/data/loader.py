@@ -292,27 +292,33 @@ class TorchBatches:
             yield batch_to_torch(b, pin=self.pin, documents=not self.stream)
 
 
+def recipe_batches(recipe, data, split: str, rank: int = 0, world: int = 1, prefetch: int | None = None) -> Batches:
+    """The Batches of `split` a recipe trains (train: shuffled, endless) or validates on."""
+    d, m, t = recipe.data, recipe.model, recipe.train
+    train = split == "train"
+    return Batches(
+        data,
+        split=split,
+        sampler=d.sampler,
+        batch_size=t.batch_size,
+        ctx=m.ctx_len,
+        seed=recipe.seed,
+        rank=rank,
+        world_size=world,
+        buckets=d.buckets,
+        prefetch=d.prefetch if prefetch is None else prefetch,
+        shuffle=train,
+        infinite=train,
+        drop_last=train,
+    )
+
+
 def make_batches_factory(recipe, data, pin: bool):
     """(split, rank, world, start) -> iterable of torch batches, as the LightningModule asks for them."""
-    d, m, t = recipe.data, recipe.model, recipe.train
 
     def factory(split: str, rank: int, world: int, start: int):
-        train = split == "train"
-        b = Batches(
-            data,
-            split=split,
-            sampler=d.sampler,
-            batch_size=t.batch_size,
-            ctx=m.ctx_len,
-            seed=recipe.seed,
-            rank=rank,
-            world_size=world,
-            buckets=d.buckets,
-            prefetch=d.prefetch,
-            shuffle=train,
-            infinite=train,
-            drop_last=train,
-        )
-        return TorchBatches(b, start, pin, d.sampler == "stream", None if train else t.val_batches)
+        b = recipe_batches(recipe, data, split, rank, world)
+        limit = None if split == "train" else recipe.train.val_batches
+        return TorchBatches(b, start, pin, recipe.data.sampler == "stream", limit)
 
     return factory

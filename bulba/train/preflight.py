@@ -16,7 +16,7 @@ import torch
 
 from bulba.config import Recipe
 from bulba.data.format import TokenData, open_data
-from bulba.data.loader import Batches
+from bulba.data.loader import recipe_batches
 from bulba.errors import UserError
 from bulba.model import flops
 from bulba.model.weights import param_count
@@ -87,22 +87,8 @@ def check_splits(recipe: Recipe, data) -> None:
     """Open both splits as training will (cheap: mmap, sizes, index, the vocabulary check of the
     first and last blocks, enough tokens for ctx_len), so a truncated or corrupted token file or
     a ctx_len longer than the data holds fails before the run directory or MLflow run exists."""
-    d, m, t = recipe.data, recipe.model, recipe.train
     for split in ("train", "val"):
-        train = split == "train"
-        Batches(
-            data,
-            split=split,
-            sampler=d.sampler,
-            batch_size=t.batch_size,
-            ctx=m.ctx_len,
-            seed=recipe.seed,
-            buckets=d.buckets,
-            prefetch=1,
-            shuffle=train,
-            infinite=train,
-            drop_last=train,
-        )
+        recipe_batches(recipe, data, split, prefetch=1)
 
 
 def resolve_accelerator(recipe: Recipe) -> str:
