@@ -205,12 +205,9 @@ class DocumentEncoder:
         self.fast_docs = self.rust_docs = 0
         self.pattern = None
         if fast:
-            try:
-                import regex
+            import regex  # a dependency of the package: the stdlib `re` lacks \p{L} classes
 
-                self.pattern = regex.compile(LLAMA3_PATTERN)
-            except ImportError:  # still exact, only slower
-                self.pattern = None
+            self.pattern = regex.compile(LLAMA3_PATTERN)
         if self.pattern is not None:
             self._model = self.rust.model
             self._split = pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated", invert=False)

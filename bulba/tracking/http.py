@@ -59,10 +59,8 @@ def limits(timeout: float, max_retries: int = 0):
 
 def is_permanent(e: BaseException) -> bool:
     """A client-side fault (bad key/value, deleted run): retrying cannot help."""
-    try:
-        from mlflow.exceptions import MlflowException
-    except ImportError:  # pragma: no cover
-        return False
+    from mlflow.exceptions import MlflowException
+
     if not isinstance(e, MlflowException):
         return False
     try:

@@ -490,10 +490,8 @@ class RunTracker(Sender):
 
     def _system_metrics(self, interval: float) -> None:
         """MLflow-style `system/...` metrics through the same non-blocking queue."""
-        try:
-            import psutil
-        except ImportError:
-            return
+        import psutil  # a dependency of the package
+
         proc = psutil.Process()
         psutil.cpu_percent(None)
         step = self._prev_steps.get("system/cpu_utilization_percentage", -1) + 1  # a resumed run goes on
