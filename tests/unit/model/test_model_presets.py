@@ -34,35 +34,6 @@ def test_preset_param_count_within_10_percent(name, target):
     assert abs(real - target) / target < 0.10, f"{name}: {real / 1e6:.1f}M params"
 
 
-@pytest.mark.parametrize("tie", [True, False])
-def test_weight_table_is_the_model(tie):
-    """bulba.model.weights names every tensor of Llama, in state-dict order, with its shape; its
-    HF names are transformers' LlamaForCausalLM's."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from bulba.model.weights import expected_shapes, hf_name
-
-    cfg = ModelConfig(
-        vocab_size=300, n_layer=2, n_embd=64, n_head=4, n_kv_head=2, ffn_hidden=128, ctx_len=32, tie_embeddings=tie
-    )
-    with torch.device("meta"):
-        ours = {k: tuple(v.shape) for k, v in Llama(cfg).state_dict().items()}
-        hf = LlamaForCausalLM(
-            LlamaConfig(
-                vocab_size=300,
-                hidden_size=64,
-                intermediate_size=128,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                tie_word_embeddings=tie,
-            )
-        )
-    assert list(ours.items()) == list(expected_shapes(cfg).items())
-    hf_shapes = {k: tuple(v.shape) for k, v in hf.state_dict().items() if not (tie and k == "lm_head.weight")}
-    assert {hf_name(k): s for k, s in ours.items()} == hf_shapes
-
-
 def test_tiny_preset_is_small():
     r = load_recipe("tiny", ["model.vocab_size=32003"])
     assert r.model.n_embd % 256 == 0 and r.model.ffn_hidden % 256 == 0
