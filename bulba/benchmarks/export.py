@@ -101,19 +101,19 @@ def _in_memory_export(run_dir: str, type_name: str, out: str) -> None:
     import gguf
     from safetensors.torch import load_file
 
-    from bulba.export.gguf import _add_metadata, _convert, _numpy_types, gguf_rows
+    from bulba.export.gguf import add_metadata, convert, gguf_rows, numpy_types
     from bulba.export.source import open_source
     from bulba.model.weights import layout
 
     src = open_source(run_dir)
-    qtype, ftype = _numpy_types()[type_name]
+    qtype, ftype = numpy_types()[type_name]
     state = {k: v.float().numpy() for k, v in load_file(str(src.weights)).items()}
     w = gguf.GGUFWriter(out, "llama")
-    _add_metadata(w, src, ftype, "baseline", quantized=type_name not in ("f32", "f16", "bf16"))
+    add_metadata(w, src, ftype, "baseline", quantized=type_name not in ("f32", "f16", "bf16"))
     for t in layout(src.model):
         arr = gguf_rows(t, state[t.name])
         qt = qtype if arr.ndim == 2 else gguf.GGMLQuantizationType.F32
-        w.add_tensor(t.gguf, _convert(arr, qt), raw_dtype=qt)  # uint8 data: GGUFWriter derives the shape
+        w.add_tensor(t.gguf, convert(arr, qt), raw_dtype=qt)  # uint8 data: GGUFWriter derives the shape
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -25,7 +25,7 @@ from bulba.model.weights import Tensor, layout, permute_rotate_half
 
 
 # name -> (GGML tensor type for 2-D weights, general.file_type). Quantized in numpy by gguf-py.
-def _numpy_types():
+def numpy_types():
     import gguf
 
     Q, F = gguf.GGMLQuantizationType, gguf.LlamaFileType
@@ -54,13 +54,13 @@ K_QUANT_BLOCK = 256
 
 
 def all_types() -> list[str]:
-    return list(_numpy_types()) + list(LLAMA_CPP_TYPES)
+    return list(numpy_types()) + list(LLAMA_CPP_TYPES)
 
 
 def available_types() -> list[str]:
     from bulba.export.llamacpp import llama_cpp_available
 
-    return list(_numpy_types()) + (list(LLAMA_CPP_TYPES) if llama_cpp_available() else [])
+    return list(numpy_types()) + (list(LLAMA_CPP_TYPES) if llama_cpp_available() else [])
 
 
 def block_size(type_name: str) -> int:
@@ -68,7 +68,7 @@ def block_size(type_name: str) -> int:
 
     if type_name in LLAMA_CPP_TYPES:
         return K_QUANT_BLOCK
-    return gguf.GGML_QUANT_SIZES[_numpy_types()[type_name][0]][0]
+    return gguf.GGML_QUANT_SIZES[numpy_types()[type_name][0]][0]
 
 
 def check_type(type_name: str, src: Source) -> None:
@@ -112,7 +112,7 @@ def chat_template(tok) -> str:
     )
 
 
-def _add_metadata(w, src: Source, file_type: int, name: str, quantized: bool) -> None:
+def add_metadata(w, src: Source, file_type: int, name: str, quantized: bool) -> None:
     import gguf
 
     cfg, tok = src.model, src.tokenizer
@@ -151,7 +151,7 @@ def _add_metadata(w, src: Source, file_type: int, name: str, quantized: bool) ->
     w.add_chat_template(chat_template(tok))
 
 
-def _convert(arr: np.ndarray, qtype) -> np.ndarray:
+def convert(arr: np.ndarray, qtype) -> np.ndarray:
     """float32 [rows, cols] -> bytes of `qtype`, a few MB of rows at a time (bounded temporaries)."""
     import gguf
 
@@ -182,7 +182,7 @@ def write_gguf(src: Source, type_name: str, path: str | os.PathLike, name: str) 
     import gguf
 
     Q = gguf.GGMLQuantizationType
-    qtype, ftype = _numpy_types()[type_name]
+    qtype, ftype = numpy_types()[type_name]
     plan = layout(src.model)  # nothing beyond what llama.cpp loads
     dtypes = {}
     w = gguf.GGUFWriter(path, "llama")
@@ -192,14 +192,14 @@ def write_gguf(src: Source, type_name: str, path: str | os.PathLike, name: str) 
         w.add_tensor_info(
             t.gguf, t.shape, np.dtype(np.float32), _nbytes(t.shape, dtypes[t.gguf]), raw_dtype=dtypes[t.gguf]
         )
-    _add_metadata(w, src, ftype, name, quantized=qtype not in (Q.F32, Q.F16, Q.BF16))
+    add_metadata(w, src, ftype, name, quantized=qtype not in (Q.F32, Q.F16, Q.BF16))
     try:
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
         for t in plan:
             arr = gguf_rows(t, src.read_tensor(t.name))
-            w.write_tensor_data(_convert(arr, dtypes[t.gguf]))
+            w.write_tensor_data(convert(arr, dtypes[t.gguf]))
             del arr
         w.flush()
         for f in w.fout or []:
