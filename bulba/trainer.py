@@ -35,7 +35,7 @@ import torch
 import yaml
 
 from . import checkpoint as ckpt
-from . import flops
+from . import flops, hardware
 from .atomic import atomic_open, write_json, write_text
 from .config import Recipe
 from .errors import UserError
@@ -195,17 +195,11 @@ def make_batches_factory(recipe: Recipe, data, pin: bool):
 # --------------------------------------------------------------------------- checks before anything heavy
 
 
-def resolve_precision(recipe: Recipe, accelerator: str) -> str:
-    p = recipe.train.precision
-    if p != "auto":
-        return p
-    if accelerator == "cuda":
-        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "32-true"
-    try:  # CPUs with AVX512-BF16 or AMX run bf16 matmuls natively (several times fp32)
-        ok = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    except Exception:  # noqa: BLE001
-        ok = False
-    return "bf16-mixed" if ok else "32-true"
+def resolve_precision(recipe: Recipe, accelerator: str) -> hardware.Choice:
+    """train.precision, with 'auto' decided by what is fastest here (bulba.hardware). Call it after
+    the thread count is set: the CPU probe measures with the threads training will use."""
+    tokens = recipe.train.batch_size * recipe.model.ctx_len
+    return hardware.choose_precision(recipe.train.precision, accelerator, recipe.model, tokens)
 
 
 def resolve_accelerator(recipe: Recipe) -> str:
@@ -404,9 +398,10 @@ def train(recipe: Recipe, *, module_hook=None, enable_tracking: bool = True) -> 
         raise UserError("train.strategy=fsdp needs CUDA GPUs (torch's FSDP has no CPU backend); "
                         "use train.strategy=ddp on CPU")
     check_attention_memory(recipe, accelerator)
-    precision = resolve_precision(recipe, accelerator)
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
+    choice = resolve_precision(recipe, accelerator)
+    precision = choice.value
     out = Path(recipe.out_dir)
 
     loaded = None
@@ -426,6 +421,9 @@ def train(recipe: Recipe, *, module_hook=None, enable_tracking: bool = True) -> 
               f"{recipe.model.n_kv_head} (GQA 1:{recipe.model.n_head // recipe.model.n_kv_head}), "
               f"ctx {recipe.model.ctx_len}, vocab {recipe.model.vocab_size}; "
               f"{accelerator} {precision}, mode {recipe.train.mode}", flush=True)
+        print(f"precision {precision}: {choice.reason}", flush=True)
+        if accelerator == "cpu":
+            print(f"threads: {hardware.thread_reason(recipe.train.threads)}", flush=True)
 
     # ---- run directory and tracking (global rank 0 only)
     run_id = None
@@ -447,6 +445,9 @@ def train(recipe: Recipe, *, module_hook=None, enable_tracking: bool = True) -> 
                 "bulba.prepare_run_id": data.meta.get("mlflow_run_id") or "none",
                 "bulba.data_dir": str(data.dir.resolve()), "bulba.params": n_params,
                 "bulba.preset": recipe.name, "bulba.precision": precision,
+                "bulba.precision_reason": choice.reason[:4000],
+                **({"bulba.cpu": hardware.cpu_model(), "bulba.cpu_isa": hardware.cpu_isa(),
+                    "bulba.threads": hardware.thread_reason(recipe.train.threads)} if accelerator == "cpu" else {}),
                 "bulba.accelerator": accelerator, "bulba.out_dir": str(out.resolve())}
         run_id = tracker.start(recipe.tracking.experiment, recipe.tracking.run_name or f"{recipe.name}-{out.name}",
                                out, run_id, tags, flatten(recipe.to_dict()) if new_run else None) or run_id
@@ -543,6 +544,7 @@ def train(recipe: Recipe, *, module_hook=None, enable_tracking: bool = True) -> 
         oc = module.outcome
         if strategy.resolved and tracker:
             tracker.tags({"bulba.mode": recipe.train.mode, "bulba.attention_backend": strategy.resolved["attention"],
+                          "bulba.attention_reason": strategy.resolved["attention_reason"],
                           "bulba.compiled": strategy.resolved["compiled"]})
         _write_rank_log(out, module, trainer)
         if oc.reason == "signal":
@@ -687,9 +689,10 @@ def benchmark(recipe: Recipe, steps: int = 20, warmup: int = 5) -> dict:
     t.warmup_steps = min(t.warmup_steps, 1)
     data = prepare_recipe(recipe)
     accelerator = resolve_accelerator(recipe)
-    precision = resolve_precision(recipe, accelerator)
     if t.threads:
         torch.set_num_threads(t.threads)
+    choice = resolve_precision(recipe, accelerator)
+    precision = choice.value
     L.seed_everything(recipe.seed, verbose=False)
     module = BulbaModule(recipe, batches_factory=make_batches_factory(recipe, data, pin=accelerator == "cuda"))
     module.final_eval = False
@@ -726,8 +729,9 @@ def benchmark(recipe: Recipe, steps: int = 20, warmup: int = 5) -> dict:
     import resource
 
     return {
-        "mode": t.mode, "precision": precision, "attention": strategy.resolved["attention"],
-        "tokens_per_s": tps, "mfu": flops.mfu(recipe.model, tps, device, recipe.model.ctx_len),
+        "mode": t.mode, "precision": precision, "precision_reason": choice.reason,
+        "attention": strategy.resolved["attention"],
+        "tokens_per_s": tps, "mfu": flops.mfu(recipe.model, tps, device, recipe.model.ctx_len, precision=precision),
         "peak_device_mb": torch.cuda.max_memory_allocated() / 2**20 if accelerator == "cuda" else None,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
         "tokens_per_s_mean": tps_mean, "step_time_s": median, "steps_timed": n, "final_loss": module.losses.get(module.state.step), "params": flops.param_count(recipe.model),
