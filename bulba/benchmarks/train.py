@@ -5,7 +5,8 @@ Rows (each in its own process, so peak host RSS and peak device memory belong to
   hf-trainer-default  transformers' LlamaForCausalLM (our preset's shapes, no download) under the
                       HF Trainer as users run it by default: fp32, standard DataLoader over a
                       tokenized `datasets` dataset of the same tokens (blocks of ctx, labels = input_ids)
-  hf-trainer-best     the same with the Trainer's own best switches: bf16 (where supported),
+  hf-trainer-best     the same with the Trainer's own best switches: bf16 where it is this
+                      machine's faster precision (the measured choice of precision=auto),
                       attn_implementation="sdpa", torch_compile=True
   bulba-eager         BulbaGPT, Rust batch engine, no compilation
   bulba-flash         flash-attn kernels (CUDA + flash-attn only; "n/a" elsewhere, never faked)
@@ -15,10 +16,10 @@ Rows (each in its own process, so peak host RSS and peak device memory belong to
 
 Every row runs warm-up steps (compilation happens there) and then the timed steps; tokens/s is
 measured over the timed steps only (steady state). MFU uses the shared FLOPs formula
-(6·N·T + attention) against the device's dense bf16 peak from `bulba.model.flops`, for every row,
-fp32 rows included. The table, the hardware, torch/CUDA versions and every setting (shared ones
-below the table, differing ones as columns) go to stdout, to --md (default
-bench_results/train.md), and to MLflow: a parent run with the table, one child run per row.
+(6·N·T + attention) against the device's dense peak from `bulba.model.flops` in the row's own
+precision (a fp32 row against the fp32 peak). The table, the hardware, torch/CUDA versions and
+every setting (shared ones below the table, differing ones as columns) go to stdout, to --md
+(default bench_results/train.md), and to MLflow: a parent run with the table, one child run per row.
 
 On CPU the default preset is `tiny`; on CUDA it is `krolik` (`--preset aist`, `zubr`).
 """
@@ -298,6 +299,14 @@ def run(args) -> list[dict]:
         if base and r.get("tokens_per_s"):
             r["speedup"] = r["tokens_per_s"] / base["tokens_per_s"]
     out = [_table_row(r, device) for r in results]
+    best = {
+        side: max(
+            (r for r in results if r.get("tokens_per_s") and (r["name"] in HF_ROWS) == (side == "hf")),
+            key=lambda r: r["tokens_per_s"],
+            default=None,
+        )
+        for side in ("hf", "bulba")
+    }
 
     params = next((r.get("params") for r in results if r.get("params")), None)
     EXTRA.clear()
@@ -331,8 +340,9 @@ def run(args) -> list[dict]:
             )
             + ")",
             "device": _device_line(device),
-            "mfu": "6*N*T + attention FLOPs per token (bulba.model.flops) x tokens/s / the device's dense bf16 peak "
-            f"({_peak_line(device)}), for every row (fp32 rows too)",
+            "mfu": "6*N*T + attention FLOPs per token (bulba.model.flops) x tokens/s / the device's dense peak in the "
+            f"row's own precision ({_peak_line(device)})",
+            "precision": _precision_line(device, recipe),
             "peak_rss_mb": "peak resident set of the row's own process (ru_maxrss), imports and data included",
             "seconds, host_load": "wall time of the row's process (start-up, compilation, all steps); the host's "
             f"1-minute load average when it ended ({os.cpu_count()} CPUs: a load above that "
@@ -340,6 +350,14 @@ def run(args) -> list[dict]:
             "versions": _versions(),
         }
     )
+    if best["hf"] and best["bulba"]:
+        b, h = best["bulba"], best["hf"]
+        EXTRA["best vs best"] = (
+            f"{b['name']} {b['tokens_per_s']:,.0f} tok/s = {b['tokens_per_s'] / h['tokens_per_s']:.2f}x "
+            f"{h['name']} {h['tokens_per_s']:,.0f} tok/s (goal 1.5x); peak RSS "
+            f"{b.get('peak_rss_mb') or 0:,.0f} vs {h.get('peak_rss_mb') or 0:,.0f} MB; MFU "
+            f"{100 * (b.get('mfu') or 0):.0f}% (goal 60%)"
+        )
     return out
 
 
@@ -377,17 +395,36 @@ def _device_line(device: str) -> str:
                 break
     except OSError:
         pass
-    return f"CPU: {name}, {torch.get_num_threads()} torch threads; peak device memory = host RSS on CPU (no column)"
+    from bulba.hardware import cpu_isa
+
+    return (
+        f"CPU: {name}, {torch.get_num_threads()} torch threads, {cpu_isa()} kernels; peak device memory = "
+        "host RSS on CPU (no column)"
+    )
 
 
 def _peak_line(device: str) -> str:
     try:
         from bulba.model import flops
 
-        peak, what = flops.device_peak_flops(device)
-        return f"{what}: {peak / 1e12:.3g} TFLOP/s"
+        out = []
+        for precision in ("bf16-mixed",) if device == "cuda" else ("bf16-mixed", "32-true"):
+            peak, what = flops.device_peak_flops(device, precision)
+            out.append(f"{precision}: {what} {peak / 1e12:.3g} TFLOP/s")
+        return "; ".join(out)
     except Exception as e:  # noqa: BLE001 - the table still prints
         return f"peak unknown: {e}"
+
+
+def _precision_line(device: str, recipe) -> str:
+    """What precision=auto picks on this machine and why (the bulba rows and hf-trainer-best use it)."""
+    try:
+        from bulba.hardware import choose_precision
+
+        c = choose_precision("auto", device, recipe.model, recipe.train.batch_size * recipe.model.ctx_len)
+        return f"{c.value} ({c.reason})"
+    except Exception as e:  # noqa: BLE001 - the table still prints
+        return f"unknown: {e}"
 
 
 def _versions() -> str:
@@ -476,23 +513,21 @@ def _table_row(r: dict, device: str) -> dict:
 # =============================================================================== worker side
 
 
-def _bf16_ok(device: str) -> bool:
-    import torch
+def _bf16_faster(device: str, recipe) -> bool:
+    """HF's best switches include bf16 only where bf16 is the faster precision: the same measured
+    choice as BulbaGPT's precision=auto (bulba.hardware), so both sides get this machine's best."""
+    from bulba.hardware import choose_precision
 
-    if device == "cuda":
-        return torch.cuda.is_bf16_supported()
-    try:  # CPUs with AVX512-BF16 or AMX run bf16 matmuls natively
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except Exception:  # noqa: BLE001
-        return False
+    tokens = recipe.train.batch_size * recipe.model.ctx_len
+    return choose_precision("auto", device, recipe.model, tokens).value == "bf16-mixed"
 
 
-def _mfu(recipe, tokens_per_s: float, device: str):
+def _mfu(recipe, tokens_per_s: float, device: str, precision: str):
     try:
         from bulba.model import flops
     except ImportError:
         return None
-    return flops.mfu(recipe.model, tokens_per_s, device)
+    return flops.mfu(recipe.model, tokens_per_s, device, precision="32-true" if precision == "fp32" else precision)
 
 
 def _worker(spec_path: str, out_path: str) -> None:
@@ -508,7 +543,7 @@ def _worker(spec_path: str, out_path: str) -> None:
         res = _run_bulba(spec, recipe, mode=row.removeprefix("bulba-"))
     res.setdefault("peak_rss_mb", peak_rss_mb())
     if res.get("tokens_per_s") and res.get("mfu") is None:
-        res["mfu"] = _mfu(recipe, res["tokens_per_s"], spec["device"])
+        res["mfu"] = _mfu(recipe, res["tokens_per_s"], spec["device"], res.get("precision") or "bf16-mixed")
     write_json(out_path, res)
 
 
@@ -546,7 +581,7 @@ def _run_hf(spec: dict, recipe, best: bool) -> dict:
         pad_token_id=spec.get("pad_id"),
         use_cache=False,
     )
-    bf16 = best and _bf16_ok(device)
+    bf16 = best and _bf16_faster(device, recipe)
     if best:
         model = LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa")
     else:

@@ -56,8 +56,11 @@ def math_attention(q, k, v, seq_ids=None):
         allowed = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
     else:
         allowed = document_mask(seq_ids)[:, :, None]  # [B, 1, 1, T, T]
-    # Softmax in at least fp32, as SDPA does for bf16/fp16 inputs.
-    scores = scores.to(torch.promote_types(scores.dtype, torch.float32)).masked_fill(~allowed, float("-inf"))
+    # Softmax in at least fp32, as SDPA does for bf16/fp16 inputs. The mask value is finite:
+    # exp(finfo.min - max) is exactly 0 like exp(-inf), but a row with nothing allowed (never
+    # built here; the diagonal is always allowed) would give a uniform row instead of NaN.
+    dtype = torch.promote_types(scores.dtype, torch.float32)
+    scores = scores.to(dtype).masked_fill(~allowed, torch.finfo(dtype).min)
     probs = torch.softmax(scores, dim=-1).to(v.dtype).view(B, KV, G * T, T)
     return (probs @ v).view(B, H, T, hd)
 

@@ -1,4 +1,4 @@
-"""Parameter counts, model FLOPs per token and the dense bf16 peak table behind MFU.
+"""Parameter counts, model FLOPs per token and the dense peak tables behind MFU.
 
 MFU = (model FLOPs per token x tokens/s) / peak FLOP/s of the devices in use
 (PaLM appendix B): 6 FLOPs per parameter per token for forward + backward of the matmuls,
@@ -91,36 +91,51 @@ def _cpu_ghz() -> float:
     return 2.5
 
 
-def cpu_peak_flops(threads: int | None = None) -> tuple[float, str]:
-    """Rough dense peak of `threads` cores and the instruction set it assumes.
+def _isa_limit() -> str:
+    """The widest vector ISA torch really uses: ATEN_CPU_CAPABILITY can lower it below the CPU's."""
+    import torch
 
-    bf16 FLOPs per cycle per core: AMX tiles 1024, AVX512-BF16 (vdpbf16ps on two 512-bit
-    ports) 128 (64 on Zen 4); otherwise fp32 FMA: AVX-512 64 (32 on Zen 4), AVX2 16. The clock
-    is the one /proc/cpuinfo reports (nominal; boost makes MFU read a little high). The AMX figure
-    is the data-sheet peak; measured on 2 cores here: ~1.7 TFLOP/s, about 40% of it.
+    try:
+        return torch._C._get_cpu_capability().lower()
+    except Exception:  # noqa: BLE001
+        return "avx512"
+
+
+def cpu_peak_flops(threads: int | None = None, precision: str = "bf16-mixed") -> tuple[float, str]:
+    """Rough dense peak of `threads` cores in the precision that runs, and the instruction set.
+
+    MFU must be against the peak of the precision the run actually uses: a fp32 run on a CPU
+    whose bf16 peak is twice its fp32 peak would otherwise read half its real utilisation.
+    FLOPs per cycle per core: bf16 with AMX tiles 1024, AVX512-BF16 (vdpbf16ps on two 512-bit
+    ports) 128; fp32 FMA on two ports: AVX-512 64, AVX2 32. AMD Zen 4 (family 25) runs 512-bit
+    ops on 256-bit units: half of those. The clock is the one /proc/cpuinfo reports (nominal;
+    boost makes MFU read a little high). The AMX figure is the data-sheet peak; measured on 2
+    cores here: ~1.7 TFLOP/s, about 40% of it.
     """
     import torch
 
     n = threads or torch.get_num_threads() or os.cpu_count() or 1
     flags = _cpu_flags()
-    # AMD Zen 4 (family 25) runs 512-bit ops on 256-bit units: half the per-cycle rate of
-    # Zen 5 (family 26) and Intel server cores with two 512-bit FMA ports.
+    limit = _isa_limit()
+    avx512 = "avx512f" in flags and limit.startswith("avx512")
+    avx2 = "avx2" in flags and limit in ("avx2", "avx512", "avx512_vnni", "avx512_bf16", "amx", "zvector") or avx512
     half = 2 if _cpu_family() == ("AuthenticAMD", 25) else 1
-    if "amx_bf16" in flags:
+    bf16 = precision.startswith("bf16")
+    if bf16 and "amx_bf16" in flags and avx512:
         per_cycle, isa = 1024, "amx-bf16"
-    elif "avx512_bf16" in flags:
+    elif bf16 and "avx512_bf16" in flags and avx512:
         per_cycle, isa = 128 // half, "avx512-bf16"
-    elif "avx512f" in flags:
+    elif avx512:
         per_cycle, isa = 64 // half, "avx512-fp32"
-    elif "avx2" in flags:
-        per_cycle, isa = 16, "avx2-fp32"
+    elif avx2:
+        per_cycle, isa = 32, "avx2-fp32"
     else:
-        per_cycle, isa = 8, "fp32"
+        per_cycle, isa = 8, "scalar-fp32"
     return n * _cpu_ghz() * 1e9 * per_cycle, isa
 
 
-def device_peak_flops(device) -> tuple[float, str]:
-    """(peak FLOP/s, description) for one torch device."""
+def device_peak_flops(device, precision: str = "bf16-mixed") -> tuple[float, str]:
+    """(peak FLOP/s, description) for one torch device in `precision`."""
     import torch
 
     device = torch.device(device)
@@ -132,7 +147,7 @@ def device_peak_flops(device) -> tuple[float, str]:
             peak = props.multi_processor_count * 1.0e12
             return peak, f"{name} (estimated)"
         return peak, name
-    peak, isa = cpu_peak_flops()
+    peak, isa = cpu_peak_flops(precision=precision)
     return peak, f"cpu x{torch.get_num_threads()} ({isa})"
 
 
@@ -156,7 +171,15 @@ def human(n: float) -> str:
     return str(int(n))
 
 
-def mfu(cfg: ModelConfig, tokens_per_s: float, device="cpu", seq_len: int | None = None, n_devices: int = 1) -> float:
-    """Model FLOPs utilization: achieved model FLOP/s over the dense bf16 peak of the devices."""
-    peak, _ = device_peak_flops(device)
+def mfu(
+    cfg: ModelConfig,
+    tokens_per_s: float,
+    device="cpu",
+    seq_len: int | None = None,
+    n_devices: int = 1,
+    precision: str = "bf16-mixed",
+) -> float:
+    """Model FLOPs utilization: achieved model FLOP/s over the dense peak of the devices in the
+    precision the run uses (on CPU fp32 and bf16 peaks differ; GPUs: the bf16 tensor peak)."""
+    peak, _ = device_peak_flops(device, precision)
     return flops_per_token(cfg, seq_len) * tokens_per_s / (peak * n_devices)

@@ -32,9 +32,10 @@ def benchmark(recipe: Recipe, steps: int = 20, warmup: int = 5) -> dict:
     t.warmup_steps = min(t.warmup_steps, 1)
     data = prepare_recipe(recipe)
     accelerator = resolve_accelerator(recipe)
-    precision = resolve_precision(recipe, accelerator)
     if t.threads:
         torch.set_num_threads(t.threads)
+    choice = resolve_precision(recipe, accelerator)  # after the threads: the probe measures with them
+    precision = choice.value
     L.seed_everything(recipe.seed, verbose=False)
     module = BulbaModule(recipe, batches_factory=make_batches_factory(recipe, data, pin=accelerator == "cuda"))
     module.final_eval = False
@@ -64,9 +65,10 @@ def benchmark(recipe: Recipe, steps: int = 20, warmup: int = 5) -> dict:
     return {
         "mode": t.mode,
         "precision": precision,
+        "precision_reason": choice.reason,
         "attention": strategy.resolved["attention"],
         "tokens_per_s": tps,
-        "mfu": flops.mfu(recipe.model, tps, device, recipe.model.ctx_len),
+        "mfu": flops.mfu(recipe.model, tps, device, recipe.model.ctx_len, precision=precision),
         "peak_device_mb": torch.cuda.max_memory_allocated() / 2**20 if accelerator == "cuda" else None,
         "peak_rss_mb": peak_rss_mb(),
         "tokens_per_s_mean": tps_mean,

@@ -328,7 +328,7 @@ class BulbaModule(L.LightningModule):
         world = self.trainer.world_size
         tok_s = w["cells"] * world / dt  # processed token slots (padding included), all ranks
         seq_len = self.recipe.model.ctx_len
-        mfu = flops.mfu(self.recipe.model, tok_s / world, self.device, seq_len)
+        mfu = flops.mfu(self.recipe.model, tok_s / world, self.device, seq_len, precision=str(self.trainer.precision))
         m = {
             "train/loss": loss,
             "train/lr": lr,

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from bulba import hardware
 from bulba.config import Recipe
 from bulba.data.format import TokenData, open_data
 from bulba.data.loader import recipe_batches
@@ -29,6 +30,7 @@ class Plan:
     data: TokenData
     accelerator: str  # "cuda" | "cpu"
     precision: str  # Lightning's precision string
+    precision_reason: str  # why (train.precision=auto: a measured probe, bulba.hardware)
     devices: int | list  # Lightning's devices argument
     n_proc: int  # processes in the world (devices x nodes, or what torchrun / SLURM say)
     rank0: bool  # global rank 0 (decided before Lightning launches)
@@ -45,14 +47,15 @@ def preflight(recipe: Recipe) -> Plan:
             "train.strategy=fsdp needs CUDA GPUs (torch's FSDP has no CPU backend); use train.strategy=ddp on CPU"
         )
     check_attention_memory(recipe, accelerator)
-    precision = resolve_precision(recipe, accelerator)
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
+    choice = resolve_precision(recipe, accelerator)  # after the threads: the probe measures with them
     devices, n_proc = resolve_devices(recipe, accelerator)
     return Plan(
         data=data,
         accelerator=accelerator,
-        precision=precision,
+        precision=choice.value,
+        precision_reason=choice.reason,
         devices=devices,
         n_proc=n_proc,
         rank0=rank0,
@@ -102,17 +105,11 @@ def resolve_accelerator(recipe: Recipe) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def resolve_precision(recipe: Recipe, accelerator: str) -> str:
-    p = recipe.train.precision
-    if p != "auto":
-        return p
-    if accelerator == "cuda":
-        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "32-true"
-    try:  # CPUs with AVX512-BF16 or AMX run bf16 matmuls natively (several times fp32)
-        ok = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    except Exception:  # noqa: BLE001
-        ok = False
-    return "bf16-mixed" if ok else "32-true"
+def resolve_precision(recipe: Recipe, accelerator: str) -> hardware.Choice:
+    """train.precision, with 'auto' decided by what is fastest here (bulba.hardware). Call it after
+    the thread count is set: the CPU probe measures with the threads training will use."""
+    tokens = recipe.train.batch_size * recipe.model.ctx_len
+    return hardware.choose_precision(recipe.train.precision, accelerator, recipe.model, tokens)
 
 
 def resolve_devices(recipe: Recipe, accelerator: str) -> tuple[int | list, int]:

@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+from bulba import hardware
 from bulba.config import Recipe
 from bulba.data.loader import make_batches_factory
 from bulba.model import flops
@@ -69,6 +70,7 @@ def train(recipe: Recipe, *, module_hook=None, enable_tracking: bool = True) -> 
                 {
                     "bulba.mode": recipe.train.mode,
                     "bulba.attention_backend": strategy.resolved["attention"],
+                    "bulba.attention_reason": strategy.resolved["attention_reason"],
                     "bulba.compiled": strategy.resolved["compiled"],
                 }
             )
@@ -94,6 +96,9 @@ def _announce(recipe: Recipe, plan: Plan) -> None:
             f"{plan.accelerator} {plan.precision}, mode {recipe.train.mode}",
             flush=True,
         )
+        print(f"precision {plan.precision}: {plan.precision_reason}", flush=True)
+        if plan.accelerator == "cpu":
+            print(f"threads: {hardware.thread_reason(recipe.train.threads)}", flush=True)
 
 
 def _build_module(recipe: Recipe, plan: Plan, run: RunDir, loaded: dict | None):

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from bulba import hardware
 from bulba.atomic import atomic_open, write_json, write_text
 from bulba.config import Recipe
 from bulba.errors import UserError
@@ -233,6 +234,16 @@ def open_run(recipe: Recipe, plan, loaded: dict | None, run_id: str | None, enab
         "bulba.params": plan.n_params,
         "bulba.preset": recipe.name,
         "bulba.precision": plan.precision,
+        "bulba.precision_reason": plan.precision_reason[:4000],
+        **(
+            {
+                "bulba.cpu": hardware.cpu_model(),
+                "bulba.cpu_isa": hardware.cpu_isa(),
+                "bulba.threads": hardware.thread_reason(recipe.train.threads),
+            }
+            if plan.accelerator == "cpu"
+            else {}
+        ),
         "bulba.accelerator": plan.accelerator,
         "bulba.out_dir": str(out.resolve()),
     }

@@ -27,6 +27,7 @@ import warnings
 import torch
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, SingleDeviceStrategy
 
+from bulba import hardware
 from bulba.model import attention
 from bulba.model.llama import Block, Llama
 from bulba.model.loss import lm_loss_sum
@@ -55,19 +56,26 @@ def apply_speed_mode(model: Llama, mode: str, device: torch.device) -> dict:
     """Set attention backends and compile blocks in place; returns what was applied."""
     if mode not in MODES:
         raise ValueError(f"unknown train.mode {mode!r}")
-    backend = "sdpa"
+    backend, reason = "sdpa", "PyTorch SDPA (torch picks the kernel)"
     if mode in ("flash", "both"):
         ok, why = flash_available(device)
         if ok:
-            backend = "flash"
+            backend, reason = "flash", "flash-attn is installed and the GPU supports it"
         else:
             warnings.warn(f"train.mode={mode}: {why}; using PyTorch attention instead", stacklevel=2)
+            reason = f"{why}: PyTorch SDPA instead"
     compiled = mode in ("compile", "both")
     if compiled and backend == "sdpa" and device.type == "cpu" and model.cfg.ctx_len <= MATH_ATTENTION_MAX_CTX:
         backend = "math"
+        reason = (
+            f"compiled blocks on CPU with ctx_len {model.cfg.ctx_len} <= {MATH_ATTENTION_MAX_CTX}: "
+            "matmuls + a softmax that Inductor fuses beat the CPU SDPA kernel"
+        )
     for block in model.layers:
         block.attention.backend = backend
     if compiled:
+        # Inductor's code cache must not be shared between CPU vector ISAs (bulba.hardware).
+        hardware.use_isa_inductor_cache()
         # Every block runs the same code; with dynamo inlining nn.Modules (torch >= 2.5) they
         # share one graph, but on versions that guard on the module instance each block is a
         # recompile: leave room for all of them (the default limit, 8, is below zubr's 12).
@@ -83,7 +91,7 @@ def apply_speed_mode(model: Llama, mode: str, device: torch.device) -> dict:
                 block.compile(dynamic=False)
         # the loss head too: output matmul + fp32 log-softmax fused, no stored fp32 logits
         model.loss_head = torch.compile(lm_loss_sum, dynamic=False)
-    model.speed = {"mode": mode, "attention": backend, "compiled": compiled}
+    model.speed = {"mode": mode, "attention": backend, "attention_reason": reason, "compiled": compiled}
     return model.speed
 
 
@@ -98,6 +106,8 @@ class SpeedModeMixin:
     def setup(self, trainer) -> None:
         model = self.lightning_module.model
         self.resolved = apply_speed_mode(model, self.speed_mode, self.root_device)
+        if trainer.is_global_zero:
+            print(f"attention {self.resolved['attention']}: {self.resolved['attention_reason']}", flush=True)
         super().setup(trainer)
 
 
