@@ -343,7 +343,7 @@ def run(args) -> list[dict]:
             "mfu": "6*N*T + attention FLOPs per token (bulba.model.flops) x tokens/s / the device's dense peak in the "
             f"row's own precision ({_peak_line(device)})",
             "precision": _precision_line(device, recipe),
-            "peak_rss_mb": "peak resident set of the row's own process (ru_maxrss), imports and data included",
+            "peak_rss_mb": "peak resident set of the row's own process (VmHWM), imports and data included",
             "seconds, host_load": "wall time of the row's process (start-up, compilation, all steps); the host's "
             f"1-minute load average when it ended ({os.cpu_count()} CPUs: a load above that "
             "means other work shared the cores and the row's tokens/s is low by that much)",
