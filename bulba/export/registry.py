@@ -71,7 +71,7 @@ def log_export(
     from mlflow import MlflowClient
 
     from bulba.export.pyfunc import GGUFModel
-    from bulba.tracking import DEFAULT_EXPERIMENT, check_reachable, setup_mlflow
+    from bulba.tracking import DEFAULT_EXPERIMENT, check_reachable, ensure_experiment, setup_mlflow
 
     check_reachable("cannot log the export" + (f" or register '{register}'" if register else ""))
     setup_mlflow(experiment or DEFAULT_EXPERIMENT)
@@ -85,7 +85,8 @@ def log_export(
         except Exception:  # the training run lives in another store: keep the id as a tag
             train_run = None
         if train_run is not None and experiment is None:
-            exp_id = train_run.info.experiment_id
+            # The training run's experiment, completed like any other on first use (kind, note).
+            exp_id = ensure_experiment(client, client.get_experiment(train_run.info.experiment_id).name)
             tags["mlflow.parentRunId"] = src.mlflow_run_id  # shows the export under its training run
     if src.config.get("dataset_digest"):
         tags["bulba.dataset_digest"] = src.config["dataset_digest"]

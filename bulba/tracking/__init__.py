@@ -5,7 +5,7 @@ outages (tracker.py, sender.py, spool.py, http.py), what links the stages' runs 
 """
 
 from bulba.tracking.spool import RUN_FILE, SPOOL_FILE
-from bulba.tracking.store import DEFAULT_EXPERIMENT, check_reachable, setup_mlflow, tracking_uri
+from bulba.tracking.store import DEFAULT_EXPERIMENT, check_reachable, ensure_experiment, setup_mlflow, tracking_uri
 from bulba.tracking.sync import sync
 from bulba.tracking.tracker import RunTracker
 
@@ -15,6 +15,7 @@ __all__ = [
     "SPOOL_FILE",
     "RunTracker",
     "check_reachable",
+    "ensure_experiment",
     "setup_mlflow",
     "sync",
     "tracking_uri",

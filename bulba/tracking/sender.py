@@ -16,7 +16,7 @@ from typing import Iterable
 from bulba.atomic import write_bytes, write_json
 from bulba.tracking.http import install_overrides, is_permanent, limits, one_line
 from bulba.tracking.spool import scan_spool
-from bulba.tracking.store import say
+from bulba.tracking.store import ensure_experiment, say
 
 # MLflow's log_batch limits (mlflow.utils.validation)
 _MAX_METRICS = 1000
@@ -122,17 +122,7 @@ class Sender:
             except Exception:
                 ctx = {}
             info["context_tags"] = ctx
-        exp = client.get_experiment_by_name(info["experiment"])
-        if exp is None:
-            try:
-                exp_id = client.create_experiment(info["experiment"])
-            except Exception as e:
-                exp = client.get_experiment_by_name(info["experiment"])  # created meanwhile?
-                if exp is None:
-                    raise e
-                exp_id = exp.experiment_id
-        else:
-            exp_id = exp.experiment_id
+        exp_id = ensure_experiment(client, info["experiment"])
         run_id = None
         if self._create_attempted or info.get("create_attempted"):
             # an earlier create may have reached the server without us seeing the answer
