@@ -221,6 +221,8 @@ def export(
                     f"MLflow export run {res.mlflow['run_id']}"
                     + (f", registered {res.mlflow['model_uri']}" if "model_uri" in res.mlflow else "")
                 )
+                if res.mlflow.get("aliases"):
+                    say(f"aliases of {register}: " + "; ".join(res.mlflow["aliases"]))
         return res
     except BaseException:
         remove_quietly(tmp, tmp_f32)

@@ -389,6 +389,77 @@ def test_registry_round_trip_from_runs_uri(tiny_run, tmp_path, mlflow_uri, monke
     assert res2.mlflow["version"] == "2"
 
 
+@needs_llama
+def test_registry_aliases_latest_and_best(tiny_run, tmp_path, mlflow_uri, monkeypatch, capsys):
+    """Four registrations of one model: @latest follows every one (MLflow resolves it; the name is
+    reserved); @best only a strictly lower val_loss of the source training run; a version without
+    a figure never takes it."""
+    import uuid
+
+    import mlflow
+    from mlflow import MlflowClient
+
+    from bulba.atomic import sha256_file
+    from bulba.export.registry import fetch_gguf
+
+    monkeypatch.chdir(tmp_path)
+    name = f"bulba-alias-{uuid.uuid4().hex[:6]}"
+    mlflow.set_experiment("export-alias-test")
+    client = MlflowClient()
+
+    def trained(val_loss: float | None) -> Path:
+        """A training run whose last val/loss is `val_loss`, and a run directory linked to it."""
+        with mlflow.start_run(run_name="train-tiny") as r:
+            if val_loss is not None:
+                mlflow.log_metric("val/loss", val_loss + 1.0, step=40)  # only the last one counts
+                mlflow.log_metric("val/loss", val_loss, step=80)
+        d = tmp_path / r.info.run_id
+        shutil.copytree(tiny_run, d)
+        cfg = json.loads((d / "config.json").read_text())
+        cfg["mlflow_run_id"] = r.info.run_id
+        (d / "config.json").write_text(json.dumps(cfg))
+        return d
+
+    def register(val_loss, type_name="f16", verify=False):
+        capsys.readouterr()
+        out = tmp_path / f"{uuid.uuid4().hex[:6]}-{type_name}.gguf"
+        res = _export(str(trained(val_loss)), type_name, out, register=name, mlflow=True, verify=verify, quiet=False)
+        printed = capsys.readouterr().err
+        aliases = {k: str(v) for k, v in client.get_registered_model(name).aliases.items()}
+        aliases["latest"] = client.get_model_version_by_alias(name, "latest").version
+        return res.mlflow, printed, aliases, out
+
+    m1, said, aliases, out1 = register(3.0, "q8_0", verify=True)
+    assert m1["version"] == "1" and aliases == {"latest": "1", "best": "1"}
+    assert f"aliases of {name}: @latest -> v1; @best -> v1" in said
+    desc = client.get_model_version(name, "1").description
+    digest = json.loads((tiny_run / "config.json").read_text())["dataset_digest"]
+    for part in ("preset tiny", f"dataset digest {digest}", "steps: 80", "GGUF q8_0", "val_loss 3.0000"):
+        assert part in desc, (part, desc)
+    assert "verify q8_0 in llama.cpp: PASS" in desc and "top-1" in desc
+    tags = client.get_model_version(name, "1").tags
+    assert float(tags["val_loss"]) == 3.0 and tags["preset"] == "tiny" and tags["steps"] == "80"
+
+    _, said, aliases, out2 = register(2.5)  # better: takes @best
+    assert aliases == {"latest": "2", "best": "2"}
+    assert "@latest -> v2; @best -> v2 from v1 (val_loss 2.5 < 3)" in said
+
+    _, said, aliases, _ = register(None)  # no figure: never takes @best from one with a figure
+    assert aliases == {"latest": "3", "best": "2"}
+    assert "@best stays v2 (no figure" in said
+    assert "Ranked by: no figure" in client.get_model_version(name, "3").description
+
+    _, said, aliases, _ = register(2.9)  # worse: @best stays
+    assert aliases == {"latest": "4", "best": "2"}
+    assert "@best stays v2 (val_loss 2.9 >= best's 2.5)" in said
+
+    # The aliases resolve to the very files, and @best runs through the pyfunc.
+    assert sha256_file(fetch_gguf(f"models:/{name}@best", tmp_path / "dl-best")) == sha256_file(out2)
+    text = mlflow.pyfunc.load_model(f"models:/{name}@best").predict(["Добры дзень"], params={"max_tokens": 4})
+    assert isinstance(text[0], str)
+    assert sha256_file(out1) != sha256_file(out2)
+
+
 # --------------------------------------------------------------------------- bad input
 
 
