@@ -38,6 +38,7 @@ from safetensors.torch import load_file, save_file
 from bulba.atomic import TMP_PREFIX, atomic_dir, sha256_file
 from bulba.config import Recipe
 from bulba.errors import UserError
+from bulba.train.progress import say
 
 FORMAT = "bulba-checkpoint"
 VERSION = 1
@@ -282,7 +283,7 @@ class Checkpointer:
                 return None
             if self.on_save is not None:
                 self.on_save()
-            print(f"checkpoint ({reason}): {path} [{time.perf_counter() - t0:.1f}s]", flush=True)
+            say(f"checkpoint ({reason}): {path} [{time.perf_counter() - t0:.1f}s]")  # above a progress bar
         if trainer is not None and trainer.world_size > 1:
             with contextlib.suppress(Exception):
                 trainer.strategy.barrier("checkpoint")

@@ -28,6 +28,7 @@ from bulba.memory import rss_mb
 from bulba.model import flops
 from bulba.model.llama import Llama
 from bulba.train.optim import lr_at, make_optimizer, planned_steps
+from bulba.train.progress import Progress, say
 
 
 @dataclass
@@ -64,6 +65,7 @@ class BulbaModule(L.LightningModule):
         bos_id: int | None = None,
         eos_id: int | None = None,
         checkpointer=None,
+        progress: bool = False,
     ):
         super().__init__()
         self.recipe = recipe
@@ -89,6 +91,8 @@ class BulbaModule(L.LightningModule):
         self.raw_optimizer: torch.optim.Optimizer | None = None  # the unwrapped AdamW (checkpoints)
         self.resumed_world_size: int | None = None
         self.after_step: list = []  # callables run after each optimizer step (benchmark timing)
+        self.show_progress = progress  # bar / ETA on global rank 0 (training runs, not benchmarks)
+        self._progress: Progress | None = None
 
     # ------------------------------------------------------------------ control from outside fit
 
@@ -137,6 +141,11 @@ class BulbaModule(L.LightningModule):
         return opt
 
     def on_fit_start(self):
+        if self.show_progress and self.global_rank == 0:
+            t = self.recipe.train
+            self._progress = Progress(
+                t.max_steps, self.state.step, max_tokens=t.max_tokens, start_tokens=self.state.tokens
+            )
         self._t_last = time.perf_counter()
         self._window["t0"] = self._t_last
         if self.device.type == "cuda":
@@ -173,6 +182,12 @@ class BulbaModule(L.LightningModule):
         return t
 
     # ------------------------------------------------------------------ the step
+
+    def teardown(self, stage: str) -> None:
+        # Always reached (also after a fault or an interruption): the bar gives the terminal back.
+        if self._progress is not None:
+            self._progress.close()
+            self._progress = None
 
     def on_train_batch_start(self, batch, batch_idx):
         # DDP: all-reduce gradients only on the last micro-batch of a step (no_sync must be
@@ -263,10 +278,12 @@ class BulbaModule(L.LightningModule):
                 return
             self._log({"train/nan_skipped": st.nan_skips}, step)
             if self.global_rank == 0:
-                print(f"warning: {msg}; update skipped (train.nan_policy=skip)", flush=True)
+                say(f"warning: {msg}; update skipped (train.nan_policy=skip)")
         st.step = step
         st.consumed += t.grad_accum
         st.tokens += self._step_tokens * world  # labelled tokens; every rank's shard is alike
+        if self._progress is not None:
+            self._progress.step(step, loss_v, st.tokens, self._step_tokens * world)
         self._step_tokens = 0
         self.losses[step] = loss_v
         self._maybe_log(step, loss_v, gn, lr)
@@ -345,10 +362,13 @@ class BulbaModule(L.LightningModule):
             m["mem/peak_device_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
         self._log(m, step)
         if self.global_rank == 0:
-            print(
+            eta = ""
+            if self._progress is not None:
+                self._progress.observe(step, dt / w["steps"])
+                eta = self._progress.fields(step, self.state.tokens)
+            say(
                 f"step {step:>6}/{t.max_steps} | loss {loss:.4f} | lr {lr:.2e} | gnorm {gn:.2f} | "
-                f"{tok_s:,.0f} tok/s | mfu {100 * mfu:.1f}%",
-                flush=True,
+                f"{tok_s:,.0f} tok/s | mfu {100 * mfu:.1f}%{eta}"
             )
         self._window = {"tokens": 0, "pad": 0, "cells": 0, "steps": 0, "t0": time.perf_counter()}
 
@@ -379,8 +399,8 @@ class BulbaModule(L.LightningModule):
             self.state.best_val = v
         self._log({"val/loss": v, "val/ppl": math.exp(min(v, 50)), "perf/val_time_s": time.perf_counter() - t0}, step)
         if self.global_rank == 0:
-            print(f"step {step:>6} | val loss {v:.4f}", flush=True)
-        self._window["t0"] += time.perf_counter() - t0  # keep eval time out of tokens/s
+            say(f"step {step:>6} | val loss {v:.4f}")
+        self._paused(time.perf_counter() - t0)  # keep eval time out of tokens/s and the ETA
 
     @torch.no_grad()
     def _sample(self, step: int):
@@ -406,8 +426,13 @@ class BulbaModule(L.LightningModule):
         self.model.train(was_training)
         self.outcome.samples.extend(out)
         for s in out:
-            print(f"sample @{step}: {s['prompt']!r} -> {s['completion']!r}", flush=True)
-        self._window["t0"] += time.perf_counter() - t0
+            say(f"sample @{step}: {s['prompt']!r} -> {s['completion']!r}")
+        self._paused(time.perf_counter() - t0)
+
+    def _paused(self, seconds: float) -> None:
+        self._window["t0"] += seconds
+        if self._progress is not None:
+            self._progress.pause(seconds)
 
     # ------------------------------------------------------------------ device transfer
 

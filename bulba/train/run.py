@@ -117,6 +117,7 @@ def _build_module(recipe: Recipe, plan: Plan, run: RunDir, loaded: dict | None):
         bos_id=data.bos_id,
         eos_id=data.eos_id,
         checkpointer=checkpointer,
+        progress=True,
     )
     if loaded is not None:
         resume.restore(module, loaded, plan.rank0)

@@ -233,6 +233,8 @@ def open_run(recipe: Recipe, plan, loaded: dict | None, run_id: str | None, enab
         "bulba.data_dir": str(data.dir.resolve()),
         "bulba.params": plan.n_params,
         "bulba.preset": recipe.name,
+        # At start, not only after fit: the runs table's mode column is filled while a run trains.
+        "bulba.mode": recipe.train.mode,
         "bulba.precision": plan.precision,
         "bulba.precision_reason": plan.precision_reason[:4000],
         **(
