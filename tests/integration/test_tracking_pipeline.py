@@ -66,7 +66,9 @@ def test_prepare_train_export_register_on_server(mlflow_uri, mlflow_server, tmp_
         ],
         env,
     )
-    _run(["export.py", str(out), "--type", "q8_0", "--out", str(gguf), "--register", "pipe-test", "--no-verify"], env)
+    exported = _run(
+        ["export.py", str(out), "--type", "q8_0", "--out", str(gguf), "--register", "pipe-test", "--no-verify"], env
+    )
 
     from mlflow import MlflowClient
 
@@ -95,6 +97,20 @@ def test_prepare_train_export_register_on_server(mlflow_uri, mlflow_server, tmp_
     assert export.data.tags["bulba.source_run"] == train_id
     assert export.data.tags.get("mlflow.parentRunId") == train_id  # nested under the training run
     assert v.tags["source_run"] == train_id and v.tags["type"] == "q8_0"
+
+    # What the UI needs (issue 17): both experiments open as model training, the training run has
+    # a readable name and the preset / mode / precision / data columns, the version is @best.
+    from bulba.tracking.store import KIND_TAG, KIND_TRAINING
+
+    for exp_id in (prep.info.experiment_id, train.info.experiment_id):
+        tags = c.get_experiment(exp_id).tags
+        assert tags[KIND_TAG] == KIND_TRAINING and tags["mlflow.note.content"], tags
+    assert train.info.run_name == f"tiny-{out.name}"
+    t = train.data.tags
+    assert t["bulba.preset"] == "tiny" and t["bulba.mode"] == "eager" and t["bulba.precision"]
+    assert float(v.tags["val_loss"]) == pytest.approx(train.data.metrics["val/loss"])
+    assert c.get_model_version_by_alias("pipe-test", "best").version == v.version
+    assert f"aliases of pipe-test: @latest -> v{v.version}; @best -> v{v.version}" in exported.stderr
 
     from bulba.export.registry import fetch_gguf
 
