@@ -564,7 +564,8 @@ def train(recipe: Recipe, *, module_hook=None, enable_tracking: bool = True) -> 
         val = oc.last_val
         summary = {"step": module.state.step, "tokens": module.state.tokens, "val_loss": val,
                    "losses": module.losses, "run_id": run_id, "out_dir": str(out), "params": n_params,
-                   "seconds": time.perf_counter() - t_start, "nan_skips": module.state.nan_skips}
+                   "seconds": time.perf_counter() - t_start, "nan_skips": module.state.nan_skips,
+                   "precision": precision}
         if rank0:
             run_id = (tracker.run_id if tracker else None) or run_id  # known late if the server was down
             summary["run_id"] = run_id
