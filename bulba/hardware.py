@@ -149,28 +149,44 @@ def _probe_key(cfg, tokens: int) -> str:
 
 
 def _cached_probe(cfg, tokens: int) -> tuple[dict, bool]:
-    """The probe's result from the per-machine cache, or a fresh probe (stored). (result, cached)."""
+    """The probe's result from the per-machine cache, or a fresh probe (stored). (result, cached).
+
+    Under a file lock: DDP ranks on one machine start together, and they must not probe at
+    once (each would slow the other's timing) nor choose different precisions."""
+    import fcntl
+
     from .atomic import write_json
 
     path = cache_root() / "precision-probe.json"
     key = _probe_key(cfg, tokens)
     try:
-        cache = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(cache, dict):
-            cache = {}
-    except (OSError, ValueError):
-        cache = {}
-    if isinstance(cache.get(key), dict) and {"fp32", "bf16"} <= set(cache[key]):
-        return cache[key], True
-    result = probe_cpu_precision(cfg, tokens)
-    cache[key] = dict(result, cpu=cpu_model(), isa=cpu_isa(), torch=torch.__version__,
-                      threads=torch.get_num_threads())
-    try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_json(path, cache)
+        lock = open(path.with_suffix(".lock"), "a")  # noqa: SIM115 - held until the end of the block
     except OSError:
-        pass  # a read-only home: probe again next time
-    return result, False
+        lock = None  # a read-only home: probe without a cache
+    try:
+        if lock is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            cache = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(cache, dict):
+                cache = {}
+        except (OSError, ValueError):
+            cache = {}
+        if isinstance(cache.get(key), dict) and {"fp32", "bf16"} <= set(cache[key]):
+            return cache[key], True
+        result = probe_cpu_precision(cfg, tokens)
+        cache[key] = dict(result, cpu=cpu_model(), isa=cpu_isa(), torch=torch.__version__,
+                          threads=torch.get_num_threads())
+        if lock is not None:
+            try:
+                write_json(path, cache)
+            except OSError:
+                pass  # probe again next time
+        return result, False
+    finally:
+        if lock is not None:
+            lock.close()
 
 
 def _cpu_bf16_available() -> bool:
