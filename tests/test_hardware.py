@@ -71,3 +71,10 @@ def test_peak_follows_the_isa_path_torch_takes():
     env = dict(os.environ, ATEN_CPU_CAPABILITY="avx2")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "avx2-fp32"
+
+
+@pytest.mark.parametrize("name,peak", [("NVIDIA GeForce RTX 3060", 25.5e12), ("NVIDIA GeForce RTX 3060 Ti", 32e12),
+                                       ("NVIDIA GeForce RTX 4070 Ti SUPER", 88e12), ("NVIDIA GeForce RTX 4060", 30e12),
+                                       ("NVIDIA H100 80GB HBM3", 756e12)])
+def test_consumer_gpus_have_a_peak_and_the_most_specific_name_wins(name, peak):
+    assert flops.gpu_peak_flops(name) == peak
