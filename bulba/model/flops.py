@@ -17,8 +17,13 @@ from functools import lru_cache
 from bulba.config import ModelConfig
 from bulba.model.weights import param_count
 
-# Dense (no sparsity) bf16 tensor peak, FLOP/s, per device. Sources: vendor data sheets
-# (SXM/PCIe parts differ; we match the most specific name first).
+# Dense (no sparsity) bf16 tensor peak, FLOP/s, per device, with fp32 accumulation (what
+# training uses; GeForce cards run it at half their fp16-accumulate rate). Sources: NVIDIA's
+# data sheets and architecture whitepapers (Ampere GA102 whitepaper appendix for GeForce 30xx,
+# Ada whitepaper appendix for GeForce 40xx; SXM/PCIe parts differ, so the most specific name
+# is matched first: "RTX 3060 Ti" before "RTX 3060"). GeForce figures not printed in a
+# whitepaper are SMs x boost clock x the architecture's per-SM rate (Ampere GA10x: 512 dense
+# fp16/bf16 FLOPs per SM per clock with fp32 accumulate; Ada: the same), marked "derived".
 GPU_PEAK_BF16: list[tuple[str, float]] = [
     ("H200", 989e12),
     ("H100 SXM", 989e12),
@@ -37,10 +42,23 @@ GPU_PEAK_BF16: list[tuple[str, float]] = [
     ("L40", 181e12),
     ("L4", 121e12),
     ("RTX 6000 Ada", 364e12),
-    ("RTX 4090", 165e12),
-    ("RTX 4080", 97e12),
-    ("RTX 3090", 71e12),
-    ("RTX 3080", 59e12),
+    ("RTX 4090", 165e12),  # Ada whitepaper: 165.2 TF fp16/bf16, fp32 accumulate
+    ("RTX 4080 SUPER", 104e12),  # derived: 80 SMs x 2.55 GHz x 512
+    ("RTX 4080", 97e12),  # Ada whitepaper: 97.5
+    ("RTX 4070 Ti SUPER", 88e12),  # derived: 66 SMs x 2.61 GHz
+    ("RTX 4070 Ti", 80e12),  # derived: 60 SMs x 2.61 GHz
+    ("RTX 4070 SUPER", 71e12),  # derived: 56 SMs x 2.475 GHz
+    ("RTX 4070", 58e12),  # derived: 46 SMs x 2.475 GHz
+    ("RTX 4060 Ti", 44e12),  # derived: 34 SMs x 2.535 GHz
+    ("RTX 4060", 30e12),  # derived: 24 SMs x 2.46 GHz
+    ("RTX 3090 Ti", 80e12),  # derived: 84 SMs x 1.86 GHz
+    ("RTX 3090", 71e12),  # GA102 whitepaper: 71 TF
+    ("RTX 3080 Ti", 68e12),  # derived: 80 SMs x 1.665 GHz
+    ("RTX 3080", 59e12),  # GA102 whitepaper: 59.5 TF
+    ("RTX 3070 Ti", 44e12),  # derived: 48 SMs x 1.77 GHz
+    ("RTX 3070", 41e12),  # derived: 46 SMs x 1.725 GHz
+    ("RTX 3060 Ti", 32e12),  # derived: 38 SMs x 1.665 GHz
+    ("RTX 3060", 25.5e12),  # derived: 28 SMs x 1.777 GHz (the seed's 12 GB card)
     ("V100", 125e12),  # fp16 (no bf16 on Volta)
     ("T4", 65e12),  # fp16
     ("MI300X", 1307e12),
