@@ -149,19 +149,16 @@ def probe_cpu_precision(cfg, tokens: int, budget_s: float = 1.5) -> dict:
 
 
 def _probe_key(cfg, tokens: int) -> str:
-    parts = [
-        PROBE_VERSION,
-        cpu_model(),
-        cpu_isa(),
-        torch.__version__,
-        torch.get_num_threads(),
-        _matmul_shapes(cfg, tokens),
-    ]
+    return _machine_key("matmuls", _matmul_shapes(cfg, tokens))
+
+
+def _machine_key(*parts) -> str:
+    parts = (PROBE_VERSION, cpu_model(), cpu_isa(), torch.__version__, torch.get_num_threads()) + parts
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:20]
 
 
-def _cached_probe(cfg, tokens: int) -> tuple[dict, bool]:
-    """The probe's result from the per-machine cache, or a fresh probe (stored). (result, cached).
+def _cached(key: str, compute) -> tuple[dict, bool]:
+    """`compute()` once per machine key, kept in ~/.cache/bulbagpt/precision-probe.json. (result, cached).
 
     Under a file lock: DDP ranks on one machine start together, and they must not probe at
     once (each would slow the other's timing) nor choose different precisions."""
@@ -170,7 +167,6 @@ def _cached_probe(cfg, tokens: int) -> tuple[dict, bool]:
     from bulba.atomic import write_json
 
     path = cache_root() / "precision-probe.json"
-    key = _probe_key(cfg, tokens)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         lock = open(path.with_suffix(".lock"), "a")  # noqa: SIM115 - held until the end of the block
@@ -187,7 +183,7 @@ def _cached_probe(cfg, tokens: int) -> tuple[dict, bool]:
             cache = {}
         if isinstance(cache.get(key), dict) and {"fp32", "bf16"} <= set(cache[key]):
             return cache[key], True
-        result = probe_cpu_precision(cfg, tokens)
+        result = compute()
         cache[key] = dict(
             result, cpu=cpu_model(), isa=cpu_isa(), torch=torch.__version__, threads=torch.get_num_threads()
         )
@@ -200,6 +196,25 @@ def _cached_probe(cfg, tokens: int) -> tuple[dict, bool]:
     finally:
         if lock is not None:
             lock.close()
+
+
+def _cached_probe(cfg, tokens: int) -> tuple[dict, bool]:
+    return _cached(_probe_key(cfg, tokens), lambda: probe_cpu_precision(cfg, tokens))
+
+
+def measured_peak_flops(precision: str) -> float:
+    """The best dense matmul rate this CPU reaches in `precision` (2048^3, FLOP/s), measured once
+    per machine, ISA path, torch version and thread count. A floor under the true peak: MFU
+    against the data-sheet peak alone read over 100% on an AMD EPYC, whose /proc/cpuinfo clock
+    is the nominal one while it runs at boost clocks."""
+    n = 2048
+
+    def compute():
+        t = _time_matmuls(n, n, n, budget_s=1.0)
+        return {name: {"seconds": s, "gflops": 2.0 * n**3 / s / 1e9} for name, s in t.items()}
+
+    r, _ = _cached(_machine_key("peak", n), compute)
+    return r["bf16" if precision.startswith("bf16") else "fp32"]["gflops"] * 1e9
 
 
 def _cpu_bf16_available() -> bool:

@@ -119,7 +119,9 @@ def _isa_limit() -> str:
         return "avx512"
 
 
-def cpu_peak_flops(threads: int | None = None, precision: str = "bf16-mixed") -> tuple[float, str]:
+def cpu_peak_flops(
+    threads: int | None = None, precision: str = "bf16-mixed", measured: bool = True
+) -> tuple[float, str]:
     """Rough dense peak of `threads` cores in the precision that runs, and the instruction set.
 
     MFU must be against the peak of the precision the run actually uses: a fp32 run on a CPU
@@ -127,12 +129,18 @@ def cpu_peak_flops(threads: int | None = None, precision: str = "bf16-mixed") ->
     FLOPs per cycle per core: bf16 with AMX tiles 1024, AVX512-BF16 (vdpbf16ps on two 512-bit
     ports) 128; fp32 FMA on two ports: AVX-512 64, AVX2 32. AMD Zen 4 (family 25) runs 512-bit
     ops on 256-bit units: half of those. The clock is the one /proc/cpuinfo reports (nominal;
-    boost makes MFU read a little high). The AMX figure is the data-sheet peak; measured on 2
-    cores here: ~1.7 TFLOP/s, about 40% of it.
+    boost makes MFU read high). The AMX figure is the data-sheet peak; measured on 2 cores here:
+    ~1.7 TFLOP/s, about 40% of it. `measured`: the peak is at least the best matmul rate this
+    machine reaches in that precision (bulba.hardware.measured_peak_flops, cached per machine).
     """
     import torch
 
     n = threads or torch.get_num_threads() or os.cpu_count() or 1
+    if measured and n == torch.get_num_threads():
+        from bulba.hardware import measured_peak_flops
+
+        table, isa = cpu_peak_flops(threads, precision, measured=False)
+        return max(table, measured_peak_flops(precision)), isa
     flags = _cpu_flags()
     limit = _isa_limit()
     avx512 = "avx512f" in flags and limit.startswith("avx512")
