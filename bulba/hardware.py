@@ -14,10 +14,9 @@ alone, and comes with a one-line reason that the trainer prints and logs as an M
   `ATEN_CPU_CAPABILITY=avx2` is recompiled with 8-lane vectors for 16-element tiles, so half of
   every tile is never written (uninitialised memory: NaN in the forward); the other way round
   every store writes twice its tile (heap corruption, "free(): invalid next size", and with
-  several threads garbage in a neighbour's rows: NaN gradients). That is the NaN of issue 12;
-  tests/test_compile_isa.py reproduces it.
-- `check_compile_supported`: Inductor cannot build its C++ without a vector ISA
-  (`ATEN_CPU_CAPABILITY=default`): a one-line error instead of a traceback.
+  several threads garbage in a neighbour's rows: NaN gradients, or a hang). The scalar path
+  (`ATEN_CPU_CAPABILITY=default`) compiles and trains too once it has a cache of its own.
+  tests/integration/test_compile_isa.py reproduces both orders.
 """
 
 from __future__ import annotations
@@ -31,8 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
-from bulba.errors import UserError
 
 PROBE_VERSION = 1
 # bf16 must beat fp32 by this much to be chosen: the probe times bare matmuls, while bf16
@@ -97,16 +94,6 @@ def use_isa_inductor_cache() -> str:
     return path
 
 
-def check_compile_supported(mode: str, device: torch.device) -> None:
-    """Refuse compiled modes where Inductor cannot generate CPU code (no vector ISA)."""
-    if mode in ("compile", "both") and device.type == "cpu" and cpu_isa() == "default":
-        raise UserError(
-            f"train.mode={mode}: torch.compile cannot build CPU kernels on the scalar ISA path "
-            "(ATEN_CPU_CAPABILITY=default; an Inductor limitation); use train.mode=eager, "
-            "or unset ATEN_CPU_CAPABILITY"
-        )
-
-
 # --------------------------------------------------------------------------- precision
 
 
@@ -162,39 +149,72 @@ def probe_cpu_precision(cfg, tokens: int, budget_s: float = 1.5) -> dict:
 
 
 def _probe_key(cfg, tokens: int) -> str:
-    parts = [
-        PROBE_VERSION,
-        cpu_model(),
-        cpu_isa(),
-        torch.__version__,
-        torch.get_num_threads(),
-        _matmul_shapes(cfg, tokens),
-    ]
+    return _machine_key("matmuls", _matmul_shapes(cfg, tokens))
+
+
+def _machine_key(*parts) -> str:
+    parts = (PROBE_VERSION, cpu_model(), cpu_isa(), torch.__version__, torch.get_num_threads()) + parts
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:20]
 
 
-def _cached_probe(cfg, tokens: int) -> tuple[dict, bool]:
-    """The probe's result from the per-machine cache, or a fresh probe (stored). (result, cached)."""
+def _cached(key: str, compute) -> tuple[dict, bool]:
+    """`compute()` once per machine key, kept in ~/.cache/bulbagpt/precision-probe.json. (result, cached).
+
+    Under a file lock: DDP ranks on one machine start together, and they must not probe at
+    once (each would slow the other's timing) nor choose different precisions."""
+    import fcntl
+
     from bulba.atomic import write_json
 
     path = cache_root() / "precision-probe.json"
-    key = _probe_key(cfg, tokens)
-    try:
-        cache = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(cache, dict):
-            cache = {}
-    except (OSError, ValueError):
-        cache = {}
-    if isinstance(cache.get(key), dict) and {"fp32", "bf16"} <= set(cache[key]):
-        return cache[key], True
-    result = probe_cpu_precision(cfg, tokens)
-    cache[key] = dict(result, cpu=cpu_model(), isa=cpu_isa(), torch=torch.__version__, threads=torch.get_num_threads())
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_json(path, cache)
+        lock = open(path.with_suffix(".lock"), "a")  # noqa: SIM115 - held until the end of the block
     except OSError:
-        pass  # a read-only home: probe again next time
-    return result, False
+        lock = None  # a read-only home: probe without a cache
+    try:
+        if lock is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            cache = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(cache, dict):
+                cache = {}
+        except (OSError, ValueError):
+            cache = {}
+        if isinstance(cache.get(key), dict) and {"fp32", "bf16"} <= set(cache[key]):
+            return cache[key], True
+        result = compute()
+        cache[key] = dict(
+            result, cpu=cpu_model(), isa=cpu_isa(), torch=torch.__version__, threads=torch.get_num_threads()
+        )
+        if lock is not None:
+            try:
+                write_json(path, cache)
+            except OSError:
+                pass  # probe again next time
+        return result, False
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _cached_probe(cfg, tokens: int) -> tuple[dict, bool]:
+    return _cached(_probe_key(cfg, tokens), lambda: probe_cpu_precision(cfg, tokens))
+
+
+def measured_peak_flops(precision: str) -> float:
+    """The best dense matmul rate this CPU reaches in `precision` (2048^3, FLOP/s), measured once
+    per machine, ISA path, torch version and thread count. A floor under the true peak: MFU
+    against the data-sheet peak alone read over 100% on an AMD EPYC, whose /proc/cpuinfo clock
+    is the nominal one while it runs at boost clocks."""
+    n = 2048
+
+    def compute():
+        t = _time_matmuls(n, n, n, budget_s=1.0)
+        return {name: {"seconds": s, "gflops": 2.0 * n**3 / s / 1e9} for name, s in t.items()}
+
+    r, _ = _cached(_machine_key("peak", n), compute)
+    return r["bf16" if precision.startswith("bf16") else "fp32"]["gflops"] * 1e9
 
 
 def _cpu_bf16_available() -> bool:

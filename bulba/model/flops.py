@@ -17,8 +17,13 @@ from functools import lru_cache
 from bulba.config import ModelConfig
 from bulba.model.weights import param_count
 
-# Dense (no sparsity) bf16 tensor peak, FLOP/s, per device. Sources: vendor data sheets
-# (SXM/PCIe parts differ; we match the most specific name first).
+# Dense (no sparsity) bf16 tensor peak, FLOP/s, per device, with fp32 accumulation (what
+# training uses; GeForce cards run it at half their fp16-accumulate rate). Sources: NVIDIA's
+# data sheets and architecture whitepapers (Ampere GA102 whitepaper appendix for GeForce 30xx,
+# Ada whitepaper appendix for GeForce 40xx; SXM/PCIe parts differ, so the most specific name
+# is matched first: "RTX 3060 Ti" before "RTX 3060"). GeForce figures not printed in a
+# whitepaper are SMs x boost clock x the architecture's per-SM rate (Ampere GA10x: 512 dense
+# fp16/bf16 FLOPs per SM per clock with fp32 accumulate; Ada: the same), marked "derived".
 GPU_PEAK_BF16: list[tuple[str, float]] = [
     ("H200", 989e12),
     ("H100 SXM", 989e12),
@@ -37,10 +42,23 @@ GPU_PEAK_BF16: list[tuple[str, float]] = [
     ("L40", 181e12),
     ("L4", 121e12),
     ("RTX 6000 Ada", 364e12),
-    ("RTX 4090", 165e12),
-    ("RTX 4080", 97e12),
-    ("RTX 3090", 71e12),
-    ("RTX 3080", 59e12),
+    ("RTX 4090", 165e12),  # Ada whitepaper: 165.2 TF fp16/bf16, fp32 accumulate
+    ("RTX 4080 SUPER", 104e12),  # derived: 80 SMs x 2.55 GHz x 512
+    ("RTX 4080", 97e12),  # Ada whitepaper: 97.5
+    ("RTX 4070 Ti SUPER", 88e12),  # derived: 66 SMs x 2.61 GHz
+    ("RTX 4070 Ti", 80e12),  # derived: 60 SMs x 2.61 GHz
+    ("RTX 4070 SUPER", 71e12),  # derived: 56 SMs x 2.475 GHz
+    ("RTX 4070", 58e12),  # derived: 46 SMs x 2.475 GHz
+    ("RTX 4060 Ti", 44e12),  # derived: 34 SMs x 2.535 GHz
+    ("RTX 4060", 30e12),  # derived: 24 SMs x 2.46 GHz
+    ("RTX 3090 Ti", 80e12),  # derived: 84 SMs x 1.86 GHz
+    ("RTX 3090", 71e12),  # GA102 whitepaper: 71 TF
+    ("RTX 3080 Ti", 68e12),  # derived: 80 SMs x 1.665 GHz
+    ("RTX 3080", 59e12),  # GA102 whitepaper: 59.5 TF
+    ("RTX 3070 Ti", 44e12),  # derived: 48 SMs x 1.77 GHz
+    ("RTX 3070", 41e12),  # derived: 46 SMs x 1.725 GHz
+    ("RTX 3060 Ti", 32e12),  # derived: 38 SMs x 1.665 GHz
+    ("RTX 3060", 25.5e12),  # derived: 28 SMs x 1.777 GHz (the seed's 12 GB card)
     ("V100", 125e12),  # fp16 (no bf16 on Volta)
     ("T4", 65e12),  # fp16
     ("MI300X", 1307e12),
@@ -101,7 +119,9 @@ def _isa_limit() -> str:
         return "avx512"
 
 
-def cpu_peak_flops(threads: int | None = None, precision: str = "bf16-mixed") -> tuple[float, str]:
+def cpu_peak_flops(
+    threads: int | None = None, precision: str = "bf16-mixed", measured: bool = True
+) -> tuple[float, str]:
     """Rough dense peak of `threads` cores in the precision that runs, and the instruction set.
 
     MFU must be against the peak of the precision the run actually uses: a fp32 run on a CPU
@@ -109,12 +129,18 @@ def cpu_peak_flops(threads: int | None = None, precision: str = "bf16-mixed") ->
     FLOPs per cycle per core: bf16 with AMX tiles 1024, AVX512-BF16 (vdpbf16ps on two 512-bit
     ports) 128; fp32 FMA on two ports: AVX-512 64, AVX2 32. AMD Zen 4 (family 25) runs 512-bit
     ops on 256-bit units: half of those. The clock is the one /proc/cpuinfo reports (nominal;
-    boost makes MFU read a little high). The AMX figure is the data-sheet peak; measured on 2
-    cores here: ~1.7 TFLOP/s, about 40% of it.
+    boost makes MFU read high). The AMX figure is the data-sheet peak; measured on 2 cores here:
+    ~1.7 TFLOP/s, about 40% of it. `measured`: the peak is at least the best matmul rate this
+    machine reaches in that precision (bulba.hardware.measured_peak_flops, cached per machine).
     """
     import torch
 
     n = threads or torch.get_num_threads() or os.cpu_count() or 1
+    if measured and n == torch.get_num_threads():
+        from bulba.hardware import measured_peak_flops
+
+        table, isa = cpu_peak_flops(threads, precision, measured=False)
+        return max(table, measured_peak_flops(precision)), isa
     flags = _cpu_flags()
     limit = _isa_limit()
     avx512 = "avx512f" in flags and limit.startswith("avx512")

@@ -163,6 +163,7 @@ def _finish(recipe: Recipe, plan: Plan, run: RunDir, module, checkpointer: Check
         "params": plan.n_params,
         "seconds": time.perf_counter() - t_start,
         "nan_skips": module.state.nan_skips,
+        "precision": plan.precision,
     }
     if plan.rank0:
         run.write_final(module, checkpointer.last_model_sd)

@@ -110,6 +110,9 @@ def test_eager_and_compile_agree(train_data, tmp_path):
 
         module._optimizer_step = step
 
+    # The precision users get (train.precision=auto: bf16 where this CPU measures it faster),
+    # not a convenient fp32: an fp32-only test hid the compiled bf16 NaN of issue 12.
+    precision = None
     for mode in ("eager", "compile"):
         s = train(
             _recipe(
@@ -119,7 +122,6 @@ def test_eager_and_compile_agree(train_data, tmp_path):
                 "train.val_every=0",
                 "train.val_batches=1",
                 "train.ckpt_every=0",
-                "train.precision=32-true",
                 "model.n_layer=2",
                 f"train.mode={mode}",
             ),
@@ -127,8 +129,10 @@ def test_eager_and_compile_agree(train_data, tmp_path):
             module_hook=count_graphs if mode == "compile" else None,
         )
         got[mode] = [s["losses"][i] for i in (1, 2, 3)]
+        precision = s["precision"]
+    tol = 1e-3 if precision == "32-true" else 1e-2
     for a, b in zip(got["eager"], got["compile"]):
-        assert abs(a - b) < 1e-3 * abs(a), got
+        assert math.isfinite(b) and abs(a - b) < tol * abs(a), got
     # compiled in step 1, no recompilation in steady state (step 3 adds the no-grad
     # validation graph at the end, which is fine)
     assert graphs[0] > 0 and graphs[1] == graphs[0], graphs
