@@ -400,7 +400,7 @@ class BulbaModule(L.LightningModule):
         self._log({"val/loss": v, "val/ppl": math.exp(min(v, 50)), "perf/val_time_s": time.perf_counter() - t0}, step)
         if self.global_rank == 0:
             say(f"step {step:>6} | val loss {v:.4f}")
-        self._paused(time.perf_counter() - t0)  # keep eval time out of tokens/s and the ETA
+        self._paused(time.perf_counter() - t0)  # out of tokens/s (the ETA counts wall time: evals recur)
 
     @torch.no_grad()
     def _sample(self, step: int):
