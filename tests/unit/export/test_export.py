@@ -460,6 +460,20 @@ def test_registry_aliases_latest_and_best(tiny_run, tmp_path, mlflow_uri, monkey
     assert sha256_file(out1) != sha256_file(out2)
 
 
+def test_best_figure_rules():
+    """Which figure a version carries and when it takes @best (no server needed)."""
+    from bulba.export.registry import better, version_figure
+
+    assert version_figure({"val_bpb": "1.25", "val_loss": "2.0"}) == ("val_bpb", 1.25)  # bpb first
+    assert version_figure({"val_loss": "2.0"}) == ("val_loss", 2.0)
+    assert version_figure({"val_loss": "nonsense"}) is None and version_figure({}) is None
+    assert better(("val_loss", 2.0), ("val_loss", 2.5))[0]
+    assert not better(("val_loss", 2.5), ("val_loss", 2.5))[0]  # a tie keeps the holder
+    assert not better(None, ("val_loss", 2.5))[0]  # no figure never takes it from one with a figure
+    assert better(("val_loss", 9.0), None)[0] and better(None, None)[0]  # the holder has none
+    assert not better(("val_bpb", 0.1), ("val_loss", 2.5))[0]  # not comparable: the holder keeps it
+
+
 # --------------------------------------------------------------------------- bad input
 
 
