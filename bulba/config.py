@@ -72,7 +72,7 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     mode: Literal["eager", "flash", "compile", "both"] = "eager"
-    precision: Literal["auto", "bf16-mixed", "32-true"] = "auto"  # auto: bf16-mixed where the device has it
+    precision: Literal["auto", "bf16-mixed", "32-true"] = "auto"  # auto: measured per machine (bulba.hardware)
     batch_size: int = 8  # sequences per device per micro-step
     grad_accum: int = 1
     max_steps: int = 100  # optimizer steps
