@@ -109,16 +109,6 @@ def _cpu_ghz() -> float:
     return 2.5
 
 
-def _isa_limit() -> str:
-    """The widest vector ISA torch really uses: ATEN_CPU_CAPABILITY can lower it below the CPU's."""
-    import torch
-
-    try:
-        return torch._C._get_cpu_capability().lower()
-    except Exception:  # noqa: BLE001
-        return "avx512"
-
-
 def cpu_peak_flops(
     threads: int | None = None, precision: str = "bf16-mixed", measured: bool = True
 ) -> tuple[float, str]:
@@ -142,7 +132,9 @@ def cpu_peak_flops(
         table, isa = cpu_peak_flops(threads, precision, measured=False)
         return max(table, measured_peak_flops(precision)), isa
     flags = _cpu_flags()
-    limit = _isa_limit()
+    from bulba.hardware import cpu_isa
+
+    limit = cpu_isa()  # ATEN_CPU_CAPABILITY can lower the ISA torch uses below the CPU's
     avx512 = "avx512f" in flags and limit.startswith("avx512")
     avx2 = "avx2" in flags and limit in ("avx2", "avx512", "avx512_vnni", "avx512_bf16", "amx", "zvector") or avx512
     half = 2 if _cpu_family() == ("AuthenticAMD", 25) else 1
