@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
@@ -77,6 +79,15 @@ class TrainConfig:
     grad_accum: int = 1
     max_steps: int = 100  # optimizer steps
     max_tokens: Optional[int] = None  # token budget; stops at whichever comes first
+    # Wall-clock budget of the training loop ("15m", "2h", "90s", "1h30m" or seconds). Set, it is
+    # the run's length: the lr schedule follows the fraction of it spent, the run ends when it is
+    # spent (or at max_tokens), and max_steps does not apply (a preset's step count never cuts a
+    # timed run short). See docs/training.md.
+    max_time: Optional[Union[float, str]] = None
+    optimizer: Literal["adamw", "muon"] = "adamw"
+    # optimizer=muon: lr of the Muon group (the 2-D matrices of the blocks). Muon's update is
+    # scaled to AdamW's RMS (adjust_lr_fn="match_rms_adamw"), so null = train.lr works.
+    muon_lr: Optional[float] = None
     lr: float = 3e-4
     min_lr: float = 3e-5
     warmup_steps: int = 10
@@ -101,6 +112,37 @@ class TrainConfig:
         default_factory=lambda: ["Мінск — гэта", "Москва — столица", "The river", "def main("]
     )
     threads: int = 0  # CPU threads for torch (0: torch's default)
+
+    @property
+    def max_time_s(self) -> float | None:
+        """train.max_time in seconds (None: no time budget)."""
+        return None if self.max_time is None else parse_duration(self.max_time, "train.max_time")
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(d|h|m|s)", re.IGNORECASE)
+_UNIT_S = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+
+
+def parse_duration(value: Any, key: str) -> float:
+    """Seconds in "15m", "2h", "90s", "1h30m", "1.5h", or a plain number of seconds."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str):
+        text = value.strip()
+        try:
+            seconds = float(text)
+        except ValueError:
+            parts = _DURATION.findall(text)
+            if not parts or _DURATION.sub("", text).strip():
+                raise UserError(
+                    f"{key}: cannot read {value!r} as a duration; give e.g. 15m, 2h, 90s, 1h30m or seconds"
+                ) from None
+            seconds = sum(float(n) * _UNIT_S[u.lower()] for n, u in parts)
+    else:
+        raise UserError(f"{key}: expected a duration (e.g. 15m, 2h, 90s) or seconds, got {value!r}")
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise UserError(f"{key} must be a positive duration, got {value!r}")
+    return seconds
 
 
 @dataclass
@@ -131,6 +173,14 @@ class Recipe:
                 raise UserError(f"train.{key} must be >= 0, got {getattr(t, key)}")
         if t.max_tokens is not None and t.max_tokens <= 0:
             raise UserError(f"train.max_tokens must be positive, got {t.max_tokens}")
+        t.max_time_s  # noqa: B018 (parses: a bad duration is refused here, before anything starts)
+        if t.muon_lr is not None and not (0 < t.muon_lr < 1):
+            raise UserError(f"train.muon_lr must be in (0, 1), got {t.muon_lr}")
+        if t.optimizer == "muon" and t.strategy == "fsdp":
+            raise UserError(
+                "train.optimizer=muon does not work with train.strategy=fsdp (Muon orthogonalizes whole "
+                "matrices; FSDP shards them); use train.strategy=ddp or train.optimizer=adamw"
+            )
         if not (0 < t.lr < 1) or not (0 <= t.min_lr <= t.lr):
             raise UserError(f"train.lr must be in (0, 1) and train.min_lr in [0, lr], got {t.lr}, {t.min_lr}")
         if t.nan_max_skips <= 0:

@@ -2,7 +2,8 @@
 
     out_dir/checkpoints/step-00000050/
         model.safetensors      fp32 weights (bulba.model.llama names)
-        optimizer.safetensors  optimizer state tensors, keyed "<param index>.<name>"
+        optimizer.safetensors  optimizer state tensors, keyed "<param index>.<name>" (AdamW and,
+                               with train.optimizer=muon, Muon: one index space, bulba.train.optim)
         rng.safetensors        torch CPU / CUDA generator states, numpy's key array
         state.json             step, consumed batches, tokens, sampler state, optimizer
                                hyperparameters, RNG scalars, MLflow run id, file sha256s
@@ -89,8 +90,9 @@ def optimizer_from_flat(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     groups = []
     for g in meta["param_groups"]:
         g = dict(g)
-        if "betas" in g:
-            g["betas"] = tuple(g["betas"])
+        for key in ("betas", "ns_coefficients"):  # tuples in torch, lists in JSON
+            if key in g:
+                g[key] = tuple(g[key])
         groups.append(g)
     return {"state": state, "param_groups": groups}
 

@@ -2,10 +2,10 @@
 
 Manual optimization because we need, per step and in this order: the gradient norm (logged,
 clipped), a NaN/Inf verdict shared by all ranks before the weights move (skip or stop,
-train.nan_policy), the lr of our warmup + cosine schedule (a pure function of the step, so a
-resumed run follows the exact same curve), and a step boundary at which checkpoints are
-consistent. Lightning still owns devices, precision (autocast), the DDP/FSDP wrapping (through
-bulba.train.strategy) and process launch.
+train.nan_policy), the lr of our warmup + cosine schedule (a pure function of the step, or of the
+step and the training time spent with train.max_time, so a resumed run follows the exact same
+curve), and a step boundary at which checkpoints are consistent. Lightning still owns devices,
+precision (autocast), the DDP/FSDP wrapping (through bulba.train.strategy) and process launch.
 
 Every counter that resume needs lives in `TrainState` and goes into the checkpoint; the
 batch position in particular is counted here (micro-batches consumed), not taken from the
@@ -27,7 +27,7 @@ from bulba.data.loader import document_layout
 from bulba.memory import rss_mb
 from bulba.model import flops
 from bulba.model.llama import Llama
-from bulba.train.optim import lr_at, make_optimizer, planned_steps
+from bulba.train.optim import Optimizers, lr_at, make_optimizer, planned_steps
 from bulba.train.progress import Progress, say
 
 
@@ -39,13 +39,18 @@ class TrainState:
     nan_skips: int = 0
     nan_streak: int = 0
     best_val: float | None = None
+    # Training time counted toward train.max_time, seconds: the training loop's wall time (the
+    # steps with torch.compile's compiles in the first ones, validation, samples, checkpoints),
+    # not the setup before it (data checks, model build, MLflow). Saved in checkpoints, so a
+    # resumed run continues the budget and the schedule where the killed one stood.
+    elapsed: float = 0.0
 
 
 @dataclass
 class Outcome:
     """How fit ended; read by bulba.train.run after trainer.fit returns."""
 
-    reason: str = "running"  # done | max_tokens | signal | fault
+    reason: str = "running"  # done | max_tokens | max_time | signal | fault
     signal: str | None = None
     fault: str | None = None
     last_val: float | None = None
@@ -88,7 +93,11 @@ class BulbaModule(L.LightningModule):
         self.fingerprints: list[str] = []  # sha256 of the first input_ids seen (data-shard checks)
         self.losses: dict[int, float] = {}
         self.final_eval = True  # validate and sample at the last step (benchmark() turns it off)
-        self.raw_optimizer: torch.optim.Optimizer | None = None  # the unwrapped AdamW (checkpoints)
+        self.raw_optimizer: Optimizers | None = None  # the unwrapped optimizers (checkpoints)
+        # The time source of train.max_time: read once when the training loop starts and once per
+        # optimizer step, so a test can drive the schedule deterministically with its own clock.
+        self.clock = time.monotonic
+        self._clock_last: float | None = None
         self.resumed_world_size: int | None = None
         self.after_step: list = []  # callables run after each optimizer step (benchmark timing)
         self.show_progress = progress  # bar / ETA on global rank 0 (training runs, not benchmarks)
@@ -138,18 +147,26 @@ class BulbaModule(L.LightningModule):
         opt = make_optimizer(self.model, self.recipe.train, self._pending_optimizer)
         self._pending_optimizer = None
         self.raw_optimizer = opt
-        return opt
+        return list(opt.optimizers.values())  # Lightning steps each (precision plugin, hooks)
 
     def on_fit_start(self):
         if self.show_progress and self.global_rank == 0:
             t = self.recipe.train
             self._progress = Progress(
-                t.max_steps, self.state.step, max_tokens=t.max_tokens, start_tokens=self.state.tokens
+                t.max_steps,
+                self.state.step,
+                max_tokens=t.max_tokens,
+                start_tokens=self.state.tokens,
+                max_time=t.max_time_s,
+                start_elapsed=self.state.elapsed,
             )
         self._t_last = time.perf_counter()
         self._window["t0"] = self._t_last
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+
+    def on_train_start(self):
+        self._clock_last = self.clock()  # train.max_time counts from here
 
     # ------------------------------------------------------------------ helpers
 
@@ -225,11 +242,12 @@ class BulbaModule(L.LightningModule):
 
     def _optimizer_step(self):
         t = self.recipe.train
-        opt = self.optimizers()
+        opts = self.optimizers()
+        opts = opts if isinstance(opts, list) else [opts]
         st = self.state
-        lr = lr_at(st.step, t, planned_steps(self.recipe, self.trainer.world_size))
-        for g in opt.param_groups:
-            g["lr"] = lr
+        now = self.clock()
+        elapsed = st.elapsed + (now - (self._clock_last if self._clock_last is not None else now))
+        self._clock_last = now
         max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         if hasattr(self.trainer.strategy.model, "clip_grad_norm_"):  # FSDP: norm over all shards
@@ -244,20 +262,28 @@ class BulbaModule(L.LightningModule):
         loss = self._loss_acc / t.grad_accum
         self._loss_acc = None
         # One host sync per step: the verdict must be known before the weights move. Gradients
-        # are all-reduced, so the norm (and hence the verdict) is identical on every rank.
-        stats = self._all_reduce(torch.stack([loss.float(), torch.ones((), device=loss.device)]).detach())
-        loss_v = (stats[0] / stats[1]).item()
+        # are all-reduced, so the norm (and hence the verdict) is identical on every rank. The
+        # training time rides along: its mean over the ranks is the same number on every rank,
+        # so they follow the same lr and stop at the same step when train.max_time is spent.
+        one = torch.ones((), dtype=torch.float64, device=loss.device)
+        stats = self._all_reduce(torch.stack([loss.detach().double(), one, one * elapsed])).tolist()
+        loss_v = stats[0] / stats[1]
+        st.elapsed = stats[2] / stats[1]
+        lr = lr_at(st.step, t, planned_steps(self.recipe, self.trainer.world_size), st.elapsed)
+        lrs = self.raw_optimizer.set_lr_scale(lr / t.lr)
         gn = float(grad_norm)
         finite = math.isfinite(gn) and math.isfinite(loss_v)
         if finite:
             if clip_here and gn > max_norm:
                 torch._foreach_mul_(grads, max_norm / (gn + 1e-6))
-            opt.step()
+            for opt in opts:
+                opt.step()
             st.nan_streak = 0
         else:
             st.nan_skips += 1
             st.nan_streak += 1
-        opt.zero_grad(set_to_none=True)
+        for opt in opts:
+            opt.zero_grad(set_to_none=True)
         step = st.step + 1
         if not finite:
             self._step_tokens = 0
@@ -286,8 +312,9 @@ class BulbaModule(L.LightningModule):
             self._progress.step(step, loss_v, st.tokens, self._step_tokens * world)
         self._step_tokens = 0
         self.losses[step] = loss_v
-        self._maybe_log(step, loss_v, gn, lr)
-        last = step >= t.max_steps or (t.max_tokens is not None and st.tokens >= t.max_tokens)
+        self._maybe_log(step, loss_v, gn, lrs)
+        ending = self._budget_spent(step)
+        last = ending is not None
         if t.val_every and step % t.val_every == 0 and not last:
             self._validate(step)
         if t.sample_every and step % t.sample_every == 0 and not last:
@@ -302,7 +329,20 @@ class BulbaModule(L.LightningModule):
                 if t.val_batches:
                     self._validate(step)
                 self._sample(step)
-            self._finish("done" if step >= t.max_steps else "max_tokens", "final")
+            self._finish(ending, "final")
+
+    def _budget_spent(self, step: int) -> str | None:
+        """Why training ends after `step` (done | max_time | max_tokens), None to go on. A timed
+        run (train.max_time) ends on time, not at train.max_steps; the token budget bounds both."""
+        t, st = self.recipe.train, self.state
+        budget = t.max_time_s
+        if budget is None and step >= t.max_steps:
+            return "done"
+        if budget is not None and st.elapsed >= budget:
+            return "max_time"
+        if t.max_tokens is not None and st.tokens >= t.max_tokens:
+            return "max_tokens"
+        return None
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         ddp = self._ddp_module()
@@ -332,12 +372,13 @@ class BulbaModule(L.LightningModule):
         if self._sink is not None and self.global_rank == 0:
             self._sink(metrics, step)
 
-    def _maybe_log(self, step: int, loss: float, gn: float, lr: float):
+    def _maybe_log(self, step: int, loss: float, gn: float, lrs: dict[str, float]):
         t = self.recipe.train
         w = self._window
         w["steps"] += 1
         if step % t.log_every and step != t.max_steps:
             return
+        lr = lrs["adamw"]
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         now = time.perf_counter()
@@ -349,6 +390,8 @@ class BulbaModule(L.LightningModule):
         m = {
             "train/loss": loss,
             "train/lr": lr,
+            **({"train/lr_muon": lrs["muon"]} if "muon" in lrs else {}),
+            "train/elapsed_s": self.state.elapsed,
             "train/grad_norm": gn,
             "train/tokens_seen": float(self.state.tokens),
             "train/nan_skipped": float(self.state.nan_skips),
@@ -366,8 +409,9 @@ class BulbaModule(L.LightningModule):
             if self._progress is not None:
                 self._progress.observe(step, dt / w["steps"])
                 eta = self._progress.fields(step, self.state.tokens)
+            of = f"/{t.max_steps}" if t.max_time_s is None else ""
             say(
-                f"step {step:>6}/{t.max_steps} | loss {loss:.4f} | lr {lr:.2e} | gnorm {gn:.2f} | "
+                f"step {step:>6}{of} | loss {loss:.4f} | lr {lr:.2e} | gnorm {gn:.2f} | "
                 f"{tok_s:,.0f} tok/s | mfu {100 * mfu:.1f}%{eta}"
             )
         self._window = {"tokens": 0, "pad": 0, "cells": 0, "steps": 0, "t0": time.perf_counter()}

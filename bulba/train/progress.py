@@ -54,6 +54,8 @@ class Progress:
         *,
         max_tokens: int | None = None,
         start_tokens: int = 0,
+        max_time: float | None = None,
+        start_elapsed: float = 0.0,
         stream=None,
         tty: bool | None = None,
     ):
@@ -61,6 +63,9 @@ class Progress:
         self.stream = stream or sys.stdout
         self.total, self.start = total_steps, start_step
         self.max_tokens, self.start_tokens = max_tokens, start_tokens
+        # A timed run (train.max_time) has no step total: the bar counts steps, the ETA is the
+        # budget left (the training time saved in the checkpoint counts as spent).
+        self.max_time, self.start_elapsed = max_time, start_elapsed
         self.t0 = time.perf_counter()
         self.step_s: float | None = None  # recent seconds per optimizer step (training only)
         self.bar = None
@@ -73,7 +78,7 @@ class Progress:
             from tqdm import tqdm
 
             self.bar = tqdm(
-                total=total_steps,
+                total=None if max_time is not None else total_steps,
                 initial=start_step,
                 unit="step",
                 file=self.stream,
@@ -124,6 +129,8 @@ class Progress:
 
     def eta_s(self, step: int, tokens: int) -> float | None:
         """Seconds to the end at the recent step time (None before the first measurement)."""
+        if self.max_time is not None:
+            return max(0.0, self.max_time - self.start_elapsed - (time.perf_counter() - self.t0))
         left = self.remaining_steps(step, tokens)
         if left == 0:
             return 0.0

@@ -29,7 +29,14 @@ def load(recipe: Recipe, path: Path | None, data, rank0: bool) -> dict | None:
     if path is None:
         return None
     loaded = ckpt.load_checkpoint(path)
-    if loaded["state"]["train"]["step"] >= recipe.train.max_steps:
+    budget = recipe.train.max_time_s
+    spent = loaded["state"]["train"].get("elapsed", 0.0)
+    if budget is not None and spent >= budget:
+        raise UserError(
+            f"{recipe.out_dir} has already trained {spent:.0f}s >= train.max_time={recipe.train.max_time}; "
+            "raise train.max_time to train further"
+        )
+    if budget is None and loaded["state"]["train"]["step"] >= recipe.train.max_steps:
         raise UserError(
             f"{recipe.out_dir} is already at step {loaded['state']['train']['step']} >= "
             f"train.max_steps={recipe.train.max_steps}; raise train.max_steps to train further"
@@ -94,6 +101,12 @@ def check_compatible(path: Path, state: dict, recipe: Recipe, data, rank0: bool)
         raise UserError(
             f"cannot resume from {path}: the model changed ({', '.join(diff)}); "
             "restore those model.* values or start a new out_dir"
+        )
+    old_opt = (saved.get("train") or {}).get("optimizer", "adamw")  # older runs: AdamW
+    if old_opt != recipe.train.optimizer:
+        raise UserError(
+            f"cannot resume from {path}: it was trained with train.optimizer={old_opt}, not "
+            f"{recipe.train.optimizer}; resume with train.optimizer={old_opt} or start a new out_dir"
         )
     changed = [
         f"{sec}.{k}"
