@@ -143,7 +143,7 @@ def test_muon_with_a_real_time_budget_from_the_command_line(train_data, tmp_path
     [
         (["train.max_time=15x"], "train.max_time: cannot read '15x' as a duration"),
         (["train.max_time=0"], "train.max_time must be a positive duration"),
-        (["train.optimizer=muon", "train.strategy=fsdp"], "train.optimizer=muon does not work with train.strategy=fsdp"),
+        (["train.optimizer=muon", "train.strategy=fsdp"], "optimizer=muon does not work with train.strategy=fsdp"),
     ],
 )
 def test_bad_max_time_and_muon_with_fsdp_exit_2_one_line(overrides, expect, tmp_path):
