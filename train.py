@@ -20,6 +20,7 @@ presets: {presets}
 examples:
   python train.py tiny data.dir=data/demo
   python train.py aist data.dir=data/web train.mode=both train.max_steps=5000
+  python train.py tiny data.dir=data/mix train.max_time=15m   # a wall-clock budget
   python train.py krolik out_dir=runs/k1 train.batch_size=16 train.grad_accum=4 train.max_tokens=2000000000
   python train.py krolik out_dir=runs/k1 resume=auto            # continue after a crash or preemption
   python train.py zubr train.devices=8 train.strategy=fsdp      # or under torchrun / srun
