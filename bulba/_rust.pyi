@@ -56,6 +56,9 @@ class Engine:
     def n_docs(self) -> int: ...
     def batch(self, pos: int) -> Batch:
         """The batch at global position `pos`, assembled now on this thread (GIL released)."""
+    def offsets(self, pos: int) -> Any:
+        """int64 [rows, cols]: the token-file position of each input of batch `pos`, -1 for padding
+        (from the plan; no tokens are read)."""
     def iter(self, start: int = 0, stop: int | None = None, prefetch: int = 4, workers: int = 1) -> BatchIter:
         """Positions `start..stop` (forever when stop is None), assembled by `workers` background
         threads up to `prefetch` batches ahead."""

@@ -26,6 +26,10 @@ META_NAME = "meta.json"
 FORMAT = "bulba-tokens"
 VERSION = 1
 SPLITS = ("train", "val")
+# meta.json's `sources` entries: 2 adds `splits` per source ({train,val}: documents, tokens, bytes;
+# val: first_document), which per-source validation (bulba.train.val_sources) needs. Datasets
+# without `sources_version` (1) still load; they just get no per-source curves.
+SOURCES_VERSION = 2
 DTYPES = {"uint16": 2, "uint32": 4}
 
 

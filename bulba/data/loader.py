@@ -210,6 +210,11 @@ class Batches:
         except ValueError as e:
             raise UserError(str(e)) from None
 
+    def offsets(self, position: int) -> np.ndarray:
+        """Where each input position of batch `position` comes from in the split's .bin (int64
+        [rows, cols], -1 for padding): validation attributes scored tokens to their sources."""
+        return self._engine.offsets(position)
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         start, per_epoch = self._position, self.batches_per_epoch
         stop = None
@@ -289,7 +294,12 @@ class TorchBatches:
         for i, b in enumerate(self.batches):
             if self.limit is not None and i >= self.limit:
                 return
-            yield batch_to_torch(b, pin=self.pin, documents=not self.stream)
+            out = batch_to_torch(b, pin=self.pin, documents=not self.stream)
+            if not self.batches.infinite:  # evaluation: which file positions (sources) it scores
+                import torch
+
+                out["offsets"] = torch.from_numpy(self.batches.offsets(self.start + i))
+            yield out
 
 
 def recipe_batches(recipe, data, split: str, rank: int = 0, world: int = 1, prefetch: int | None = None) -> Batches:

@@ -38,7 +38,7 @@ import numpy as np
 from bulba.atomic import TMP_PREFIX, atomic_dir, sha256_file
 from bulba.data import corpus as C
 from bulba.data.encoding import Keyer, encode_block, init_worker
-from bulba.data.format import META_NAME, SplitWriter, new_meta, token_dtype, write_meta
+from bulba.data.format import META_NAME, SOURCES_VERSION, SplitWriter, new_meta, token_dtype, write_meta
 from bulba.data.tokenizer import (
     BOS,
     DEFAULT_VOCAB,
@@ -229,6 +229,12 @@ def encode_corpus(
                 "train_tokens": 0,
                 "val_tokens": 0,
                 "sha256": s.sha256,
+                # per split: documents, tokens (BOS/EOS included) and UTF-8 bytes as written;
+                # val also where the source's (contiguous) documents start (SOURCES_VERSION)
+                "splits": {
+                    "train": {"documents": 0, "tokens": 0, "bytes": 0},
+                    "val": {"first_document": None, "documents": 0, "tokens": 0, "bytes": 0},
+                },
             }
         )
     stats.sources = src_stats
@@ -247,8 +253,15 @@ def encode_corpus(
             flat = np.frombuffer(r["flat"], dtype=np.uint32)
             lengths = np.frombuffer(r["lengths"], dtype=np.int64)
             dest = np.frombuffer(r["dest"], dtype=np.int8)
-            st["train_tokens"] += train.write(flat, lengths, dest == 0)
-            st["val_tokens"] += val.write(flat, lengths, dest == 1)
+            sp = st["splits"]
+            if sp["val"]["first_document"] is None:  # sources are written one after another
+                sp["val"]["first_document"] = val.documents
+            for name, w, to in (("train", train, 0), ("val", val, 1)):
+                n = w.write(flat, lengths, dest == to)
+                st[f"{name}_tokens"] += n
+                sp[name]["tokens"] += n
+                sp[name]["documents"] += int((dest == to).sum())
+                sp[name]["bytes"] += r["split_bytes"][to]
             if k == 0:
                 stats.min_u = min(stats.min_u, r["min_u"])
                 if "lang_docs" in r:
@@ -419,6 +432,7 @@ def _write_dataset(
             special_tokens={t: specials[t] for t in SPECIAL_TOKENS},
             add_bos_token=True,
             sources=stats.sources,
+            sources_version=SOURCES_VERSION,
             languages={
                 k: dict(v, tokens_per_word=round(v["tokens"] / v["words"], 4) if v["words"] else None)
                 for k, v in sorted(stats.languages.items())

@@ -99,6 +99,9 @@ def gguf_rows(t: Tensor, arr: np.ndarray) -> np.ndarray:
     return permute_rotate_half(arr, t.rope_heads) if t.rope_heads else arr
 
 
+SOURCE_RUN_KEY = "bulba.source_run"  # the MLflow run id of the training run behind the weights
+
+
 def chat_template(tok) -> str:
     """The Llama-3 chat template (Jinja), ending turns with <|eot_id|> or, without it, EOS."""
     eot = tok.end_of_turn
@@ -149,6 +152,8 @@ def add_metadata(w, src: Source, file_type: int, name: str, quantized: bool) -> 
     w.add_add_bos_token(tok.add_bos)  # training data starts every document with BOS
     w.add_add_eos_token(False)
     w.add_chat_template(chat_template(tok))
+    if src.mlflow_run_id:  # lineage: eval.py logs a GGUF's figures on the run that trained it
+        w.add_string(SOURCE_RUN_KEY, src.mlflow_run_id)
 
 
 def convert(arr: np.ndarray, qtype) -> np.ndarray:

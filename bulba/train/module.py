@@ -29,6 +29,7 @@ from bulba.model import flops
 from bulba.model.llama import Llama
 from bulba.train.optim import lr_at, make_optimizer, planned_steps
 from bulba.train.progress import Progress, say
+from bulba.train.val_sources import SourceBpb, token_nll
 
 
 @dataclass
@@ -66,6 +67,7 @@ class BulbaModule(L.LightningModule):
         eos_id: int | None = None,
         checkpointer=None,
         progress: bool = False,
+        val_sources: SourceBpb | None = None,
     ):
         super().__init__()
         self.recipe = recipe
@@ -93,6 +95,8 @@ class BulbaModule(L.LightningModule):
         self.after_step: list = []  # callables run after each optimizer step (benchmark timing)
         self.show_progress = progress  # bar / ETA on global rank 0 (training runs, not benchmarks)
         self._progress: Progress | None = None
+        self._val_sources = val_sources  # val/<lang>/bpb and val/bpb (None: data without the counts)
+        self.val_bpb: dict[str, float] = {}  # the last validation's
 
     # ------------------------------------------------------------------ control from outside fit
 
@@ -159,6 +163,13 @@ class BulbaModule(L.LightningModule):
 
     def _forward_loss(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean loss over labelled tokens, number of labelled tokens) for one micro-batch."""
+        h, labels = self._hidden(batch)
+        loss_sum = self.model.loss_sum(h, labels)
+        n = (labels != -100).sum()
+        return loss_sum / n.clamp(min=1), n
+
+    def _hidden(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(final hidden states, labels) of one micro-batch."""
         ids = batch["input_ids"].long()
         labels = batch["labels"].long()
         # Stream batches come without cu_seqlens (trainer): one causal sequence per row, positions
@@ -171,10 +182,7 @@ class BulbaModule(L.LightningModule):
                 cu, ms = batch["cu_seqlens"], batch.get("max_seqlen")
         # SDPA never reads cu_seqlens / max_seqlen; not passing them keeps the compiled blocks'
         # inputs fixed in shape (max_seqlen is a Python int that would be guarded on).
-        h = self.model.hidden(ids, position_ids=pos, seq_ids=seq_ids, cu_seqlens=cu, max_seqlen=ms)
-        loss_sum = self.model.loss_sum(h, labels)
-        n = (labels != -100).sum()
-        return loss_sum / n.clamp(min=1), n
+        return self.model.hidden(ids, position_ids=pos, seq_ids=seq_ids, cu_seqlens=cu, max_seqlen=ms), labels
 
     def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         if self.trainer.world_size > 1:
@@ -381,14 +389,24 @@ class BulbaModule(L.LightningModule):
         was_training = self.model.training
         self.model.eval()
         tot = torch.zeros(2, dtype=torch.float64, device=self.device)
+        per_source = self._val_sources
+        if per_source is not None:
+            per_source.reset(self.device)
         for i, batch in enumerate(self._batches_factory("val", self.global_rank, self.trainer.world_size, 0)):
             if i >= n_batches:
                 break
             batch = self.transfer_batch_to_device(batch, self.device, 0)
-            loss, n = self._forward_loss(batch)
-            tot += torch.stack([loss.double() * n, n.double()])
+            if per_source is None:
+                loss, n = self._forward_loss(batch)
+                tot += torch.stack([loss.double() * n, n.double()])
+            else:  # per-position losses, summed per source language as well
+                h, labels = self._hidden(batch)
+                nll = token_nll(self.model, h, labels)
+                tot += torch.stack([nll.sum().double(), (labels != -100).sum().double()])
+                per_source.add(batch["offsets"], labels, nll)
         self.model.train(was_training)
         tot = self._all_reduce(tot)
+        self.val_bpb = per_source.metrics(self._all_reduce) if per_source is not None else {}
         return (tot[0] / tot[1].clamp(min=1)).item()
 
     def _validate(self, step: int):
@@ -397,9 +415,18 @@ class BulbaModule(L.LightningModule):
         self.outcome.last_val = v
         if self.state.best_val is None or v < self.state.best_val:
             self.state.best_val = v
-        self._log({"val/loss": v, "val/ppl": math.exp(min(v, 50)), "perf/val_time_s": time.perf_counter() - t0}, step)
+        self._log(
+            {
+                "val/loss": v,
+                "val/ppl": math.exp(min(v, 50)),
+                **self.val_bpb,
+                "perf/val_time_s": time.perf_counter() - t0,
+            },
+            step,
+        )
         if self.global_rank == 0:
-            say(f"step {step:>6} | val loss {v:.4f}")
+            bpb = "".join(f" | {k[4:]} {x:.3f}" for k, x in self.val_bpb.items())
+            say(f"step {step:>6} | val loss {v:.4f}{bpb}")
         self._paused(time.perf_counter() - t0)  # out of tokens/s (the ETA counts wall time: evals recur)
 
     @torch.no_grad()

@@ -105,6 +105,7 @@ def _build_module(recipe: Recipe, plan: Plan, run: RunDir, loaded: dict | None):
     from tokenizers import Tokenizer
 
     from bulba.train.module import BulbaModule
+    from bulba.train.val_sources import SourceBpb
 
     data = plan.data
     tok = Tokenizer.from_file(str(data.dir / "tokenizer.json"))
@@ -118,6 +119,7 @@ def _build_module(recipe: Recipe, plan: Plan, run: RunDir, loaded: dict | None):
         eos_id=data.eos_id,
         checkpointer=checkpointer,
         progress=True,
+        val_sources=SourceBpb.from_data(data),
     )
     if loaded is not None:
         resume.restore(module, loaded, plan.rank0)

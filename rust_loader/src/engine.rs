@@ -88,6 +88,27 @@ impl Engine {
         assemble(&spec, &self.tokens, self.pad_id, &self.pool)
     }
 
+    /// Where in the token file each input position of batch `pos` comes from, row-major
+    /// `[rows, cols]`, -1 for padding: segments fill a row from column 0 in order (as
+    /// `assemble` places them). Only the plan is consulted, no tokens are read; validation
+    /// uses it to attribute each scored token to its document's source.
+    pub fn offsets(&self, pos: u64) -> (usize, Vec<i64>) {
+        let per_epoch = self.batches_per_epoch();
+        let spec = self.plan.batch(pos / per_epoch, pos % per_epoch);
+        let cols = spec.cols;
+        let mut out = vec![-1i64; spec.n_rows() * cols];
+        for (r, segs) in spec.rows().enumerate() {
+            let mut c = r * cols;
+            for s in segs {
+                for (j, o) in out[c..c + s.len as usize].iter_mut().enumerate() {
+                    *o = (s.start + j as u64) as i64;
+                }
+                c += s.len as usize;
+            }
+        }
+        (cols, out)
+    }
+
     /// Where the buffers of dropped batches go back to (see `Pool`).
     pub fn pool(&self) -> &Arc<Pool> {
         &self.pool
@@ -196,6 +217,29 @@ mod tests {
         let e = p.next_batch().unwrap().unwrap_err();
         assert!(e.0.contains("token id 150") && e.0.contains("vocab_size 100"), "{e}");
         assert!(p.next_batch().is_none());
+    }
+
+    #[test]
+    fn offsets_name_the_file_position_of_every_input_token() {
+        let (bin, idx) = write_split("offsets", 300);
+        let tokens = std::fs::read(&bin).unwrap();
+        let token = |i: usize| i32::from(u16::from_le_bytes([tokens[2 * i], tokens[2 * i + 1]]));
+        for sampler in ["stream", "packed", "bucketed"] {
+            let engine = Engine::open(&bin, &idx, &options(sampler)).unwrap();
+            for pos in [0, 1, engine.batches_per_epoch() + 2] {
+                let (b, (cols, offs)) = (engine.batch(pos).unwrap(), engine.offsets(pos));
+                assert_eq!(cols, b.cols);
+                assert_eq!(offs.len(), b.rows * b.cols, "{sampler}");
+                let ids = &b.data[..b.rows * b.cols];
+                let real = offs.iter().filter(|&&o| o >= 0).count();
+                assert_eq!(real, b.rows * b.cols - b.n_pad, "{sampler} at {pos}: padding");
+                for (&o, &id) in offs.iter().zip(ids) {
+                    if o >= 0 {
+                        assert_eq!(token(o as usize), id, "{sampler} at {pos}");
+                    }
+                }
+            }
+        }
     }
 
     #[test]

@@ -183,6 +183,16 @@ impl Engine {
         to_dict(py, b, self.inner.pool(), &self.constants)
     }
 
+    /// Where each input position of batch `pos` comes from in the token file (int64
+    /// [rows, cols], -1 for padding); from the plan alone, no tokens are read.
+    fn offsets<'py>(&self, py: Python<'py>, pos: u64) -> PyResult<Bound<'py, PyArray2<i64>>> {
+        let (cols, flat) = py.detach(|| self.inner.offsets(pos));
+        let rows = if cols == 0 { 0 } else { flat.len() / cols };
+        numpy::ndarray::Array2::from_shape_vec((rows, cols), flat)
+            .map(|a| a.into_pyarray(py))
+            .map_err(|e| PyRuntimeError::new_err(e.to_string()))
+    }
+
     /// Iterator over positions `start..stop` (forever when stop is None), assembled by
     /// `workers` background threads up to `prefetch` batches ahead.
     #[pyo3(signature = (start=0, stop=None, prefetch=4, workers=1))]
