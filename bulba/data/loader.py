@@ -317,7 +317,10 @@ def recipe_batches(recipe, data, split: str, rank: int = 0, world: int = 1, pref
         world_size=world,
         buckets=d.buckets,
         prefetch=d.prefetch if prefetch is None else prefetch,
-        shuffle=train,
+        # val too: a fixed seeded sample (every evaluation the same batches) drawn from the whole
+        # split; unshuffled, the first train.val_batches would be the first source's documents
+        # (val.bin is in source order) and val/<lang>/bpb would miss the later languages.
+        shuffle=True,
         infinite=train,
         drop_last=train,
     )

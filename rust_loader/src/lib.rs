@@ -187,7 +187,7 @@ impl Engine {
     /// [rows, cols], -1 for padding); from the plan alone, no tokens are read.
     fn offsets<'py>(&self, py: Python<'py>, pos: u64) -> PyResult<Bound<'py, PyArray2<i64>>> {
         let (cols, flat) = py.detach(|| self.inner.offsets(pos));
-        let rows = if cols == 0 { 0 } else { flat.len() / cols };
+        let rows = flat.len().checked_div(cols).unwrap_or(0);
         numpy::ndarray::Array2::from_shape_vec((rows, cols), flat)
             .map(|a| a.into_pyarray(py))
             .map_err(|e| PyRuntimeError::new_err(e.to_string()))
