@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,7 +124,12 @@ def resolve_attention(recipe: Recipe, accelerator: str, precision: str) -> hardw
     from bulba.train.strategy import choose_attention
 
     t = recipe.train
-    return choose_attention(t.mode, accelerator, precision, recipe.model.ctx_len, recipe.data.sampler)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        choice = choose_attention(t.mode, accelerator, precision, recipe.model.ctx_len, recipe.data.sampler)
+    for w in caught:  # one line each, not Python's file:line form
+        print(f"warning: {w.message}", file=sys.stderr, flush=True)
+    return choice
 
 
 def resolve_devices(recipe: Recipe, accelerator: str) -> tuple[int | list, int]:

@@ -117,7 +117,7 @@ def choose_attention(
 
 def _fallback(mode: str, why: str, choice: hardware.Choice) -> hardware.Choice:
     warnings.warn(f"train.mode={mode}: {why}; using {choice.value} attention instead", stacklevel=3)
-    return hardware.Choice(choice.value, f"{why}: {choice.reason} instead")
+    return hardware.Choice(choice.value, f"{choice.reason} (train.mode={mode} asked for FlashAttention: {why})")
 
 
 def apply_speed_mode(model: Llama, mode: str, device: torch.device) -> dict:
