@@ -231,8 +231,8 @@ class Flex:
             self._attend = torch.compile(flex_attention, dynamic=False) if cuda else flex_attention
         if seq_ids is None:
             key = (T, str(device))
-            if key not in self._causal:  # the same for every stream batch: built once per length
-                self._causal[key] = create_block_mask(_causal, None, None, T, T, device=device)
+            if key not in self._causal:  # the same for every stream batch of a length: kept (one length)
+                self._causal = {key: create_block_mask(_causal, None, None, T, T, device=device)}
             return self._causal[key]
 
         def document_causal(b, h, q_idx, kv_idx):
