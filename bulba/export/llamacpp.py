@@ -121,8 +121,9 @@ class LlamaCpp:
     def clear(self) -> None:
         self.L.llama_memory_clear(self.L.llama_get_memory(self.ctx), True)
 
-    def decode(self, ids: list[int], start: int = 0, all_logits: bool = True) -> np.ndarray:
-        """Feed `ids` at positions start..; logits [len(ids) or 1, n_vocab] as float32."""
+    def decode(self, ids: list[int], start: int = 0, all_logits: bool = True, first: int = 0) -> np.ndarray:
+        """Feed `ids` at positions start..; logits [len(ids) - first or 1, n_vocab] as float32:
+        with `all_logits`, of ids[first:] (llama.cpp skips the output layer for the others)."""
         L, n = self.L, len(ids)
         if start + n > self.n_ctx:
             raise ValueError(f"{start + n} tokens exceed the context of {self.n_ctx}")
@@ -134,19 +135,20 @@ class LlamaCpp:
                 batch.pos[i] = start + i
                 batch.n_seq_id[i] = 1
                 batch.seq_id[i][0] = 0
-                batch.logits[i] = 1 if (all_logits or i == n - 1) else 0
+                batch.logits[i] = 1 if ((all_logits and i >= first) or i == n - 1) else 0
             rc = L.llama_decode(self.ctx, batch)
             if rc != 0:
                 raise RuntimeError(f"llama_decode returned {rc}: {last_log()}")
         finally:
             L.llama_batch_free(batch)
-        rows = n if all_logits else 1
+        rows = n - min(first, n - 1) if all_logits else 1
         ptr = L.llama_get_logits(self.ctx)
         return np.ctypeslib.as_array(ptr, shape=(rows, self.n_vocab)).astype(np.float32, copy=True)
 
-    def logits(self, ids: list[int]) -> np.ndarray:
+    def logits(self, ids: list[int], first: int = 0) -> np.ndarray:
+        """Logits of positions first.. of `ids` fed from position 0 (a fresh sequence)."""
         self.clear()
-        return self.decode(ids)
+        return self.decode(ids, first=first)
 
     def greedy(self, prompt: list[int], n_new: int) -> list[int]:
         self.clear()
