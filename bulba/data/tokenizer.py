@@ -118,6 +118,12 @@ def check_tokenizer(tok: Tokenizer, vocab_size: int | None = None) -> dict[str, 
     return specials
 
 
+def tokenizer_file(path: str | Path) -> Path:
+    """`--tokenizer` as given: a tokenizer.json, or a prepared-data directory holding one."""
+    path = Path(path)
+    return path / "tokenizer.json" if path.is_dir() else path
+
+
 def load_tokenizer(path: str | Path) -> Tokenizer:
     path = Path(path)
     if not path.is_file():
