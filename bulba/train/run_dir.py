@@ -130,6 +130,8 @@ def run_config(recipe: Recipe, data, run_id: str | None) -> dict:
         "recipe": recipe.to_dict(),
         "dataset_digest": data.dataset_digest,
         "mlflow_run_id": run_id,
+        # Trained on conversations (a loss mask): export makes <|eot_id|> the end of generation.
+        "chat": data.has_loss_mask,
     }
 
 
