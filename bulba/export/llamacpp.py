@@ -160,6 +160,49 @@ class LlamaCpp:
                 pos += 1
         return out
 
+    def chat_template(self) -> str | None:
+        """The GGUF's `tokenizer.chat_template`, as llama.cpp read it."""
+        t = self.L.llama_model_chat_template(self.model, None)
+        return t.decode("utf-8") if t else None
+
+    def apply_chat_template(self, messages: list[dict], add_assistant: bool) -> str:
+        """llama.cpp's own formatting of `messages` with the file's template
+        (`llama_chat_apply_template`: it recognizes the template and formats natively; no BOS)."""
+        L = self.L
+        tmpl = L.llama_model_chat_template(self.model, None)
+        keep = [(m["role"].encode(), m["content"].encode()) for m in messages]  # alive during the call
+        arr = (L.llama_chat_message * len(keep))()
+        for i, (r, c) in enumerate(keep):
+            arr[i].role, arr[i].content = r, c
+        size = 2 * sum(len(r) + len(c) for r, c in keep) + 1024
+        for _ in range(2):
+            buf = ctypes.create_string_buffer(size)
+            n = L.llama_chat_apply_template(tmpl, arr, len(keep), add_assistant, buf, size)
+            if n < 0:
+                raise RuntimeError(f"llama_chat_apply_template does not know this template (code {n})")
+            if n <= size:
+                return buf.raw[:n].decode("utf-8")
+            size = n + 1
+        raise RuntimeError("llama_chat_apply_template: the output kept growing")
+
+    def is_eog(self, tok: int) -> bool:
+        """Does llama.cpp end generation at `tok` (EOS, EOT and the like)?"""
+        return bool(self.L.llama_vocab_is_eog(self.vocab, tok))
+
+    def reply(self, prompt: list[int], max_new: int) -> list[int]:
+        """Greedy tokens after `prompt` until llama.cpp's end of generation (included) or `max_new`."""
+        self.clear()
+        last = self.decode(prompt, 0, all_logits=False)[-1]
+        out, pos = [], len(prompt)
+        while len(out) < max_new:
+            tok = int(np.argmax(last))
+            out.append(tok)
+            if self.is_eog(tok) or pos + 1 >= self.n_ctx:
+                break
+            last = self.decode([tok], pos, all_logits=False)[-1]
+            pos += 1
+        return out
+
     def detokenize(self, ids: list[int]) -> str:
         """Text of `ids` as llama.cpp renders it (control tokens omitted)."""
         out = bytearray()
