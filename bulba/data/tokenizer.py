@@ -132,7 +132,10 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         tok = Tokenizer.from_file(str(path))
     except Exception as e:  # tokenizers raises a bare Exception on bad JSON
         raise UserError(f"cannot load tokenizer {path}: {str(e).splitlines()[0]}") from None
-    check_tokenizer(tok)
+    try:
+        check_tokenizer(tok)
+    except UserError as e:
+        raise UserError(f"{path}: {e}; use a tokenizer.json that prepare.py wrote") from None
     return tok
 
 

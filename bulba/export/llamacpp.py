@@ -69,6 +69,27 @@ def quantize(src: Path, dst: Path, ftype: int, nthread: int | None = None) -> No
         raise UserError(f"llama.cpp's quantizer failed (code {rc}): {last_log()}")
 
 
+def apply_chat_template(template: bytes | str, messages: list[dict], add_assistant: bool) -> str:
+    """`messages` formatted by llama.cpp (`llama_chat_apply_template`): it recognizes the
+    template (ours as its built-in "llama3") and formats natively; it adds no BOS."""
+    L = _lib()
+    tmpl = template.encode() if isinstance(template, str) else template
+    keep = [(m["role"].encode(), m["content"].encode()) for m in messages]  # alive during the call
+    arr = (L.llama_chat_message * len(keep))()
+    for i, (r, c) in enumerate(keep):
+        arr[i].role, arr[i].content = r, c
+    size = 2 * sum(len(r) + len(c) for r, c in keep) + 1024
+    for _ in range(2):
+        buf = ctypes.create_string_buffer(size)
+        n = L.llama_chat_apply_template(tmpl, arr, len(keep), add_assistant, buf, size)
+        if n < 0:
+            raise RuntimeError(f"llama_chat_apply_template does not know this template (code {n})")
+        if n <= size:
+            return buf.raw[:n].decode("utf-8")
+        size = n + 1
+    raise RuntimeError("llama_chat_apply_template: the output kept growing")
+
+
 class LlamaCpp:
     """One GGUF loaded in llama.cpp with a context of `n_ctx` tokens (use as a context manager)."""
 
@@ -166,24 +187,8 @@ class LlamaCpp:
         return t.decode("utf-8") if t else None
 
     def apply_chat_template(self, messages: list[dict], add_assistant: bool) -> str:
-        """llama.cpp's own formatting of `messages` with the file's template
-        (`llama_chat_apply_template`: it recognizes the template and formats natively; no BOS)."""
-        L = self.L
-        tmpl = L.llama_model_chat_template(self.model, None)
-        keep = [(m["role"].encode(), m["content"].encode()) for m in messages]  # alive during the call
-        arr = (L.llama_chat_message * len(keep))()
-        for i, (r, c) in enumerate(keep):
-            arr[i].role, arr[i].content = r, c
-        size = 2 * sum(len(r) + len(c) for r, c in keep) + 1024
-        for _ in range(2):
-            buf = ctypes.create_string_buffer(size)
-            n = L.llama_chat_apply_template(tmpl, arr, len(keep), add_assistant, buf, size)
-            if n < 0:
-                raise RuntimeError(f"llama_chat_apply_template does not know this template (code {n})")
-            if n <= size:
-                return buf.raw[:n].decode("utf-8")
-            size = n + 1
-        raise RuntimeError("llama_chat_apply_template: the output kept growing")
+        """llama.cpp's own formatting of `messages` with the file's template."""
+        return apply_chat_template(self.L.llama_model_chat_template(self.model, None), messages, add_assistant)
 
     def is_eog(self, tok: int) -> bool:
         """Does llama.cpp end generation at `tok` (EOS, EOT and the like)?"""
