@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from support.paths import CORPUS
+from support.paths import CORPUS, REPO
 from support.train_data import TINY
 
 SYSTEMS = {
@@ -46,24 +46,33 @@ def write_jsonl(path: Path, records: list) -> Path:
 def chat_data(train_data, tmp_path_factory) -> Path:
     """A chat dataset (format version 2) of corpus conversations, tokenized with the session's
     prepared tokenizer, ctx 128."""
+    d = tmp_path_factory.mktemp("chat")
+    return _prepare_chat([write_jsonl(d / "chats.jsonl", corpus_conversations())], train_data, d / "data")
+
+
+def _prepare_chat(inputs: list[Path], tokenizer: Path, out: Path) -> Path:
     from bulba.data.prepare import PrepareConfig, prepare
 
-    d = tmp_path_factory.mktemp("chat")
-    src = write_jsonl(d / "chats.jsonl", corpus_conversations())
-    out = d / "data"
-    prepare(
-        PrepareConfig(
-            inputs=[str(src)],
-            out=out,
-            format="chat",
-            tokenizer=train_data,
-            ctx_len=128,
-            val_fraction=0.1,
-            mlflow=False,
-            quiet=True,
-        )
+    cfg = PrepareConfig(
+        inputs=[str(p) for p in inputs],
+        out=out,
+        format="chat",
+        tokenizer=tokenizer,
+        ctx_len=128,
+        val_fraction=0.1,
+        mlflow=False,
+        quiet=True,
     )
+    prepare(cfg)
     return out
+
+
+@pytest.fixture(scope="session")
+def demo_chat_data(train_data, tmp_path_factory) -> Path:
+    """The shipped demo dialogues (short everyday answers), prepared as chat_data is."""
+    return _prepare_chat(
+        [REPO / "demo" / "chat" / "dialogues.jsonl"], train_data, tmp_path_factory.mktemp("demochat") / "data"
+    )
 
 
 @pytest.fixture(scope="session")
@@ -73,7 +82,7 @@ def base_run(train_data, tmp_path_factory) -> Path:
     from bulba.train.run import train
 
     out = tmp_path_factory.mktemp("base") / "run"
-    overrides = TINY + [f"data.dir={train_data}", f"out_dir={out}", "train.max_steps=3", "train.val_every=0"]
+    overrides = TINY + [f"data.dir={train_data}", f"out_dir={out}", "train.max_steps=60", "train.val_every=0"]
     train(load_recipe("tiny", overrides), enable_tracking=False)
     return out
 
@@ -82,18 +91,19 @@ CHAT_TINY = TINY + ["model.ctx_len=128", "train.val_every=0", "train.ckpt_every=
 
 
 @pytest.fixture(scope="session")
-def chat_run(base_run, chat_data, tmp_path_factory) -> Path:
-    """tiny-chat fine-tuned from `base_run` long enough to end its turns with <|eot_id|>
-    (measured: greedy replies to export's sample chats stop after ~60 steps at this lr)."""
+def chat_run(base_run, demo_chat_data, tmp_path_factory) -> Path:
+    """tiny-chat fine-tuned from `base_run` on the demo dialogues long enough to end its turns
+    with <|eot_id|> (measured: greedy replies to export's 3 sample chats all stopped after 200
+    steps; on corpus sentence pairs as answers, 1 of 3 still looped at 200)."""
     from bulba.config import load_recipe
     from bulba.train.run import train
 
     out = tmp_path_factory.mktemp("chatrun") / "run"
     overrides = CHAT_TINY + [
-        f"data.dir={chat_data}",
+        f"data.dir={demo_chat_data}",
         f"init_from={base_run}",
         f"out_dir={out}",
-        "train.max_steps=120",
+        "train.max_steps=200",
         "train.lr=2e-3",
         "train.min_lr=2e-4",
         "train.batch_size=8",
