@@ -73,8 +73,10 @@ def test_refuses_another_tokenizer_and_another_shape(base_run, chat_data, tmp_pa
     assert not any((tmp_path / n).exists() for n in ("r1", "r2", "r3"))  # nothing written
 
 
-def test_parent_is_recorded_in_mlflow(base_run, chat_data, tmp_path, mlflow_uri):
+def test_parent_is_recorded_in_mlflow(base_run, chat_data, tmp_path, mlflow_uri, monkeypatch):
     import mlflow
+
+    from bulba.export.pipeline import export
 
     out = tmp_path / "chat"
     overrides = CHAT_TINY + [f"data.dir={chat_data}", f"init_from={base_run}", f"out_dir={out}", "train.max_steps=1"]
@@ -90,6 +92,15 @@ def test_parent_is_recorded_in_mlflow(base_run, chat_data, tmp_path, mlflow_uri)
     tags = mlflow.MlflowClient(mlflow_uri).get_run(run_id).data.tags
     assert tags["bulba.parent_run_id"] == parent.info.run_id
     assert tags["bulba.init_from"] == str(linked) and tags["bulba.parent_weights"].endswith("final.safetensors")
+    # base run -> chat run -> GGUF: the export run and the model version name the parent too
+    monkeypatch.chdir(tmp_path)
+    res = export(str(out), "q8_0", tmp_path / "c.gguf", register="chat-lineage", verify=False, quiet=True)
+    client = mlflow.MlflowClient(mlflow_uri)
+    export_tags = client.get_run(res.mlflow["run_id"]).data.tags
+    assert export_tags["bulba.parent_run_id"] == parent.info.run_id and export_tags["mlflow.parentRunId"] == run_id
+    mv = client.get_model_version("chat-lineage", res.mlflow["version"])
+    assert mv.tags["parent_run"] == parent.info.run_id and mv.tags["chat"] == "True"
+    assert f"Fine-tuned from {linked} on conversations." in mv.description
 
 
 def test_resumed_chat_run_equals_uninterrupted_and_ignores_the_parent(base_run, chat_data, tmp_path):
