@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from bulba.config import load_recipe
 from bulba.data.prepare import PrepareConfig, prepare
+from bulba.errors import UserError
 from bulba.train.run import train
 from support.chat_data import CHAT_TINY, corpus_conversations, write_jsonl
 from support.cli import assert_one_line_exit_2
@@ -54,23 +55,20 @@ def test_refuses_another_tokenizer_and_another_shape(base_run, chat_data, tmp_pa
         )
     )
     base = ["tiny-chat", f"init_from={base_run}", "--no-mlflow", *CHAT_TINY]
-    r = run_train(base + [f"data.dir={data}", f"out_dir={tmp_path / 'r1'}"], timeout=180)
+    r = run_train(base + [f"data.dir={data}", f"out_dir={tmp_path / 'r1'}"], timeout=180)  # as a user runs it
     assert_one_line_exit_2(r, "tokenizer", str(base_run / "tokenizer.json"), str(data / "tokenizer.json"))
-    r = run_train(base + [f"data.dir={chat_data}", f"out_dir={tmp_path / 'r2'}", "model.n_layer=3"], timeout=180)
-    assert_one_line_exit_2(r, "n_layer 2 vs 3", str(base_run / "config.json"))
-    r = run_train(
-        [
-            "tiny-chat",
-            f"init_from={tmp_path / 'nope'}",
-            "--no-mlflow",
-            *CHAT_TINY,
-            f"data.dir={chat_data}",
-            f"out_dir={tmp_path / 'r3'}",
-        ],
-        timeout=180,
-    )
-    assert_one_line_exit_2(r, "init_from", "nope")
-    assert not any((tmp_path / n).exists() for n in ("r1", "r2", "r3"))  # nothing written
+
+    def refused(*extra):
+        with pytest.raises(UserError) as e:
+            train(load_recipe("tiny-chat", CHAT_TINY + [f"data.dir={chat_data}", *extra]), enable_tracking=False)
+        return str(e.value)
+
+    msg = refused(f"init_from={base_run}", f"out_dir={tmp_path / 'r2'}", "model.n_layer=3")
+    assert "n_layer 2 vs 3" in msg and str(base_run / "config.json") in msg
+    msg = refused(f"init_from={base_run}", f"out_dir={tmp_path / 'r3'}", "model.tie_embeddings=false")
+    assert "tie_embeddings True vs False" in msg
+    assert "init_from" in refused(f"init_from={tmp_path / 'nope'}", f"out_dir={tmp_path / 'r4'}")
+    assert not any((tmp_path / n).exists() for n in ("r1", "r2", "r3", "r4"))  # nothing written
 
 
 def test_parent_is_recorded_in_mlflow(base_run, chat_data, tmp_path, mlflow_uri, monkeypatch):
