@@ -186,3 +186,32 @@ def test_chat_prepare_errors_exit_2(train_data, tmp_path):
         str(bad), "--format", "chat", "--tokenizer", str(tmp_path / "tok.json"), "--out", str(tmp_path / "o")
     )
     assert_one_line_exit_2(r, "<|eot_id|>", "tok.json")
+
+
+def test_every_input_format_gives_the_same_tokens(train_data, tmp_path):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from support.chat_data import corpus_conversations
+
+    records = corpus_conversations(n_per_lang=5)
+    inputs = {
+        "jsonl": write_jsonl(tmp_path / "c.jsonl", records),
+        "json": tmp_path / "c.json",
+        "parquet": tmp_path / "c.parquet",
+        "datasets": tmp_path / "ds",
+    }
+    inputs["json"].write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    pq.write_table(pa.Table.from_pylist(records), inputs["parquet"])
+    datasets.Dataset.from_list(records).save_to_disk(str(inputs["datasets"]))
+    got = {}
+    for name, path in inputs.items():
+        out = tmp_path / f"d-{name}"
+        cfg = PrepareConfig(
+            inputs=[str(path)], out=out, format="chat", tokenizer=train_data, ctx_len=256, mlflow=False, quiet=True
+        )
+        meta = prepare(cfg)
+        assert meta["chat"]["conversations"] == len(records) and not meta["chat"]["skipped"], name
+        got[name] = [(out / f).read_bytes() for f in ("train.bin", "train.mask.bin", "val.bin", "val.mask.bin")]
+    assert all(v == got["jsonl"] for v in got.values())
