@@ -69,6 +69,11 @@ def render(messages: list[tuple[str, str]], add_generation_prompt: bool = False,
     return text + (header("assistant") if add_generation_prompt else "")
 
 
+def chat_prompt(user: str) -> str:
+    """A one-turn prompt: the user's message and the assistant header (training samples)."""
+    return render([("user", nfc(user).strip())], add_generation_prompt=True)
+
+
 def jinja_template(eot: str = EOT) -> str:
     """The template as Jinja (GGUF `tokenizer.chat_template`, HF `chat_template`). llama.cpp
     recognizes it as its built-in "llama3" (it contains the header tokens); llama-cpp-python and

@@ -126,6 +126,7 @@ def _build_module(recipe: Recipe, plan: Plan, run: RunDir, loaded: dict | None):
         eos_id=data.eos_id,
         checkpointer=checkpointer,
         progress=True,
+        chat=data.has_loss_mask,
     )
     if loaded is not None:
         resume.restore(module, loaded, plan.rank0)
