@@ -61,6 +61,7 @@ class BulbaModule(L.LightningModule):
         self,
         recipe: Recipe,
         *,
+        attention: str = "sdpa",
         batches_factory=None,
         sink=None,
         tokenizer=None,
@@ -72,7 +73,7 @@ class BulbaModule(L.LightningModule):
     ):
         super().__init__()
         self.recipe = recipe
-        self.model = Llama(recipe.model)
+        self.model = Llama(recipe.model, attention)  # the backend preflight chose for this machine
         self.automatic_optimization = False
         self.state = TrainState()
         self.outcome = Outcome()
@@ -167,15 +168,13 @@ class BulbaModule(L.LightningModule):
         labels = batch["labels"].long()
         # Stream batches come without cu_seqlens (trainer): one causal sequence per row, positions
         # 0..T-1. Packed/bucketed rows hold several documents: positions restart and attention
-        # is masked per document, both derived from cu_seqlens here, on the device.
-        pos = seq_ids = cu = ms = None
+        # is masked per document, both derived from cu_seqlens here, on the device; the model
+        # builds its attention mask from them once per batch.
+        pos = seq_ids = cu = None
         if batch.get("cu_seqlens") is not None:
-            pos, seq_ids = document_layout(batch["cu_seqlens"], *ids.shape)
-            if self.model.layers[0].attention.backend == "flash":
-                cu, ms = batch["cu_seqlens"], batch.get("max_seqlen")
-        # SDPA never reads cu_seqlens / max_seqlen; not passing them keeps the compiled blocks'
-        # inputs fixed in shape (max_seqlen is a Python int that would be guarded on).
-        h = self.model.hidden(ids, position_ids=pos, seq_ids=seq_ids, cu_seqlens=cu, max_seqlen=ms)
+            cu = batch["cu_seqlens"]
+            pos, seq_ids = document_layout(cu, *ids.shape)
+        h = self.model.hidden(ids, position_ids=pos, seq_ids=seq_ids, cu_seqlens=cu)
         loss_sum = self.model.loss_sum(h, labels)
         n = (labels != -100).sum()
         return loss_sum / n.clamp(min=1), n

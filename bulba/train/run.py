@@ -78,7 +78,7 @@ def train(recipe: Recipe, *, module_hook=None, enable_tracking: bool = True) -> 
                 {
                     "bulba.mode": recipe.train.mode,
                     "bulba.attention_backend": strategy.resolved["attention"],
-                    "bulba.attention_reason": strategy.resolved["attention_reason"],
+                    "bulba.attention_reason": plan.attention_reason,
                     "bulba.compiled": strategy.resolved["compiled"],
                 }
             )
@@ -105,6 +105,7 @@ def _announce(recipe: Recipe, plan: Plan) -> None:
             flush=True,
         )
         print(f"precision {plan.precision}: {plan.precision_reason}", flush=True)
+        print(f"attention {plan.attention}: {plan.attention_reason}", flush=True)
         if plan.accelerator == "cpu":
             print(f"threads: {hardware.thread_reason(recipe.train.threads)}", flush=True)
 
@@ -119,6 +120,7 @@ def _build_module(recipe: Recipe, plan: Plan, run: RunDir, loaded: dict | None):
     checkpointer = Checkpointer(recipe, lambda: run.run_id, run.refresh_config, data.dataset_digest)
     module = BulbaModule(
         recipe,
+        attention=plan.attention,
         batches_factory=make_batches_factory(recipe, data, pin=plan.accelerator == "cuda"),
         sink=run.tracker.metrics if run.tracker else None,
         tokenizer=tok,
