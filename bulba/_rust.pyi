@@ -42,7 +42,10 @@ class Engine:
         pad_id: int = 0,
         expected_tokens: int | None = None,
         expected_docs: int | None = None,
-    ) -> None: ...
+        mask_path: str | PathLike[str] | None = None,
+    ) -> None:
+        """`mask_path`: the split's loss mask (one uint8 per token, 1 = a training target);
+        labels whose target it marks 0 are -100, in every sampler."""
     @property
     def batches_per_epoch(self) -> int: ...
     @property

@@ -118,6 +118,8 @@ class Batches:
                 pad_id=self.data.pad_id,
                 expected_tokens=info.get("tokens"),
                 expected_docs=info.get("documents"),
+                # Chat data: the labels of targets outside the assistant turns become -100.
+                mask_path=None if self.data.mask_path(split) is None else str(self.data.mask_path(split)),
             )
         except ValueError as e:  # corrupt/truncated files, vocab mismatch, too little data
             raise UserError(str(e)) from None

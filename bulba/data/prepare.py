@@ -47,6 +47,7 @@ from bulba.data.tokenizer import (
     check_tokenizer,
     check_vocab_size,
     load_tokenizer,
+    tokenizer_file,
     train_tokenizer,
 )
 from bulba.errors import UserError
@@ -73,6 +74,9 @@ class PrepareConfig:
     workers: int | None = None  # encoding processes; None: see resolve_workers; 0: in-process
     progress: bool | None = None  # None: only on a terminal
     quiet: bool = False
+    format: str = "text"  # "text" (documents) or "chat" (conversations + loss mask: bulba.data.prepare_chat)
+    messages_field: str = "messages"  # chat: the field holding a conversation's messages
+    ctx_len: int = 256  # chat: longer conversations are skipped (counted)
 
 
 def warn(msg: str) -> None:
@@ -315,6 +319,12 @@ def dataset_digest(tokenizer_sha: str, splits: dict) -> str:
 
 
 def prepare(cfg: PrepareConfig) -> dict:
+    if cfg.format == "chat":
+        from bulba.data.prepare_chat import prepare_chat
+
+        return prepare_chat(cfg)
+    if cfg.format != "text":
+        raise UserError(f"--format must be text or chat, got {cfg.format!r}")
     t0 = time.time()
     out = Path(cfg.out)
     if not 0 <= cfg.val_fraction < 1:
@@ -338,7 +348,7 @@ def prepare(cfg: PrepareConfig) -> dict:
     t_scan = time.time()
 
     if cfg.tokenizer is not None:
-        tok = load_tokenizer(cfg.tokenizer)
+        tok = load_tokenizer(tokenizer_file(cfg.tokenizer))
         if cfg.vocab_size not in (None, DEFAULT_VOCAB) and tok.get_vocab_size() != cfg.vocab_size:
             raise UserError(
                 f"--tokenizer has {tok.get_vocab_size()} tokens but --vocab-size {cfg.vocab_size} was asked"
@@ -507,7 +517,10 @@ def _start_mlflow(cfg: PrepareConfig, meta: dict, tmp: Path, out: Path) -> str |
             }
         )
         metrics = {
-            f"{split}_{k}": float(v) for split, d in meta["splits"].items() for k, v in d.items() if k != "sha256"
+            f"{split}_{k}": float(v)
+            for split, d in meta["splits"].items()
+            for k, v in d.items()
+            if not k.endswith("sha256")
         }
         for lang, d in meta["languages"].items():
             for k in ("documents", "words", "tokens", "bytes"):

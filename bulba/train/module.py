@@ -23,7 +23,9 @@ import lightning as L
 import torch
 
 from bulba.config import Recipe
+from bulba.data.chat import chat_prompt
 from bulba.data.loader import document_layout
+from bulba.data.tokenizer import EOT
 from bulba.memory import rss_mb
 from bulba.model import flops
 from bulba.model.llama import Llama
@@ -69,6 +71,7 @@ class BulbaModule(L.LightningModule):
         checkpointer=None,
         progress: bool = False,
         val_sources: SourceBpb | None = None,
+        chat: bool = False,
     ):
         super().__init__()
         self.recipe = recipe
@@ -80,6 +83,7 @@ class BulbaModule(L.LightningModule):
         self._sink = sink  # metrics sink on global rank 0: sink(dict, step)
         self._tokenizer = tokenizer
         self._bos, self._eos = bos_id, eos_id
+        self._chat = chat  # chat data: samples are replies to the prompts as user turns
         self._checkpointer = checkpointer  # (module, reason) -> None, called on every rank
         self._pending_optimizer: dict | None = None
         self._stop_request: str | None = None  # set from signal handlers; acted on at step boundaries
@@ -442,11 +446,14 @@ class BulbaModule(L.LightningModule):
         # eagerly so the varying shapes do not trigger recompiles.
         with torch.compiler.set_stance("force_eager"):
             for prompt in t.sample_prompts:
-                ids = self._tokenizer.encode(prompt, add_special_tokens=False).ids
-                if self._bos is not None:
-                    ids = [self._bos] + ids
+                if self._chat:  # the prompt as a user turn, then the assistant header (BOS included)
+                    ids = self._tokenizer.encode(chat_prompt(prompt), add_special_tokens=False).ids
+                else:
+                    ids = self._tokenizer.encode(prompt, add_special_tokens=False).ids
+                    ids = ids if self._bos is None else [self._bos] + ids
                 x = torch.tensor([ids[-(self.recipe.model.ctx_len - t.sample_tokens) :]], device=self.device)
-                y = self.model.generate(x, t.sample_tokens, temperature=0.8, top_k=50, eos_id=self._eos, generator=gen)
+                eos = self._tokenizer.token_to_id(EOT) if self._chat else self._eos
+                y = self.model.generate(x, t.sample_tokens, temperature=0.8, top_k=50, eos_id=eos, generator=gen)
                 text = self._tokenizer.decode(y[0, x.shape[1] :].tolist(), skip_special_tokens=True)
                 out.append({"step": step, "prompt": prompt, "completion": text})
         self.model.train(was_training)

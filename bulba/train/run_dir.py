@@ -121,7 +121,9 @@ class Tracker:
             self._rt = None
 
 
-def config_document(model, token_ids: dict, recipe: dict, dataset_digest: str | None, run_id: str | None) -> dict:
+def config_document(
+    model, token_ids: dict, recipe: dict, dataset_digest: str | None, run_id: str | None, chat: bool = False
+) -> dict:
     """config.json of a run directory (docs/contracts.md, "Runs"): the one place its form is written."""
     return {
         "format": RUN_FORMAT,
@@ -131,12 +133,14 @@ def config_document(model, token_ids: dict, recipe: dict, dataset_digest: str | 
         "recipe": recipe,
         "dataset_digest": dataset_digest,
         "mlflow_run_id": run_id,
+        # Trained on conversations (a loss mask): export makes <|eot_id|> the end of generation.
+        "chat": chat,
     }
 
 
 def run_config(recipe: Recipe, data, run_id: str | None) -> dict:
     ids = {"bos_id": data.bos_id, "eos_id": data.eos_id, "pad_id": data.pad_id}
-    return config_document(recipe.model, ids, recipe.to_dict(), data.dataset_digest, run_id)
+    return config_document(recipe.model, ids, recipe.to_dict(), data.dataset_digest, run_id, data.has_loss_mask)
 
 
 def write_weights_run(

@@ -113,7 +113,7 @@ impl Engine {
     #[new]
     #[pyo3(signature = (bin_path, idx_path, *, dtype, vocab_size, sampler, batch_size, ctx, seed=0, rank=0,
                         world_size=1, buckets=Vec::new(), shuffle=true, drop_last=true,
-                        pad_id=0, expected_tokens=None, expected_docs=None))]
+                        pad_id=0, expected_tokens=None, expected_docs=None, mask_path=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -133,6 +133,7 @@ impl Engine {
         pad_id: u32,
         expected_tokens: Option<u64>,
         expected_docs: Option<u64>,
+        mask_path: Option<PathBuf>,
     ) -> PyResult<Self> {
         let opts = Options {
             dtype: Dtype::parse(dtype).map_err(value_error)?,
@@ -145,6 +146,7 @@ impl Engine {
             sharding: Sharding { seed, shuffle, rank, world: world_size, drop_last },
             expected_tokens,
             expected_docs,
+            mask: mask_path,
         };
         // Validation reads the whole index: let other Python threads run meanwhile.
         let inner = py.detach(|| engine::Engine::open(&bin_path, &idx_path, &opts)).map_err(value_error)?;
