@@ -17,6 +17,15 @@ val.bin holds every source once, unweighted.
 
 Writes DATA_DIR/tokenizer.json, train.bin, val.bin, train.idx, val.idx and, last,
 meta.json (see docs/contracts.md), and logs an MLflow run (experiment bulbagpt-prepare).
+
+Chat data (--format chat): conversations for fine-tuning a pretrained run, one per record of
+.jsonl/.json/.parquet files or a datasets folder, as a "messages" list of {"role", "content"}
+(system, user, assistant) or ShareGPT's "conversations" of {"from", "value"}. Rendered with
+the Llama-3 chat template and tokenized with the pretraining data's tokenizer (required):
+  python prepare.py demo/chat/dialogues.jsonl --format chat --tokenizer data/demo --out data/demo-chat
+Adds train.mask.bin / val.mask.bin (loss only on the assistant turns). Conversations that are
+malformed, empty, not alternating, longer than --ctx-len or spell a special token are skipped,
+counted and named (file:line) on stderr.
 """
 
 from __future__ import annotations
@@ -47,7 +56,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="share of documents in val.bin, chosen by a hash of their text (default %(default)s)",
     )
     p.add_argument("--text-field", default="text", help="JSON field / column holding the text (default %(default)s)")
-    p.add_argument("--tokenizer", type=Path, metavar="FILE", help="reuse this tokenizer.json instead of training one")
+    p.add_argument(
+        "--tokenizer",
+        type=Path,
+        metavar="FILE_OR_DATA_DIR",
+        help="reuse this tokenizer.json (or a prepared DATA_DIR's) instead of training one; required for chat",
+    )
+    p.add_argument(
+        "--format",
+        choices=["text", "chat"],
+        default="text",
+        help="text: documents for pretraining; chat: conversations with a loss mask (default %(default)s)",
+    )
+    p.add_argument(
+        "--messages-field",
+        default="messages",
+        help="chat: the field holding a conversation's messages (default %(default)s; "
+        "ShareGPT 'conversations' is read too)",
+    )
+    p.add_argument(
+        "--ctx-len",
+        type=int,
+        default=256,
+        help="chat: skip (and count) conversations longer than this many tokens; "
+        "set it to the model's model.ctx_len (default %(default)s, the tiny preset's)",
+    )
     p.add_argument(
         "--tokenizer-max-mb",
         type=float,
@@ -115,6 +148,9 @@ def main(argv=None) -> int:
             workers=args.workers,
             progress=args.progress,
             quiet=args.quiet,
+            format=args.format,
+            messages_field=args.messages_field,
+            ctx_len=args.ctx_len,
         )
     )
     return 0

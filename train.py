@@ -5,6 +5,7 @@ RECIPE is a YAML file or a preset name (bulba/recipes/); overrides are dotted re
 The run directory (out_dir) receives config.json, tokenizer.json, checkpoints/ and, at the
 end, final.safetensors (for export.py). Every run is an MLflow run (MLFLOW_TRACKING_URI or
 ./mlflow.db). Ctrl-C / SIGTERM write a checkpoint; `resume=auto` continues from the newest one.
+`init_from=RUN_DIR|runs:/<id>` starts from a pretrained run's weights (fresh optimizer and schedule).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ examples:
   python train.py krolik out_dir=runs/k1 train.batch_size=16 train.grad_accum=4 train.max_tokens=2000000000
   python train.py krolik out_dir=runs/k1 resume=auto            # continue after a crash or preemption
   python train.py zubr train.devices=8 train.strategy=fsdp      # or under torchrun / srun
-keys: name out_dir seed resume model.* data.* train.* tracking.*  (see bulba/config.py)
+  python train.py tiny-chat init_from=runs/tiny data.dir=data/demo-chat   # fine-tune on chat data
+keys: name out_dir seed resume init_from model.* data.* train.* tracking.*  (see bulba/config.py)
 """
 
 

@@ -42,7 +42,10 @@ class Engine:
         pad_id: int = 0,
         expected_tokens: int | None = None,
         expected_docs: int | None = None,
-    ) -> None: ...
+        mask_path: str | PathLike[str] | None = None,
+    ) -> None:
+        """`mask_path`: the split's loss mask (one uint8 per token, 1 = a training target);
+        labels whose target it marks 0 are -100, in every sampler."""
     @property
     def batches_per_epoch(self) -> int: ...
     @property
@@ -56,6 +59,9 @@ class Engine:
     def n_docs(self) -> int: ...
     def batch(self, pos: int) -> Batch:
         """The batch at global position `pos`, assembled now on this thread (GIL released)."""
+    def offsets(self, pos: int) -> Any:
+        """int64 [rows, cols]: the token-file position of each input of batch `pos`, -1 for padding
+        (from the plan; no tokens are read)."""
     def iter(self, start: int = 0, stop: int | None = None, prefetch: int = 4, workers: int = 1) -> BatchIter:
         """Positions `start..stop` (forever when stop is None), assembled by `workers` background
         threads up to `prefetch` batches ahead."""

@@ -157,6 +157,8 @@ class Recipe:
     out_dir: str = "runs/custom"
     seed: int = 1337
     resume: Literal["never", "auto"] = "never"
+    # Fine-tuning: start from a pretrained run's weights (RUN_DIR or runs:/<id>; bulba.train.init_from)
+    init_from: Optional[str] = None
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -164,6 +166,8 @@ class Recipe:
 
     def validate(self) -> None:
         self.model.validate()
+        if self.init_from is not None and not self.init_from.strip():
+            raise UserError("init_from must name a run directory or runs:/<run_id> (or be left unset)")
         t = self.train
         for key in ("batch_size", "grad_accum", "max_steps", "val_batches", "log_every"):
             if getattr(t, key) <= 0:

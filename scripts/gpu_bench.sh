@@ -24,7 +24,9 @@ DATA=${DATA:-data/bench}
 STEPS=${STEPS:-20}             # timed steps per row
 WARMUP=${WARMUP:-5}            # untimed; compilation happens here
 ROW_TIMEOUT=${ROW_TIMEOUT:-180}
-BUDGET=${BUDGET:-270}          # seconds per preset for all its rows (bench.py --time-budget): 2 presets < 10 min
+BUDGET=${BUDGET:-240}          # seconds per preset for all its rows (bench.py --time-budget)
+CAP_BUDGET=${CAP_BUDGET:-75}   # the extra row: aist under `both` capped at 12 GiB (RTX 3060); 2 x 240 + 75 < 10 min
+CAP_GB=${CAP_GB:-12}
 RESULTS=${RESULTS:-${OUT:-bench_results}}
 PY=${PYTHON:-python3}
 DEVICE=${DEVICE:-cuda}          # cpu: a smoke test of this script on a machine without a GPU
@@ -67,4 +69,16 @@ for p in $PRESETS; do
       --row-timeout "$ROW_TIMEOUT" --time-budget "$BUDGET" --no-mlflow --md "$RESULTS/gpu-$p.md" --json "$RESULTS/gpu-$p.json" $EXTRA_ARGS \
       2> >(tee "$RESULTS/gpu-$p.log" >&2) || { echo "gpu_bench: $p exited $?" >&2; status=1; }
 done
+
+# Does aist under `both` fit the seed's 12 GB card? The same row with the process capped at
+# CAP_GB GiB of device memory (torch.cuda.set_per_process_memory_fraction): past the cap it fails
+# with OutOfMemoryError, as it would on that card.
+if [[ " $PRESETS " == *" aist "* ]] && [ "$DEVICE" = cuda ]; then
+  echo "=== aist, bulba-both, capped at ${CAP_GB} GiB ==="
+  timeout --kill-after=10 $((CAP_BUDGET + 45)) \
+    $PY bench.py train --device cuda --preset aist --data "$DATA" --rows bulba-both --steps "$STEPS" --warmup "$WARMUP" \
+      --row-timeout "$ROW_TIMEOUT" --time-budget "$CAP_BUDGET" --memory-cap-gb "$CAP_GB" --no-mlflow \
+      --md "$RESULTS/gpu-aist-${CAP_GB}gb.md" --json "$RESULTS/gpu-aist-${CAP_GB}gb.json" $EXTRA_ARGS \
+      2> >(tee "$RESULTS/gpu-aist-${CAP_GB}gb.log" >&2) || { echo "gpu_bench: capped aist exited $?" >&2; status=1; }
+fi
 exit $status

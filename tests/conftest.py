@@ -9,7 +9,7 @@ import pytest
 from support.paths import corpus_dir as _corpus_dir
 
 # Real MLflow server (mlflow_server, mlflow_uri) and the training tests' dataset (train_data).
-pytest_plugins = ["support.mlflow_server", "support.train_data"]
+pytest_plugins = ["support.mlflow_server", "support.train_data", "support.chat_data"]
 
 
 def pytest_sessionstart(session):

@@ -9,7 +9,6 @@ Verification and MLflow logging are off: this measures the writer.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import subprocess
@@ -47,40 +46,19 @@ def model_config(recipe: str):
 def make_random_run(run_dir: Path, cfg) -> None:
     """config.json + tokenizer.json (exactly vocab_size tokens) + random final.safetensors."""
     import torch
-    from safetensors.torch import save_file
 
-    from bulba.data.tokenizer import BOS, EOS, train_tokenizer
+    from bulba.data.tokenizer import train_tokenizer
     from bulba.model.weights import expected_shapes
+    from bulba.train.run_dir import write_weights_run
 
-    run_dir.mkdir(parents=True, exist_ok=True)
     texts = [f"{w} {i}" for i, w in enumerate(("zubr bulba kot aist krolik " * 200).split())]
     tok = train_tokenizer(texts, vocab_size=cfg.vocab_size)  # small text: reserved tokens fill up
-    tok.save(str(run_dir / "tokenizer.json"))
     g = torch.Generator().manual_seed(0)
     state = {
         k: (torch.ones(s) if len(s) == 1 else torch.randn(s, generator=g) * 0.02)
         for k, s in expected_shapes(cfg).items()
     }
-    save_file(state, str(run_dir / "final.safetensors"))
-    del state
-    (run_dir / "config.json").write_text(
-        json.dumps(
-            {
-                "format": "bulba-run",
-                "version": 1,
-                "model": dataclasses.asdict(cfg),
-                "tokenizer": {
-                    "bos_id": tok.token_to_id(BOS),
-                    "eos_id": tok.token_to_id(EOS),
-                    "pad_id": tok.token_to_id(EOS),
-                    "add_bos_token": True,
-                },
-                "recipe": {"name": "zubr-random"},
-                "dataset_digest": None,
-                "mlflow_run_id": None,
-            }
-        )
-    )
+    write_weights_run(run_dir, cfg, tok, state, recipe_name="zubr-random")
 
 
 def _child(mode: str, run_dir: str, type_name: str, out: str) -> None:

@@ -95,6 +95,8 @@ def encode_block(job: tuple) -> dict:
         "lengths": lengths,
         "dest": array("b", dest),
         "nbytes": sum(nbytes),
+        # UTF-8 bytes written to (train, val): what val/<source>/bpb divides by
+        "split_bytes": [sum(b for t, b in zip(dest, nbytes) if t == to) for to in (0, 1)],
         "min_u": min_u,
         "rss_mb": peak_rss_mb(),
         "pid": os.getpid(),

@@ -5,8 +5,14 @@ helpers read and write through it.
     DATA_DIR/tokenizer.json      the byte-level BPE tokenizer
     DATA_DIR/{train,val}.bin     token ids, little-endian uint16 (vocab <= 65536) or uint32
     DATA_DIR/{train,val}.idx     uint64 offsets of the documents into the .bin, first 0, last = tokens
+    DATA_DIR/{train,val}.mask.bin  version 2 only (`loss_mask` in meta.json, chat data): one
+                                 uint8 per token, 1 where the token is a training target (its
+                                 label kept), 0 where not (label -100); aligned with the .bin
     DATA_DIR/meta.json           format, version, dtype, vocab_size, special ids, splits, ...;
                                  written last: its presence marks the dataset complete
+
+Versions: 1 (token streams), 2 (1 plus the loss mask). Version 1 is still written for datasets
+without a mask, so tools that read only version 1 keep reading them; both are read here.
 """
 
 from __future__ import annotations
@@ -24,8 +30,14 @@ from bulba.errors import UserError
 
 META_NAME = "meta.json"
 FORMAT = "bulba-tokens"
-VERSION = 1
+VERSION = 1  # token streams only
+MASK_VERSION = 2  # token streams and a loss mask (chat data)
+VERSIONS = (VERSION, MASK_VERSION)
 SPLITS = ("train", "val")
+# meta.json's `sources` entries: 2 adds `splits` per source ({train,val}: documents, tokens, bytes;
+# val: first_document), which per-source validation (bulba.train.val_sources) needs. Datasets
+# without `sources_version` (1) still load; they just get no per-source curves.
+SOURCES_VERSION = 2
 DTYPES = {"uint16": 2, "uint32": 4}
 
 
@@ -40,24 +52,35 @@ def token_dtype(vocab_size: int) -> str:
 class SplitWriter:
     """Appends documents to NAME.bin (token ids) and NAME.idx (uint64 offsets, first 0)."""
 
-    def __init__(self, folder: Path, name: str, dtype):
+    def __init__(self, folder: Path, name: str, dtype, loss_mask: bool = False):
         self.dtype = np.dtype(dtype).newbyteorder("<")
         self.bin = open(Path(folder) / f"{name}.bin", "wb")
         self.idx = open(Path(folder) / f"{name}.idx", "wb")
         self.idx.write(np.zeros(1, "<u8").tobytes())
+        self.mask = open(Path(folder) / f"{name}.mask.bin", "wb") if loss_mask else None
         self.sha = hashlib.sha256()
+        self.mask_sha = hashlib.sha256()
         self.tokens = 0
         self.documents = 0
 
-    def write(self, flat: np.ndarray, lengths: np.ndarray, mask: np.ndarray | None = None) -> int:
-        """Append the documents of (flat, lengths) selected by the boolean `mask` (None: all)."""
+    def write(
+        self, flat: np.ndarray, lengths: np.ndarray, mask: np.ndarray | None = None, loss_mask: np.ndarray | None = None
+    ) -> int:
+        """Append the documents of (flat, lengths) selected by the boolean `mask` (None: all);
+        `loss_mask` (uint8, aligned with `flat`) is required when the writer has a mask file."""
+        if (loss_mask is None) != (self.mask is None):
+            raise ValueError("loss_mask must be given exactly when the split has a mask file")
         lens = lengths if mask is None else lengths[mask]
         if lens.size == 0:
             return 0
-        data = flat if lens.size == lengths.size else flat[np.repeat(mask, lengths)]
-        data = data.astype(self.dtype).tobytes()
+        keep = None if lens.size == lengths.size else np.repeat(mask, lengths)
+        data = (flat if keep is None else flat[keep]).astype(self.dtype).tobytes()
         self._put(self.bin, data)
         self.sha.update(data)
+        if self.mask is not None:
+            m = (loss_mask if keep is None else loss_mask[keep]).astype(np.uint8).tobytes()
+            self._put(self.mask, m)
+            self.mask_sha.update(m)
         self._put(self.idx, (np.cumsum(lens) + self.tokens).astype("<u8").tobytes())
         n = int(lens.sum())
         self.tokens += n
@@ -73,7 +96,7 @@ class SplitWriter:
 
     def close(self) -> dict:
         """Flush, fsync and close; returns the split's entry of meta.json."""
-        for f in (self.bin, self.idx):
+        for f in (self.bin, self.idx) + ((self.mask,) if self.mask is not None else ()):
             try:
                 f.flush()
                 os.fsync(f.fileno())
@@ -82,24 +105,41 @@ class SplitWriter:
             finally:
                 with contextlib.suppress(OSError):
                     f.close()
-        return {"tokens": self.tokens, "documents": self.documents, "sha256": self.sha.hexdigest()}
+        info = {"tokens": self.tokens, "documents": self.documents, "sha256": self.sha.hexdigest()}
+        if self.mask is not None:
+            info["mask_sha256"] = self.mask_sha.hexdigest()
+        return info
 
 
-def write_split(folder: Path, split: str, docs: list[np.ndarray], dtype: str) -> dict:
-    """Write whole documents (arrays of token ids) as one split; returns its meta.json entry."""
-    w = SplitWriter(folder, split, dtype)
+def write_split(
+    folder: Path, split: str, docs: list[np.ndarray], dtype: str, masks: list[np.ndarray] | None = None
+) -> dict:
+    """Write whole documents (arrays of token ids) as one split, with their loss masks when
+    given (uint8 arrays of the same lengths); returns its meta.json entry."""
+    w = SplitWriter(folder, split, dtype, loss_mask=masks is not None)
     if docs:
-        w.write(np.concatenate(docs), np.array([len(d) for d in docs], dtype=np.int64))
+        lm = np.concatenate(masks) if masks is not None else None
+        w.write(np.concatenate(docs), np.array([len(d) for d in docs], dtype=np.int64), loss_mask=lm)
     return w.close()
 
 
 def new_meta(
-    *, dtype: str, vocab_size: int, splits: dict, bos_id: int | None, eos_id: int | None, pad_id: int | None, **fields
+    *,
+    dtype: str,
+    vocab_size: int,
+    splits: dict,
+    bos_id: int | None,
+    eos_id: int | None,
+    pad_id: int | None,
+    loss_mask: bool = False,
+    **fields,
 ) -> dict:
-    """meta.json's content: the contract's keys, then whatever else the writer records."""
+    """meta.json's content: the contract's keys, then whatever else the writer records.
+    `loss_mask`: the splits have .mask.bin files (version 2)."""
     return {
         "format": FORMAT,
-        "version": VERSION,
+        "version": MASK_VERSION if loss_mask else VERSION,
+        **({"loss_mask": "uint8"} if loss_mask else {}),
         "dtype": dtype,
         "vocab_size": vocab_size,
         "bos_id": bos_id,
@@ -151,6 +191,11 @@ class TokenData:
         return 0
 
     @property
+    def has_loss_mask(self) -> bool:
+        """The splits carry a loss mask (.mask.bin; chat data)."""
+        return self.meta.get("version") == MASK_VERSION
+
+    @property
     def dataset_digest(self) -> str | None:
         return self.meta.get("dataset_digest")
 
@@ -159,6 +204,10 @@ class TokenData:
 
     def idx_path(self, split: str) -> Path:
         return self.dir / f"{split}.idx"
+
+    def mask_path(self, split: str) -> Path | None:
+        """The split's loss mask (None: every target is trained on)."""
+        return self.dir / f"{split}.mask.bin" if self.has_loss_mask else None
 
     def split_info(self, split: str) -> dict:
         return (self.meta.get("splits") or {}).get(split) or {}
@@ -182,10 +231,13 @@ def open_data(data_dir: str | Path, vocab_size: int | None = None) -> TokenData:
         raise UserError(f"{meta_path} is not readable JSON ({e}): re-run prepare.py") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise UserError(f"{meta_path} is not a BulbaGPT dataset (format != '{FORMAT}'): re-run prepare.py")
-    if meta.get("version") != VERSION:
+    if meta.get("version") not in VERSIONS:
         raise UserError(
-            f"{meta_path} has format version {meta.get('version')!r}; this version reads {VERSION}: re-run prepare.py"
+            f"{meta_path} has format version {meta.get('version')!r}; this version reads "
+            f"{' and '.join(map(str, VERSIONS))}: re-run prepare.py"
         )
+    if meta["version"] == MASK_VERSION and meta.get("loss_mask") != "uint8":
+        raise UserError(f"{meta_path}: version {MASK_VERSION} needs loss_mask 'uint8', got {meta.get('loss_mask')!r}")
     vocab = meta.get("vocab_size")
     if not _is_count(vocab, 1 << 32) or vocab == 0:
         raise UserError(f"{meta_path}: vocab_size must be a positive integer, got {vocab!r}")
@@ -202,8 +254,8 @@ def open_data(data_dir: str | Path, vocab_size: int | None = None) -> TokenData:
         )
     data = TokenData(d, meta)
     for split in SPLITS:
-        for path in (data.bin_path(split), data.idx_path(split)):
-            if not path.is_file():
+        for path in (data.bin_path(split), data.idx_path(split), data.mask_path(split)):
+            if path is not None and not path.is_file():
                 raise UserError(f"{path} is missing although {META_NAME} exists: re-run prepare.py")
     return data
 

@@ -118,6 +118,8 @@ class Batches:
                 pad_id=self.data.pad_id,
                 expected_tokens=info.get("tokens"),
                 expected_docs=info.get("documents"),
+                # Chat data: the labels of targets outside the assistant turns become -100.
+                mask_path=None if self.data.mask_path(split) is None else str(self.data.mask_path(split)),
             )
         except ValueError as e:  # corrupt/truncated files, vocab mismatch, too little data
             raise UserError(str(e)) from None
@@ -210,6 +212,11 @@ class Batches:
         except ValueError as e:
             raise UserError(str(e)) from None
 
+    def offsets(self, position: int) -> np.ndarray:
+        """Where each input position of batch `position` comes from in the split's .bin (int64
+        [rows, cols], -1 for padding): validation attributes scored tokens to their sources."""
+        return self._engine.offsets(position)
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         start, per_epoch = self._position, self.batches_per_epoch
         stop = None
@@ -289,7 +296,12 @@ class TorchBatches:
         for i, b in enumerate(self.batches):
             if self.limit is not None and i >= self.limit:
                 return
-            yield batch_to_torch(b, pin=self.pin, documents=not self.stream)
+            out = batch_to_torch(b, pin=self.pin, documents=not self.stream)
+            if not self.batches.infinite:  # evaluation: which file positions (sources) it scores
+                import torch
+
+                out["offsets"] = torch.from_numpy(self.batches.offsets(self.start + i))
+            yield out
 
 
 def recipe_batches(recipe, data, split: str, rank: int = 0, world: int = 1, prefetch: int | None = None) -> Batches:
@@ -307,7 +319,10 @@ def recipe_batches(recipe, data, split: str, rank: int = 0, world: int = 1, pref
         world_size=world,
         buckets=d.buckets,
         prefetch=d.prefetch if prefetch is None else prefetch,
-        shuffle=train,
+        # val too: a fixed seeded sample (every evaluation the same batches) drawn from the whole
+        # split; unshuffled, the first train.val_batches would be the first source's documents
+        # (val.bin is in source order) and val/<lang>/bpb would miss the later languages.
+        shuffle=True,
         infinite=train,
         drop_last=train,
     )

@@ -38,7 +38,7 @@ import numpy as np
 from bulba.atomic import TMP_PREFIX, atomic_dir, sha256_file
 from bulba.data import corpus as C
 from bulba.data.encoding import Keyer, encode_block, init_worker
-from bulba.data.format import META_NAME, SplitWriter, new_meta, token_dtype, write_meta
+from bulba.data.format import META_NAME, SOURCES_VERSION, SplitWriter, new_meta, token_dtype, write_meta
 from bulba.data.tokenizer import (
     BOS,
     DEFAULT_VOCAB,
@@ -47,6 +47,7 @@ from bulba.data.tokenizer import (
     check_tokenizer,
     check_vocab_size,
     load_tokenizer,
+    tokenizer_file,
     train_tokenizer,
 )
 from bulba.errors import UserError
@@ -73,6 +74,9 @@ class PrepareConfig:
     workers: int | None = None  # encoding processes; None: see resolve_workers; 0: in-process
     progress: bool | None = None  # None: only on a terminal
     quiet: bool = False
+    format: str = "text"  # "text" (documents) or "chat" (conversations + loss mask: bulba.data.prepare_chat)
+    messages_field: str = "messages"  # chat: the field holding a conversation's messages
+    ctx_len: int = 256  # chat: longer conversations are skipped (counted)
 
 
 def warn(msg: str) -> None:
@@ -229,6 +233,12 @@ def encode_corpus(
                 "train_tokens": 0,
                 "val_tokens": 0,
                 "sha256": s.sha256,
+                # per split: documents, tokens (BOS/EOS included) and UTF-8 bytes as written;
+                # val also where the source's (contiguous) documents start (SOURCES_VERSION)
+                "splits": {
+                    "train": {"documents": 0, "tokens": 0, "bytes": 0},
+                    "val": {"first_document": None, "documents": 0, "tokens": 0, "bytes": 0},
+                },
             }
         )
     stats.sources = src_stats
@@ -247,8 +257,15 @@ def encode_corpus(
             flat = np.frombuffer(r["flat"], dtype=np.uint32)
             lengths = np.frombuffer(r["lengths"], dtype=np.int64)
             dest = np.frombuffer(r["dest"], dtype=np.int8)
-            st["train_tokens"] += train.write(flat, lengths, dest == 0)
-            st["val_tokens"] += val.write(flat, lengths, dest == 1)
+            sp = st["splits"]
+            if sp["val"]["first_document"] is None:  # sources are written one after another
+                sp["val"]["first_document"] = val.documents
+            for name, w, to in (("train", train, 0), ("val", val, 1)):
+                n = w.write(flat, lengths, dest == to)
+                st[f"{name}_tokens"] += n
+                sp[name]["tokens"] += n
+                sp[name]["documents"] += int((dest == to).sum())
+                sp[name]["bytes"] += r["split_bytes"][to]
             if k == 0:
                 stats.min_u = min(stats.min_u, r["min_u"])
                 if "lang_docs" in r:
@@ -302,6 +319,12 @@ def dataset_digest(tokenizer_sha: str, splits: dict) -> str:
 
 
 def prepare(cfg: PrepareConfig) -> dict:
+    if cfg.format == "chat":
+        from bulba.data.prepare_chat import prepare_chat
+
+        return prepare_chat(cfg)
+    if cfg.format != "text":
+        raise UserError(f"--format must be text or chat, got {cfg.format!r}")
     t0 = time.time()
     out = Path(cfg.out)
     if not 0 <= cfg.val_fraction < 1:
@@ -325,7 +348,7 @@ def prepare(cfg: PrepareConfig) -> dict:
     t_scan = time.time()
 
     if cfg.tokenizer is not None:
-        tok = load_tokenizer(cfg.tokenizer)
+        tok = load_tokenizer(tokenizer_file(cfg.tokenizer))
         if cfg.vocab_size not in (None, DEFAULT_VOCAB) and tok.get_vocab_size() != cfg.vocab_size:
             raise UserError(
                 f"--tokenizer has {tok.get_vocab_size()} tokens but --vocab-size {cfg.vocab_size} was asked"
@@ -419,6 +442,7 @@ def _write_dataset(
             special_tokens={t: specials[t] for t in SPECIAL_TOKENS},
             add_bos_token=True,
             sources=stats.sources,
+            sources_version=SOURCES_VERSION,
             languages={
                 k: dict(v, tokens_per_word=round(v["tokens"] / v["words"], 4) if v["words"] else None)
                 for k, v in sorted(stats.languages.items())
@@ -493,7 +517,10 @@ def _start_mlflow(cfg: PrepareConfig, meta: dict, tmp: Path, out: Path) -> str |
             }
         )
         metrics = {
-            f"{split}_{k}": float(v) for split, d in meta["splits"].items() for k, v in d.items() if k != "sha256"
+            f"{split}_{k}": float(v)
+            for split, d in meta["splits"].items()
+            for k, v in d.items()
+            if not k.endswith("sha256")
         }
         for lang, d in meta["languages"].items():
             for k in ("documents", "words", "tokens", "bytes"):

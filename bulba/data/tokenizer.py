@@ -118,6 +118,12 @@ def check_tokenizer(tok: Tokenizer, vocab_size: int | None = None) -> dict[str, 
     return specials
 
 
+def tokenizer_file(path: str | Path) -> Path:
+    """`--tokenizer` as given: a tokenizer.json, or a prepared-data directory holding one."""
+    path = Path(path)
+    return path / "tokenizer.json" if path.is_dir() else path
+
+
 def load_tokenizer(path: str | Path) -> Tokenizer:
     path = Path(path)
     if not path.is_file():
@@ -126,7 +132,10 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         tok = Tokenizer.from_file(str(path))
     except Exception as e:  # tokenizers raises a bare Exception on bad JSON
         raise UserError(f"cannot load tokenizer {path}: {str(e).splitlines()[0]}") from None
-    check_tokenizer(tok)
+    try:
+        check_tokenizer(tok)
+    except UserError as e:
+        raise UserError(f"{path}: {e}; use a tokenizer.json that prepare.py wrote") from None
     return tok
 
 

@@ -99,17 +99,23 @@ def gguf_rows(t: Tensor, arr: np.ndarray) -> np.ndarray:
     return permute_rotate_half(arr, t.rope_heads) if t.rope_heads else arr
 
 
+SOURCE_RUN_KEY = "bulba.source_run"  # the MLflow run id of the training run behind the weights
+
+
 def chat_template(tok) -> str:
-    """The Llama-3 chat template (Jinja), ending turns with <|eot_id|> or, without it, EOS."""
-    eot = tok.end_of_turn
-    return (
-        "{{ bos_token }}{% for message in messages %}"
-        "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '"
-        + eot
-        + "' }}"
-        "{% endfor %}{% if add_generation_prompt %}"
-        "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
-    )
+    """The Llama-3 chat template (Jinja, from bulba.data.chat), ending turns with <|eot_id|> or,
+    without it, EOS."""
+    from bulba.data.chat import jinja_template
+
+    return jinja_template(tok.end_of_turn)
+
+
+def eos_id(src: Source) -> int:
+    """The GGUF's EOS: <|eot_id|> for a model trained on conversations (as Llama-3-Instruct),
+    so every tool that stops at EOS stops at the end of the assistant's turn; else the
+    tokenizer's <|end_of_text|>."""
+    tok = src.tokenizer
+    return tok.eot_id if src.config.get("chat") and tok.eot_id is not None else tok.eos_id
 
 
 def add_metadata(w, src: Source, file_type: int, name: str, quantized: bool) -> None:
@@ -141,14 +147,16 @@ def add_metadata(w, src: Source, file_type: int, name: str, quantized: bool) -> 
     w.add_token_types(tok.token_types)
     w.add_token_merges(tok.merges)
     w.add_bos_token_id(tok.bos_id)  # the gpt2 default BOS would be token 11
-    w.add_eos_token_id(tok.eos_id)
+    w.add_eos_token_id(eos_id(src))
     if tok.pad_id is not None:
         w.add_pad_token_id(tok.pad_id)
     if tok.eot_id is not None:
-        w.add_eot_token_id(tok.eot_id)
+        w.add_eot_token_id(tok.eot_id)  # llama.cpp's end of generation, also for base models' chats
     w.add_add_bos_token(tok.add_bos)  # training data starts every document with BOS
     w.add_add_eos_token(False)
     w.add_chat_template(chat_template(tok))
+    if src.mlflow_run_id:  # lineage: eval.py logs a GGUF's figures on the run that trained it
+        w.add_string(SOURCE_RUN_KEY, src.mlflow_run_id)
 
 
 def convert(arr: np.ndarray, qtype) -> np.ndarray:

@@ -69,6 +69,27 @@ def quantize(src: Path, dst: Path, ftype: int, nthread: int | None = None) -> No
         raise UserError(f"llama.cpp's quantizer failed (code {rc}): {last_log()}")
 
 
+def apply_chat_template(template: bytes | str, messages: list[dict], add_assistant: bool) -> str:
+    """`messages` formatted by llama.cpp (`llama_chat_apply_template`): it recognizes the
+    template (ours as its built-in "llama3") and formats natively; it adds no BOS."""
+    L = _lib()
+    tmpl = template.encode() if isinstance(template, str) else template
+    keep = [(m["role"].encode(), m["content"].encode()) for m in messages]  # alive during the call
+    arr = (L.llama_chat_message * len(keep))()
+    for i, (r, c) in enumerate(keep):
+        arr[i].role, arr[i].content = r, c
+    size = 2 * sum(len(r) + len(c) for r, c in keep) + 1024
+    for _ in range(2):
+        buf = ctypes.create_string_buffer(size)
+        n = L.llama_chat_apply_template(tmpl, arr, len(keep), add_assistant, buf, size)
+        if n < 0:
+            raise RuntimeError(f"llama_chat_apply_template does not know this template (code {n})")
+        if n <= size:
+            return buf.raw[:n].decode("utf-8")
+        size = n + 1
+    raise RuntimeError("llama_chat_apply_template: the output kept growing")
+
+
 class LlamaCpp:
     """One GGUF loaded in llama.cpp with a context of `n_ctx` tokens (use as a context manager)."""
 
@@ -121,8 +142,9 @@ class LlamaCpp:
     def clear(self) -> None:
         self.L.llama_memory_clear(self.L.llama_get_memory(self.ctx), True)
 
-    def decode(self, ids: list[int], start: int = 0, all_logits: bool = True) -> np.ndarray:
-        """Feed `ids` at positions start..; logits [len(ids) or 1, n_vocab] as float32."""
+    def decode(self, ids: list[int], start: int = 0, all_logits: bool = True, first: int = 0) -> np.ndarray:
+        """Feed `ids` at positions start..; logits [len(ids) - first or 1, n_vocab] as float32:
+        with `all_logits`, of ids[first:] (llama.cpp skips the output layer for the others)."""
         L, n = self.L, len(ids)
         if start + n > self.n_ctx:
             raise ValueError(f"{start + n} tokens exceed the context of {self.n_ctx}")
@@ -134,19 +156,20 @@ class LlamaCpp:
                 batch.pos[i] = start + i
                 batch.n_seq_id[i] = 1
                 batch.seq_id[i][0] = 0
-                batch.logits[i] = 1 if (all_logits or i == n - 1) else 0
+                batch.logits[i] = 1 if ((all_logits and i >= first) or i == n - 1) else 0
             rc = L.llama_decode(self.ctx, batch)
             if rc != 0:
                 raise RuntimeError(f"llama_decode returned {rc}: {last_log()}")
         finally:
             L.llama_batch_free(batch)
-        rows = n if all_logits else 1
+        rows = n - min(first, n - 1) if all_logits else 1
         ptr = L.llama_get_logits(self.ctx)
         return np.ctypeslib.as_array(ptr, shape=(rows, self.n_vocab)).astype(np.float32, copy=True)
 
-    def logits(self, ids: list[int]) -> np.ndarray:
+    def logits(self, ids: list[int], first: int = 0) -> np.ndarray:
+        """Logits of positions first.. of `ids` fed from position 0 (a fresh sequence)."""
         self.clear()
-        return self.decode(ids)
+        return self.decode(ids, first=first)
 
     def greedy(self, prompt: list[int], n_new: int) -> list[int]:
         self.clear()
@@ -158,6 +181,33 @@ class LlamaCpp:
             if i + 1 < n_new:
                 last = self.decode([tok], pos, all_logits=False)[-1]
                 pos += 1
+        return out
+
+    def chat_template(self) -> str | None:
+        """The GGUF's `tokenizer.chat_template`, as llama.cpp read it."""
+        t = self.L.llama_model_chat_template(self.model, None)
+        return t.decode("utf-8") if t else None
+
+    def apply_chat_template(self, messages: list[dict], add_assistant: bool) -> str:
+        """llama.cpp's own formatting of `messages` with the file's template."""
+        return apply_chat_template(self.L.llama_model_chat_template(self.model, None), messages, add_assistant)
+
+    def is_eog(self, tok: int) -> bool:
+        """Does llama.cpp end generation at `tok` (EOS, EOT and the like)?"""
+        return bool(self.L.llama_vocab_is_eog(self.vocab, tok))
+
+    def reply(self, prompt: list[int], max_new: int) -> list[int]:
+        """Greedy tokens after `prompt` until llama.cpp's end of generation (included) or `max_new`."""
+        self.clear()
+        last = self.decode(prompt, 0, all_logits=False)[-1]
+        out, pos = [], len(prompt)
+        while len(out) < max_new:
+            tok = int(np.argmax(last))
+            out.append(tok)
+            if self.is_eog(tok) or pos + 1 >= self.n_ctx:
+                break
+            last = self.decode([tok], pos, all_logits=False)[-1]
+            pos += 1
         return out
 
     def detokenize(self, ids: list[int]) -> str:

@@ -35,15 +35,14 @@ class ExportResult:
 
 
 def modelfile_text(gguf_name: str, tok) -> str:
-    """Ollama Modelfile: Llama-3 chat turns (Go template) and the turn-ending stop tokens."""
+    """Ollama Modelfile: the Llama-3 chat turns (Go template, bulba.data.chat) and the
+    turn-ending stop tokens."""
+    from bulba.data.chat import ollama_template
+
     eot = tok.end_of_turn
     stops = ["<|start_header_id|>", "<|end_header_id|>", eot] + ([tok.eos] if tok.eos != eot else [])
-    return (
-        f"FROM ./{gguf_name}\n\n"
-        'TEMPLATE """{{ if .System }}<|start_header_id|>system<|end_header_id|>\n\n'
-        "{{ .System }}" + eot + "{{ end }}{{ if .Prompt }}<|start_header_id|>user<|end_header_id|>\n\n"
-        "{{ .Prompt }}" + eot + "{{ end }}<|start_header_id|>assistant<|end_header_id|>\n\n"
-        "{{ .Response }}" + eot + '"""\n\n' + "".join(f'PARAMETER stop "{s}"\n' for s in stops)
+    return f'FROM ./{gguf_name}\n\nTEMPLATE """{ollama_template(eot)}"""\n\n' + "".join(
+        f'PARAMETER stop "{s}"\n' for s in stops
     )
 
 

@@ -110,6 +110,11 @@ def describe_version(src, type_name: str, info: dict, steps: int | None, figure,
         f"{info['param_count']:,} parameters, vocab {cfg.vocab_size}, context {cfg.ctx_len}.",
         f"Data: dataset digest {src.config.get('dataset_digest') or 'unknown'}; "
         f"steps: {steps if steps is not None else 'unknown'}; training run {info['source_run'] or 'unknown'}.",
+        *(
+            [f"Fine-tuned from {recipe['init_from']}" + (" on conversations." if src.config.get("chat") else ".")]
+            if recipe.get("init_from")
+            else []
+        ),
         f"Ranked by: {ranked}.",
         f"Parity: {report.verdict}" if report is not None else "Parity: not verified (--no-verify).",
         f"sha256 {info['sha256']}",
@@ -177,6 +182,10 @@ def log_export(
             tags["mlflow.parentRunId"] = src.mlflow_run_id  # shows the export under its training run
     # The figure the version is ranked by: the training run's last validation (its final one).
     train_metrics = train_run.data.metrics if train_run is not None else {}
+    # Lineage of a fine-tuned (chat) model: base run -> this training run -> this export.
+    parent = train_run.data.tags.get("bulba.parent_run_id") if train_run is not None else None
+    if parent:
+        tags["bulba.parent_run_id"] = parent
     figures = {tag: float(train_metrics[key]) for tag, key in FIGURES if key in train_metrics}
     steps = trained_steps(src)
     if src.config.get("dataset_digest"):
@@ -233,6 +242,8 @@ def log_export(
                 "preset": (src.config.get("recipe") or {}).get("name") or "unknown",
                 "dataset_digest": src.config.get("dataset_digest") or "unknown",
                 "steps": steps if steps is not None else "unknown",
+                "chat": bool(src.config.get("chat")),
+                "parent_run": parent or "none",
                 **{k: repr(v) for k, v in figures.items()},
             }
             for k, v in extra.items():

@@ -157,7 +157,15 @@ def _download_run(uri: str) -> tuple[Path, str]:
     return run_dir, tmp
 
 
-def open_source(source: str) -> Source:
+def newest_checkpoint(run_dir: Path) -> Path | None:
+    """The weights of run_dir's newest checkpoints/step-N (by N), or None."""
+    steps = [p for p in (run_dir / "checkpoints").glob(f"step-*/{CHECKPOINT_WEIGHTS}") if p.parent.name[5:].isdigit()]
+    return max(steps, key=lambda p: int(p.parent.name[5:]), default=None)
+
+
+def open_source(source: str, checkpoint_fallback: bool = False) -> Source:
+    """`checkpoint_fallback`: a run directory without final weights gives its newest checkpoint
+    (eval.py scores a run still training; export refuses, so that it never ships one unawares)."""
     tmp = None
     if source.startswith("runs:/"):
         run_dir, tmp = _download_run(source)
@@ -170,9 +178,11 @@ def open_source(source: str) -> Source:
             run_dir, weights = p, p / WEIGHTS_NAME
             if not weights.exists() and (p / CHECKPOINT_WEIGHTS).exists():  # a checkpoints/step-N folder
                 weights = p / CHECKPOINT_WEIGHTS
+            newest = newest_checkpoint(p) if not weights.exists() else None
+            if newest is not None and checkpoint_fallback:
+                weights = newest
             if not weights.exists():
-                steps = sorted((p / "checkpoints").glob(f"step-*/{CHECKPOINT_WEIGHTS}"))
-                hint = f", or export its newest checkpoint {steps[-1]}" if steps else ""
+                hint = f", or export its newest checkpoint {newest}" if newest else ""
                 raise UserError(f"run directory {p} has no {WEIGHTS_NAME}: training has not finished{hint}")
         else:
             if p.suffix != ".safetensors":

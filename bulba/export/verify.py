@@ -5,6 +5,11 @@ On a mixed Russian / Belarusian / English / code sample (the project's own text)
 - f32: per position, max |logit difference| <= 1e-3 x that position's logit scale
   (max |logit| of the PyTorch row), and the greedy 32-token continuation is identical;
 - f16 / bf16 / q8_0: the top-1 token agrees on >= 99% of positions;
+- chat: for a few conversations (system / user / assistant turns, be / ru / en), the tokens
+  llama.cpp builds from the messages with the file's template (its own formatter,
+  `llama_chat_apply_template`, and the Jinja template as llama-cpp-python runs it) equal the ones
+  training used (bulba.data.chat), with and without the generation prompt; for a model trained
+  on conversations, the greedy reply to each ends with <|eot_id|> (llama.cpp stops there);
 - other types (4-6 bit): their rounding alone moves a small model's near-tied top-1 (a tiny
   model trained a few steps lost 8% top-1 to q4_0 in PyTorch itself), so the bar there is
   file fidelity: PyTorch running the GGUF's own dequantized weights and llama.cpp agree on
@@ -37,6 +42,26 @@ SAMPLE = unicodedata.normalize(
     ),
 )
 
+# Our own text; the leading space and trailing newline are there to be trimmed alike by all.
+SAMPLE_CHATS = [
+    [
+        {"role": "system", "content": "Ты — ветлівы памочнік. Адказвай коратка."},
+        {"role": "user", "content": " Колькі дзён у тыдні?"},
+        {"role": "assistant", "content": "У тыдні сем дзён.\n"},
+    ],
+    [
+        {"role": "user", "content": "Привет! Что приготовить на ужин?"},
+        {"role": "assistant", "content": "Можно сварить суп."},
+        {"role": "user", "content": "А на завтрак?"},
+        {"role": "assistant", "content": "Кашу или омлет."},
+    ],
+    [
+        {"role": "user", "content": "What color is the sky in the day?"},
+        {"role": "assistant", "content": "It is usually blue."},
+    ],
+]
+REPLY_TOKENS = 64  # a chat model's greedy reply must end its turn within this many tokens
+
 REL_LOGIT_TOL = 1e-3  # f32: max |diff| / logit scale, on every position
 TOP1_BAR = {"f16": 0.99, "bf16": 0.99, "q8_0": 0.99}
 FIDELITY_TOP1_BAR = 0.95  # 4-6 bit types: llama.cpp vs PyTorch on the dequantized file
@@ -59,6 +84,9 @@ class Report:
     fidelity_max_rel_diff: float | None = None
     greedy_match: bool | None = None
     greedy_tokens: int = 0
+    chat_tokens_match: bool | None = None  # None: the tokenizer has no chat tokens
+    chat_conversations: int = 0
+    chat_replies_stopped: int | None = None  # chat runs: greedy replies that ended with <|eot_id|>
     seconds: float = 0.0
     passed: bool = False
     verdict: str = ""
@@ -108,7 +136,7 @@ def verify_gguf(gguf_path, src, type_name: str, model=None, text: str = SAMPLE) 
     cfg, tok = src.model, src.tokenizer
     model = model if model is not None else load_torch_model(src)
     ref_ids = reference_ids(src.tokenizer_path, text, tok.bos_id, tok.add_bos)
-    n_ctx = min(cfg.ctx_len, max(len(ref_ids), GREEDY_PROMPT + GREEDY_TOKENS))
+    n_ctx = min(cfg.ctx_len, max(len(ref_ids), GREEDY_PROMPT + GREEDY_TOKENS, 256))
     with LlamaCpp(gguf_path, n_ctx=n_ctx) as llm:
         cpp_ids = llm.tokenize(text, add_special=True, parse_special=False)
         rep.tokens_match = cpp_ids == ref_ids
@@ -135,6 +163,8 @@ def verify_gguf(gguf_path, src, type_name: str, model=None, text: str = SAMPLE) 
             cpp_gen = llm.greedy(prompt, GREEDY_TOKENS)
             rep.greedy_tokens = next((i for i, (a, b) in enumerate(zip(ref_gen, cpp_gen)) if a != b), GREEDY_TOKENS)
             rep.greedy_match = ref_gen == cpp_gen
+        if tok.eot_id is not None and {"<|start_header_id|>", "<|end_header_id|>"} <= set(tok.special):
+            check_chat(llm, src, rep)
     if type_name != "f32" and type_name not in TOP1_BAR:
         deq = dequantized_model(gguf_path, src)
         with torch.no_grad():
@@ -163,6 +193,49 @@ def verify_gguf(gguf_path, src, type_name: str, model=None, text: str = SAMPLE) 
     rep.seconds = time.perf_counter() - t0
     rep.verdict = verdict_line(rep)
     return rep
+
+
+def check_chat(llm, src, rep: Report, chats: list[list[dict]] = SAMPLE_CHATS) -> None:
+    """Template tokens: llama.cpp (native formatter and Jinja) vs bulba.data.chat; for chat runs
+    the greedy replies end with <|eot_id|>."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+    from tokenizers import Tokenizer
+
+    from bulba.data.chat import ChatEncoder, parse, render
+
+    tok = src.tokenizer
+    enc = ChatEncoder(Tokenizer.from_file(str(src.tokenizer_path)), str(src.tokenizer_path))
+    template = llm.chat_template()
+    chat_run = bool(src.config.get("chat"))
+    bad, stopped = [], 0
+    for i, conv in enumerate(chats):
+        msgs = parse({"messages": conv})
+        ours = enc.encode(msgs)[0].tolist()
+        ours_prompt = enc.tok.encode(render(msgs[:-1], add_generation_prompt=True), add_special_tokens=False).ids
+        for what, add_ass, want, turns in (
+            ("conversation", False, ours, conv),
+            ("prompt", True, ours_prompt, conv[:-1]),
+        ):
+            native = llm.tokenize(llm.apply_chat_template(turns, add_ass), add_special=True, parse_special=True)
+            fmt = Jinja2ChatFormatter(template, eos_token=tok.eos, bos_token=tok.bos, add_generation_prompt=add_ass)
+            jinja = llm.tokenize(fmt(messages=turns).prompt, add_special=False, parse_special=True)
+            for name, got in (("llama_chat_apply_template", native), ("the Jinja template", jinja)):
+                if got != want:
+                    at = next((k for k, (a, b) in enumerate(zip(want, got)) if a != b), min(len(want), len(got)))
+                    bad.append(f"chat {i} {what}: {name} differs from training at token {at}")
+        if chat_run:
+            reply = llm.reply(ours_prompt, min(REPLY_TOKENS, llm.n_ctx - len(ours_prompt)))
+            stopped += bool(reply) and reply[-1] == tok.eot_id
+    rep.chat_conversations = len(chats)
+    rep.chat_tokens_match = not bad
+    rep.problems.extend(bad[:3])
+    if chat_run:
+        rep.chat_replies_stopped = stopped
+        if stopped < len(chats):
+            rep.problems.append(
+                f"greedy replies ended their turn with <|eot_id|> in {stopped} of {len(chats)} chats "
+                f"(within {REPLY_TOKENS} tokens): train the chat model longer"
+            )
 
 
 def dequantized_model(gguf_path, src):
@@ -194,6 +267,12 @@ def verdict_line(rep: Report) -> str:
     )
     if rep.greedy_match is not None:
         figures += f", greedy {rep.greedy_tokens}/{GREEDY_TOKENS}"
+    if rep.chat_tokens_match is not None:
+        figures += (
+            f", chat template tokens {'identical' if rep.chat_tokens_match else 'DIFFER'} ({rep.chat_conversations})"
+        )
+    if rep.chat_replies_stopped is not None:
+        figures += f", replies stopped at <|eot_id|> {rep.chat_replies_stopped}/{rep.chat_conversations}"
     if rep.fidelity_top1 is not None:
         figures += f"; vs its dequantized weights: top-1 {rep.fidelity_top1:.1%}"
     head = "PASS" if rep.passed else "FAIL"

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bulba.config import ModelConfig
-from bulba.model.attention import attend
+from bulba.model.attention import make_backend
 from bulba.model.loss import chunked_lm_loss_sum
 
 
@@ -53,22 +53,22 @@ def apply_rope(x, cos, sin):
 class Attention(nn.Module):
     """Grouped-query attention: n_head query heads share n_kv_head key/value heads."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, attend):
         super().__init__()
+        self.attend = attend  # the model's one attention backend (bulba.model.attention)
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         self.wq = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=False)
         self.wk = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=False)
         self.wv = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=False)
-        self.backend = "sdpa"  # set by the training strategy ("flash" when available)
 
-    def forward(self, x, cos, sin, seq_ids=None, cu_seqlens=None, max_seqlen=None):
+    def forward(self, x, cos, sin, mask=None):
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = attend(q, k, v, self.backend, seq_ids, cu_seqlens, max_seqlen)
+        y = self.attend(q, k, v, mask)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -86,26 +86,30 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, attend):
         super().__init__()
         self.attention_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
-        self.attention = Attention(cfg)
+        self.attention = Attention(cfg, attend)
         self.ffn_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x, cos, sin, seq_ids=None, cu_seqlens=None, max_seqlen=None):
-        x = x + self.attention(self.attention_norm(x), cos, sin, seq_ids, cu_seqlens, max_seqlen)
+    def forward(self, x, cos, sin, mask=None):
+        x = x + self.attention(self.attention_norm(x), cos, sin, mask)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
 class Llama(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """`attention`: the backend's name (bulba.model.attention); the trainer picks it for the
+    device, precision, speed mode and sampler (train.strategy.choose_attention)."""
+
+    def __init__(self, cfg: ModelConfig, attention: str = "sdpa"):
         super().__init__()
         if cfg.vocab_size is None:
             raise ValueError("ModelConfig.vocab_size must be set (from the tokenizer) before building the model")
         self.cfg = cfg
+        self.attend = make_backend(attention)
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.layers = nn.ModuleList(Block(cfg, self.attend) for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.output = None if cfg.tie_embeddings else nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         cos, sin = rope_cache(cfg)
@@ -131,11 +135,13 @@ class Llama(nn.Module):
     def output_weight(self) -> torch.Tensor:
         return self.tok_embeddings.weight if self.output is None else self.output.weight
 
-    def hidden(self, input_ids, position_ids=None, seq_ids=None, cu_seqlens=None, max_seqlen=None):
+    def hidden(self, input_ids, position_ids=None, seq_ids=None, cu_seqlens=None):
         """input_ids [B, T] -> final normed hidden states [B, T, D].
 
-        position_ids restart at every document in packed batches; seq_ids / cu_seqlens
-        mark the documents so attention stays inside each (None: one causal sequence).
+        position_ids restart at every document in packed batches; seq_ids ([B, T]) and
+        cu_seqlens (the loader's segment offsets over the flattened batch) mark the documents
+        so attention stays inside each (None: one causal sequence per row). The attention mask
+        is built here once for the batch and handed to every layer.
         """
         B, T = input_ids.shape
         if T > self.cfg.ctx_len:
@@ -144,14 +150,15 @@ class Llama(nn.Module):
             cos, sin = self.rope_cos[:T][None, None], self.rope_sin[:T][None, None]
         else:
             cos, sin = self.rope_cos[position_ids][:, None], self.rope_sin[position_ids][:, None]
+        mask = self.attend.mask(B, T, input_ids.device, seq_ids, cu_seqlens)
         x = self.tok_embeddings(input_ids)
         for layer in self.layers:
-            x = layer(x, cos, sin, seq_ids, cu_seqlens, max_seqlen)
+            x = layer(x, cos, sin, mask)
         return self.norm(x)
 
-    def forward(self, input_ids, position_ids=None, seq_ids=None, cu_seqlens=None, max_seqlen=None):
+    def forward(self, input_ids, position_ids=None, seq_ids=None, cu_seqlens=None):
         """input_ids [B, T] -> logits [B, T, vocab_size] (see `hidden`)."""
-        return F.linear(self.hidden(input_ids, position_ids, seq_ids, cu_seqlens, max_seqlen), self.output_weight())
+        return F.linear(self.hidden(input_ids, position_ids, seq_ids, cu_seqlens), self.output_weight())
 
     def loss_sum(self, h, labels):
         """Summed next-token cross-entropy over labelled positions from final hidden states h [B, T, D],

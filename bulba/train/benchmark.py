@@ -15,7 +15,7 @@ from bulba.memory import peak_rss_mb
 from bulba.model import flops
 from bulba.model.weights import param_count
 from bulba.train.launch import make_trainer
-from bulba.train.preflight import prepare_recipe, resolve_accelerator, resolve_precision
+from bulba.train.preflight import prepare_recipe, resolve_accelerator, resolve_attention, resolve_precision
 
 
 def benchmark(recipe: Recipe, steps: int = 20, warmup: int = 5) -> dict:
@@ -36,8 +36,11 @@ def benchmark(recipe: Recipe, steps: int = 20, warmup: int = 5) -> dict:
         torch.set_num_threads(t.threads)
     choice = resolve_precision(recipe, accelerator)  # after the threads: the probe measures with them
     precision = choice.value
+    attn = resolve_attention(recipe, accelerator, precision)
     L.seed_everything(recipe.seed, verbose=False)
-    module = BulbaModule(recipe, batches_factory=make_batches_factory(recipe, data, pin=accelerator == "cuda"))
+    module = BulbaModule(
+        recipe, attention=attn.value, batches_factory=make_batches_factory(recipe, data, pin=accelerator == "cuda")
+    )
     module.final_eval = False
     times: list[float] = []
 
@@ -67,6 +70,7 @@ def benchmark(recipe: Recipe, steps: int = 20, warmup: int = 5) -> dict:
         "precision": precision,
         "precision_reason": choice.reason,
         "attention": strategy.resolved["attention"],
+        "attention_reason": attn.reason,
         "tokens_per_s": tps,
         "mfu": flops.mfu(recipe.model, tps, device, recipe.model.ctx_len, precision=precision),
         "peak_device_mb": torch.cuda.max_memory_allocated() / 2**20 if accelerator == "cuda" else None,

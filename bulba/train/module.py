@@ -23,12 +23,15 @@ import lightning as L
 import torch
 
 from bulba.config import Recipe
+from bulba.data.chat import chat_prompt
 from bulba.data.loader import document_layout
+from bulba.data.tokenizer import EOT
 from bulba.memory import rss_mb
 from bulba.model import flops
 from bulba.model.llama import Llama
 from bulba.train.optim import Optimizers, lr_at, make_optimizer, planned_steps
 from bulba.train.progress import Progress, say
+from bulba.train.val_sources import SourceBpb, token_nll
 
 
 @dataclass
@@ -64,6 +67,7 @@ class BulbaModule(L.LightningModule):
         self,
         recipe: Recipe,
         *,
+        attention: str = "sdpa",
         batches_factory=None,
         sink=None,
         tokenizer=None,
@@ -71,10 +75,12 @@ class BulbaModule(L.LightningModule):
         eos_id: int | None = None,
         checkpointer=None,
         progress: bool = False,
+        val_sources: SourceBpb | None = None,
+        chat: bool = False,
     ):
         super().__init__()
         self.recipe = recipe
-        self.model = Llama(recipe.model)
+        self.model = Llama(recipe.model, attention)  # the backend preflight chose for this machine
         self.automatic_optimization = False
         self.state = TrainState()
         self.outcome = Outcome()
@@ -82,6 +88,7 @@ class BulbaModule(L.LightningModule):
         self._sink = sink  # metrics sink on global rank 0: sink(dict, step)
         self._tokenizer = tokenizer
         self._bos, self._eos = bos_id, eos_id
+        self._chat = chat  # chat data: samples are replies to the prompts as user turns
         self._checkpointer = checkpointer  # (module, reason) -> None, called on every rank
         self._pending_optimizer: dict | None = None
         self._stop_request: str | None = None  # set from signal handlers; acted on at step boundaries
@@ -102,6 +109,8 @@ class BulbaModule(L.LightningModule):
         self.after_step: list = []  # callables run after each optimizer step (benchmark timing)
         self.show_progress = progress  # bar / ETA on global rank 0 (training runs, not benchmarks)
         self._progress: Progress | None = None
+        self._val_sources = val_sources  # val/<lang>/bpb and val/bpb (None: data without the counts)
+        self.val_bpb: dict[str, float] = {}  # the last validation's
 
     # ------------------------------------------------------------------ control from outside fit
 
@@ -176,22 +185,24 @@ class BulbaModule(L.LightningModule):
 
     def _forward_loss(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean loss over labelled tokens, number of labelled tokens) for one micro-batch."""
+        h, labels = self._hidden(batch)
+        loss_sum = self.model.loss_sum(h, labels)
+        n = (labels != -100).sum()
+        return loss_sum / n.clamp(min=1), n
+
+    def _hidden(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(final hidden states, labels) of one micro-batch."""
         ids = batch["input_ids"].long()
         labels = batch["labels"].long()
         # Stream batches come without cu_seqlens (trainer): one causal sequence per row, positions
         # 0..T-1. Packed/bucketed rows hold several documents: positions restart and attention
-        # is masked per document, both derived from cu_seqlens here, on the device.
-        pos = seq_ids = cu = ms = None
+        # is masked per document, both derived from cu_seqlens here, on the device; the model
+        # builds its attention mask from them once per batch.
+        pos = seq_ids = cu = None
         if batch.get("cu_seqlens") is not None:
-            pos, seq_ids = document_layout(batch["cu_seqlens"], *ids.shape)
-            if self.model.layers[0].attention.backend == "flash":
-                cu, ms = batch["cu_seqlens"], batch.get("max_seqlen")
-        # SDPA never reads cu_seqlens / max_seqlen; not passing them keeps the compiled blocks'
-        # inputs fixed in shape (max_seqlen is a Python int that would be guarded on).
-        h = self.model.hidden(ids, position_ids=pos, seq_ids=seq_ids, cu_seqlens=cu, max_seqlen=ms)
-        loss_sum = self.model.loss_sum(h, labels)
-        n = (labels != -100).sum()
-        return loss_sum / n.clamp(min=1), n
+            cu = batch["cu_seqlens"]
+            pos, seq_ids = document_layout(cu, *ids.shape)
+        return self.model.hidden(ids, position_ids=pos, seq_ids=seq_ids, cu_seqlens=cu), labels
 
     def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         if self.trainer.world_size > 1:
@@ -425,14 +436,24 @@ class BulbaModule(L.LightningModule):
         was_training = self.model.training
         self.model.eval()
         tot = torch.zeros(2, dtype=torch.float64, device=self.device)
+        per_source = self._val_sources
+        if per_source is not None:
+            per_source.reset(self.device)
         for i, batch in enumerate(self._batches_factory("val", self.global_rank, self.trainer.world_size, 0)):
             if i >= n_batches:
                 break
             batch = self.transfer_batch_to_device(batch, self.device, 0)
-            loss, n = self._forward_loss(batch)
-            tot += torch.stack([loss.double() * n, n.double()])
+            if per_source is None:
+                loss, n = self._forward_loss(batch)
+                tot += torch.stack([loss.double() * n, n.double()])
+            else:  # per-position losses, summed per source language as well
+                h, labels = self._hidden(batch)
+                nll = token_nll(self.model, h, labels)
+                tot += torch.stack([nll.sum().double(), (labels != -100).sum().double()])
+                per_source.add(batch["offsets"], labels, nll)
         self.model.train(was_training)
         tot = self._all_reduce(tot)
+        self.val_bpb = per_source.metrics(self._all_reduce) if per_source is not None else {}
         return (tot[0] / tot[1].clamp(min=1)).item()
 
     def _validate(self, step: int):
@@ -441,9 +462,18 @@ class BulbaModule(L.LightningModule):
         self.outcome.last_val = v
         if self.state.best_val is None or v < self.state.best_val:
             self.state.best_val = v
-        self._log({"val/loss": v, "val/ppl": math.exp(min(v, 50)), "perf/val_time_s": time.perf_counter() - t0}, step)
+        self._log(
+            {
+                "val/loss": v,
+                "val/ppl": math.exp(min(v, 50)),
+                **self.val_bpb,
+                "perf/val_time_s": time.perf_counter() - t0,
+            },
+            step,
+        )
         if self.global_rank == 0:
-            say(f"step {step:>6} | val loss {v:.4f}")
+            bpb = "".join(f" | {k[4:]} {x:.3f}" for k, x in self.val_bpb.items())
+            say(f"step {step:>6} | val loss {v:.4f}{bpb}")
         self._paused(time.perf_counter() - t0)  # out of tokens/s (the ETA counts wall time: evals recur)
 
     @torch.no_grad()
@@ -460,11 +490,14 @@ class BulbaModule(L.LightningModule):
         # eagerly so the varying shapes do not trigger recompiles.
         with torch.compiler.set_stance("force_eager"):
             for prompt in t.sample_prompts:
-                ids = self._tokenizer.encode(prompt, add_special_tokens=False).ids
-                if self._bos is not None:
-                    ids = [self._bos] + ids
+                if self._chat:  # the prompt as a user turn, then the assistant header (BOS included)
+                    ids = self._tokenizer.encode(chat_prompt(prompt), add_special_tokens=False).ids
+                else:
+                    ids = self._tokenizer.encode(prompt, add_special_tokens=False).ids
+                    ids = ids if self._bos is None else [self._bos] + ids
                 x = torch.tensor([ids[-(self.recipe.model.ctx_len - t.sample_tokens) :]], device=self.device)
-                y = self.model.generate(x, t.sample_tokens, temperature=0.8, top_k=50, eos_id=self._eos, generator=gen)
+                eos = self._tokenizer.token_to_id(EOT) if self._chat else self._eos
+                y = self.model.generate(x, t.sample_tokens, temperature=0.8, top_k=50, eos_id=eos, generator=gen)
                 text = self._tokenizer.decode(y[0, x.shape[1] :].tolist(), skip_special_tokens=True)
                 out.append({"step": step, "prompt": prompt, "completion": text})
         self.model.train(was_training)

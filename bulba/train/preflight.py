@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +33,8 @@ class Plan:
     accelerator: str  # "cuda" | "cpu"
     precision: str  # Lightning's precision string
     precision_reason: str  # why (train.precision=auto: a measured probe, bulba.hardware)
+    attention: str  # the attention backend the model is built with (train.strategy.choose_attention)
+    attention_reason: str
     devices: int | list  # Lightning's devices argument
     n_proc: int  # processes in the world (devices x nodes, or what torchrun / SLURM say)
     rank0: bool  # global rank 0 (decided before Lightning launches)
@@ -51,11 +55,14 @@ def preflight(recipe: Recipe) -> Plan:
         torch.set_num_threads(recipe.train.threads)
     choice = resolve_precision(recipe, accelerator)  # after the threads: the probe measures with them
     devices, n_proc = resolve_devices(recipe, accelerator)
+    attn = resolve_attention(recipe, accelerator, choice.value)
     return Plan(
         data=data,
         accelerator=accelerator,
         precision=choice.value,
         precision_reason=choice.reason,
+        attention=attn.value,
+        attention_reason=attn.reason,
         devices=devices,
         n_proc=n_proc,
         rank0=rank0,
@@ -110,6 +117,19 @@ def resolve_precision(recipe: Recipe, accelerator: str) -> hardware.Choice:
     the thread count is set: the CPU probe measures with the threads training will use."""
     tokens = recipe.train.batch_size * recipe.model.ctx_len
     return hardware.choose_precision(recipe.train.precision, accelerator, recipe.model, tokens)
+
+
+def resolve_attention(recipe: Recipe, accelerator: str, precision: str) -> hardware.Choice:
+    """The attention backend for this device, precision, speed mode, context and sampler."""
+    from bulba.train.strategy import choose_attention
+
+    t = recipe.train
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        choice = choose_attention(t.mode, accelerator, precision, recipe.model.ctx_len, recipe.data.sampler)
+    for w in caught:  # one line each, not Python's file:line form
+        print(f"warning: {w.message}", file=sys.stderr, flush=True)
+    return choice
 
 
 def resolve_devices(recipe: Recipe, accelerator: str) -> tuple[int | list, int]:

@@ -22,7 +22,7 @@ from bulba import hardware
 from bulba.config import Recipe
 from bulba.data.loader import make_batches_factory
 from bulba.model import flops
-from bulba.train import resume
+from bulba.train import init_from, resume
 from bulba.train.checkpoint import Checkpointer
 from bulba.train.launch import make_trainer
 from bulba.train.preflight import Plan, preflight
@@ -44,11 +44,19 @@ def train(recipe: Recipe, *, module_hook=None, enable_tracking: bool = True) -> 
     t_start = time.perf_counter()
     plan = preflight(recipe)
     loaded = resume.load(recipe, resume.find(recipe, plan.rank0), plan.data, plan.rank0)
+    # A fine-tuning run reads its parent only when it starts; resumed, it has its own checkpoints.
+    parent = init_from.load(recipe, plan.data) if recipe.init_from and loaded is None else None
     L.seed_everything(recipe.seed, verbose=False)  # same init on every rank: seeded before construction
     _announce(recipe, plan)
     run = open_run(recipe, plan, loaded, resume.previous_run_id(recipe, loaded), enable_tracking)
+    if parent is not None:
+        run.tags(init_from.tags(parent))
     module, checkpointer = _build_module(recipe, plan, run, loaded)
-    del loaded  # the module holds the weights now; do not keep a second copy through fit
+    if parent is not None:
+        module.model.load_state_dict(parent.state_dict)
+        if plan.rank0:
+            print(f"initialized from {parent.weights_path} (fresh optimizer and schedule)", flush=True)
+    del loaded, parent  # the module holds the weights now; do not keep a second copy through fit
     if module_hook is not None:
         module_hook(module)
     trainer, strategy = make_trainer(
@@ -70,7 +78,7 @@ def train(recipe: Recipe, *, module_hook=None, enable_tracking: bool = True) -> 
                 {
                     "bulba.mode": recipe.train.mode,
                     "bulba.attention_backend": strategy.resolved["attention"],
-                    "bulba.attention_reason": strategy.resolved["attention_reason"],
+                    "bulba.attention_reason": plan.attention_reason,
                     "bulba.compiled": strategy.resolved["compiled"],
                 }
             )
@@ -97,6 +105,7 @@ def _announce(recipe: Recipe, plan: Plan) -> None:
             flush=True,
         )
         print(f"precision {plan.precision}: {plan.precision_reason}", flush=True)
+        print(f"attention {plan.attention}: {plan.attention_reason}", flush=True)
         if plan.accelerator == "cpu":
             print(f"threads: {hardware.thread_reason(recipe.train.threads)}", flush=True)
 
@@ -105,12 +114,14 @@ def _build_module(recipe: Recipe, plan: Plan, run: RunDir, loaded: dict | None):
     from tokenizers import Tokenizer
 
     from bulba.train.module import BulbaModule
+    from bulba.train.val_sources import SourceBpb
 
     data = plan.data
     tok = Tokenizer.from_file(str(data.dir / "tokenizer.json"))
     checkpointer = Checkpointer(recipe, lambda: run.run_id, run.refresh_config, data.dataset_digest)
     module = BulbaModule(
         recipe,
+        attention=plan.attention,
         batches_factory=make_batches_factory(recipe, data, pin=plan.accelerator == "cuda"),
         sink=run.tracker.metrics if run.tracker else None,
         tokenizer=tok,
@@ -118,6 +129,8 @@ def _build_module(recipe: Recipe, plan: Plan, run: RunDir, loaded: dict | None):
         eos_id=data.eos_id,
         checkpointer=checkpointer,
         progress=True,
+        val_sources=SourceBpb.from_data(data),
+        chat=data.has_loss_mask,
     )
     if loaded is not None:
         resume.restore(module, loaded, plan.rank0)

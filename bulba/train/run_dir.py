@@ -121,16 +121,48 @@ class Tracker:
             self._rt = None
 
 
-def run_config(recipe: Recipe, data, run_id: str | None) -> dict:
+def config_document(
+    model, token_ids: dict, recipe: dict, dataset_digest: str | None, run_id: str | None, chat: bool = False
+) -> dict:
+    """config.json of a run directory (docs/contracts.md, "Runs"): the one place its form is written."""
     return {
         "format": RUN_FORMAT,
         "version": RUN_VERSION,
-        "model": dataclasses.asdict(recipe.model),
-        "tokenizer": {"bos_id": data.bos_id, "eos_id": data.eos_id, "pad_id": data.pad_id, "add_bos_token": True},
-        "recipe": recipe.to_dict(),
-        "dataset_digest": data.dataset_digest,
+        "model": dataclasses.asdict(model),
+        "tokenizer": {**token_ids, "add_bos_token": True},
+        "recipe": recipe,
+        "dataset_digest": dataset_digest,
         "mlflow_run_id": run_id,
+        # Trained on conversations (a loss mask): export makes <|eot_id|> the end of generation.
+        "chat": chat,
     }
+
+
+def run_config(recipe: Recipe, data, run_id: str | None) -> dict:
+    ids = {"bos_id": data.bos_id, "eos_id": data.eos_id, "pad_id": data.pad_id}
+    return config_document(recipe.model, ids, recipe.to_dict(), data.dataset_digest, run_id, data.has_loss_mask)
+
+
+def write_weights_run(
+    out: Path, model, tokenizer, state: dict, *, recipe_name: str, dataset_digest=None, run_id=None
+) -> Path:
+    """A run directory holding given weights without a training run (benchmarks, tests): tokenizer.json,
+    final.safetensors and config.json, exactly as a trained run has them."""
+    from safetensors.torch import save_file
+
+    from bulba.data.tokenizer import BOS, EOS
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(out / "tokenizer.json"))
+    save_file({k: v.detach().contiguous() for k, v in state.items()}, str(out / "final.safetensors"))
+    ids = {
+        "bos_id": tokenizer.token_to_id(BOS),
+        "eos_id": tokenizer.token_to_id(EOS),
+        "pad_id": tokenizer.token_to_id(EOS),
+    }
+    write_json(out / "config.json", config_document(model, ids, {"name": recipe_name}, dataset_digest, run_id))
+    return out
 
 
 class RunDir:

@@ -23,7 +23,7 @@ use std::sync::{Mutex, PoisonError};
 use crate::error::Result;
 use crate::hint::prefetch;
 use crate::plan::{BatchSpec, Segment};
-use crate::tokens::{TokenFile, Word, Words};
+use crate::tokens::{MaskFile, TokenFile, Word, Words};
 
 /// Label of positions without a loss (padding, the last token of a document).
 pub const IGNORE: i32 = -100;
@@ -175,6 +175,32 @@ pub fn assemble(spec: &BatchSpec, tokens: &TokenFile, pad_id: i32, pool: &Pool) 
         return unsafe { assemble_avx2(spec, tokens, pad_id, pool) };
     }
     assemble_any(spec, tokens, pad_id, pool)
+}
+
+/// Drops the labels of the targets `mask` excludes (chat data: all but the assistant turns).
+///
+/// The label at a row position is the token after it, so position k of a segment starting at
+/// file token s keeps its label only when token s + k + 1 is trained on. A second pass over an
+/// assembled batch, so the assembly paths of every sampler stay as they are; it runs only for
+/// datasets with a mask.
+pub fn apply_mask(spec: &BatchSpec, mask: &MaskFile, b: &mut Batch) {
+    let (rows, cols, stride) = (b.rows, b.cols, b.stride());
+    let labels = &mut b.data[stride..stride + rows * cols];
+    let mut dropped = 0;
+    for (r, row) in spec.rows().enumerate() {
+        let mut at = r * cols;
+        for seg in row {
+            let start = seg.start as usize;
+            for (k, label) in labels[at..at + seg.len as usize].iter_mut().enumerate() {
+                if *label != IGNORE && !mask.trained(start + k + 1) {
+                    *label = IGNORE;
+                    dropped += 1;
+                }
+            }
+            at += seg.len as usize;
+        }
+    }
+    b.n_tokens -= dropped;
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -2,10 +2,10 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::batch::{assemble, Batch, Pool};
+use crate::batch::{apply_mask, assemble, Batch, Pool};
 use crate::error::{DataError, Result};
 use crate::plan::{BucketedPlan, PackedPlan, Plan, Sharding, StreamPlan};
-use crate::tokens::{read_index, Dtype, TokenFile};
+use crate::tokens::{read_index, Dtype, MaskFile, TokenFile};
 
 /// How batches are cut from the token stream (docs/loader.md): windows of the stream, whole
 /// documents packed into rows, or one document per row padded to a bucket length.
@@ -42,10 +42,13 @@ pub struct Options {
     pub sharding: Sharding,
     pub expected_tokens: Option<u64>,
     pub expected_docs: Option<u64>,
+    /// The split's loss mask (`NAME.mask.bin`; None: every target keeps its label).
+    pub mask: Option<std::path::PathBuf>,
 }
 
 pub struct Engine {
     tokens: TokenFile,
+    mask: Option<MaskFile>,
     plan: Box<dyn Plan>,
     pad_id: i32,
     n_docs: u64,
@@ -60,6 +63,7 @@ impl Engine {
         }
         let tokens = TokenFile::open(bin, opts.dtype, opts.vocab_size, opts.expected_tokens)?;
         let n_tokens = tokens.len() as u64;
+        let mask = opts.mask.as_deref().map(|p| MaskFile::open(p, n_tokens)).transpose()?;
         // The stream sampler needs the index only to validate it; the others keep the offsets.
         let keep = opts.sampler != Sampler::Stream;
         let (n_docs, offsets) = read_index(idx, n_tokens, opts.expected_docs, keep)?;
@@ -74,7 +78,7 @@ impl Engine {
                 Box::new(BucketedPlan::new(&offsets, &opts.buckets, budget, shard).map_err(where_)?)
             }
         };
-        Ok(Self { tokens, plan, pad_id: opts.pad_id as i32, n_docs, pool: Arc::default() })
+        Ok(Self { tokens, mask, plan, pad_id: opts.pad_id as i32, n_docs, pool: Arc::default() })
     }
 
     pub fn batches_per_epoch(&self) -> u64 {
@@ -85,7 +89,32 @@ impl Engine {
     pub fn batch(&self, pos: u64) -> Result<Batch> {
         let per_epoch = self.batches_per_epoch();
         let spec = self.plan.batch(pos / per_epoch, pos % per_epoch);
-        assemble(&spec, &self.tokens, self.pad_id, &self.pool)
+        let mut b = assemble(&spec, &self.tokens, self.pad_id, &self.pool)?;
+        if let Some(mask) = &self.mask {
+            apply_mask(&spec, mask, &mut b);
+        }
+        Ok(b)
+    }
+
+    /// Where in the token file each input position of batch `pos` comes from, row-major
+    /// `[rows, cols]`, -1 for padding: segments fill a row from column 0 in order (as
+    /// `assemble` places them). Only the plan is consulted, no tokens are read; validation
+    /// uses it to attribute each scored token to its document's source.
+    pub fn offsets(&self, pos: u64) -> (usize, Vec<i64>) {
+        let per_epoch = self.batches_per_epoch();
+        let spec = self.plan.batch(pos / per_epoch, pos % per_epoch);
+        let cols = spec.cols;
+        let mut out = vec![-1i64; spec.n_rows() * cols];
+        for (r, segs) in spec.rows().enumerate() {
+            let mut c = r * cols;
+            for s in segs {
+                for (j, o) in out[c..c + s.len as usize].iter_mut().enumerate() {
+                    *o = (s.start + j as u64) as i64;
+                }
+                c += s.len as usize;
+            }
+        }
+        (cols, out)
     }
 
     /// Where the buffers of dropped batches go back to (see `Pool`).
@@ -148,6 +177,7 @@ mod tests {
             sharding: Sharding { seed: 1, shuffle: true, rank: 0, world: 1, drop_last: true },
             expected_tokens: None,
             expected_docs: Some(300),
+            mask: None,
         }
     }
 
@@ -175,6 +205,39 @@ mod tests {
     }
 
     #[test]
+    fn the_loss_mask_drops_exactly_the_untrained_targets_in_every_sampler() {
+        // Odd token ids are trained on, even ones not (the mask written beside the split), so
+        // a label's own value says whether the mask keeps it.
+        let (bin, idx) = write_split("mask", 300);
+        let bytes = std::fs::read(&bin).unwrap();
+        let mask: Vec<u8> = bytes.chunks(2).map(|c| (u16::from_le_bytes([c[0], c[1]]) % 2) as u8).collect();
+        let mask_path = bin.with_extension("mask.bin");
+        std::fs::write(&mask_path, &mask).unwrap();
+        for sampler in ["stream", "packed", "bucketed"] {
+            let plain = Engine::open(&bin, &idx, &options(sampler)).unwrap();
+            let masked = Engine::open(&bin, &idx, &Options { mask: Some(mask_path.clone()), ..options(sampler) }).unwrap();
+            let mut kept = 0;
+            for pos in 0..plain.batches_per_epoch() + 2 {
+                let (a, b) = (plain.batch(pos).unwrap(), masked.batch(pos).unwrap());
+                assert_eq!(a.input_ids(), b.input_ids(), "{sampler} {pos}");
+                assert_eq!(a.cu_seqlens(), b.cu_seqlens(), "{sampler} {pos}");
+                for (&x, &y) in a.labels().iter().zip(b.labels()) {
+                    let want = if x != crate::batch::IGNORE && x % 2 == 1 { x } else { crate::batch::IGNORE };
+                    assert_eq!(y, want, "{sampler} {pos}");
+                }
+                let n = b.labels().iter().filter(|&&l| l != crate::batch::IGNORE).count();
+                assert_eq!(b.n_tokens, n, "{sampler} {pos}");
+                kept += n;
+            }
+            assert!(kept > 0, "{sampler}: some targets are trained on");
+        }
+        // A mask that does not match the token file is refused on open.
+        std::fs::write(&mask_path, &mask[1..]).unwrap();
+        let e = Engine::open(&bin, &idx, &Options { mask: Some(mask_path.clone()), ..options("packed") }).err().unwrap();
+        assert!(e.0.contains("mask.bin") && e.0.contains("truncated"), "{e}");
+    }
+
+    #[test]
     fn a_worker_error_arrives_in_order_and_ends_the_iteration() {
         // A bad id deep inside a file that is checked as batches read it (as files above
         // 64 MB are): the batches before it arrive, then its error, then nothing.
@@ -186,7 +249,7 @@ mod tests {
         let tokens = TokenFile::open_checking(&bin, Dtype::U16, 100, None, 0).unwrap();
         let shard = Sharding { seed: 1, shuffle: false, rank: 0, world: 1, drop_last: true };
         let plan = StreamPlan::new(tokens.len() as u64, 32, 4, shard).unwrap();
-        let engine = Arc::new(Engine { tokens, plan: Box::new(plan), pad_id: 0, n_docs: 10_000, pool: Arc::default() });
+        let engine = Arc::new(Engine { tokens, mask: None, plan: Box::new(plan), pad_id: 0, n_docs: 10_000, pool: Arc::default() });
         let first_bad = (0..).find(|&pos| engine.batch(pos).is_err()).unwrap();
         assert!(first_bad > 0);
         let mut p = Prefetcher::spawn(Arc::clone(&engine), 0, None, 4, 2);
@@ -196,6 +259,29 @@ mod tests {
         let e = p.next_batch().unwrap().unwrap_err();
         assert!(e.0.contains("token id 150") && e.0.contains("vocab_size 100"), "{e}");
         assert!(p.next_batch().is_none());
+    }
+
+    #[test]
+    fn offsets_name_the_file_position_of_every_input_token() {
+        let (bin, idx) = write_split("offsets", 300);
+        let tokens = std::fs::read(&bin).unwrap();
+        let token = |i: usize| i32::from(u16::from_le_bytes([tokens[2 * i], tokens[2 * i + 1]]));
+        for sampler in ["stream", "packed", "bucketed"] {
+            let engine = Engine::open(&bin, &idx, &options(sampler)).unwrap();
+            for pos in [0, 1, engine.batches_per_epoch() + 2] {
+                let (b, (cols, offs)) = (engine.batch(pos).unwrap(), engine.offsets(pos));
+                assert_eq!(cols, b.cols);
+                assert_eq!(offs.len(), b.rows * b.cols, "{sampler}");
+                let ids = &b.data[..b.rows * b.cols];
+                let real = offs.iter().filter(|&&o| o >= 0).count();
+                assert_eq!(real, b.rows * b.cols - b.n_pad, "{sampler} at {pos}: padding");
+                for (&o, &id) in offs.iter().zip(ids) {
+                    if o >= 0 {
+                        assert_eq!(token(o as usize), id, "{sampler} at {pos}");
+                    }
+                }
+            }
+        }
     }
 
     #[test]

@@ -113,7 +113,7 @@ impl Engine {
     #[new]
     #[pyo3(signature = (bin_path, idx_path, *, dtype, vocab_size, sampler, batch_size, ctx, seed=0, rank=0,
                         world_size=1, buckets=Vec::new(), shuffle=true, drop_last=true,
-                        pad_id=0, expected_tokens=None, expected_docs=None))]
+                        pad_id=0, expected_tokens=None, expected_docs=None, mask_path=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -133,6 +133,7 @@ impl Engine {
         pad_id: u32,
         expected_tokens: Option<u64>,
         expected_docs: Option<u64>,
+        mask_path: Option<PathBuf>,
     ) -> PyResult<Self> {
         let opts = Options {
             dtype: Dtype::parse(dtype).map_err(value_error)?,
@@ -145,6 +146,7 @@ impl Engine {
             sharding: Sharding { seed, shuffle, rank, world: world_size, drop_last },
             expected_tokens,
             expected_docs,
+            mask: mask_path,
         };
         // Validation reads the whole index: let other Python threads run meanwhile.
         let inner = py.detach(|| engine::Engine::open(&bin_path, &idx_path, &opts)).map_err(value_error)?;
@@ -181,6 +183,16 @@ impl Engine {
     fn batch<'py>(&self, py: Python<'py>, pos: u64) -> PyResult<Bound<'py, PyDict>> {
         let b = py.detach(|| self.inner.batch(pos)).map_err(value_error)?;
         to_dict(py, b, self.inner.pool(), &self.constants)
+    }
+
+    /// Where each input position of batch `pos` comes from in the token file (int64
+    /// [rows, cols], -1 for padding); from the plan alone, no tokens are read.
+    fn offsets<'py>(&self, py: Python<'py>, pos: u64) -> PyResult<Bound<'py, PyArray2<i64>>> {
+        let (cols, flat) = py.detach(|| self.inner.offsets(pos));
+        let rows = flat.len().checked_div(cols).unwrap_or(0);
+        numpy::ndarray::Array2::from_shape_vec((rows, cols), flat)
+            .map(|a| a.into_pyarray(py))
+            .map_err(|e| PyRuntimeError::new_err(e.to_string()))
     }
 
     /// Iterator over positions `start..stop` (forever when stop is None), assembled by

@@ -273,6 +273,37 @@ impl TokenFile {
     }
 }
 
+/// A loss mask (`NAME.mask.bin`, format version 2): one byte per token of the `.bin`, 1 where the
+/// token is a training target, 0 where its label is dropped (chat data: everything but the
+/// assistant turns). Read whole: chat datasets are small, and the mask is one byte per token.
+#[derive(Debug)]
+pub struct MaskFile {
+    bits: Vec<u8>,
+}
+
+impl MaskFile {
+    /// Reads `path`, which must hold exactly `n_tokens` bytes, each 0 or 1.
+    pub fn open(path: &Path, n_tokens: u64) -> Result<Self> {
+        let bits = std::fs::read(path).map_err(|e| DataError::at(path, format!("cannot read the loss mask: {e}")))?;
+        if bits.len() as u64 != n_tokens {
+            return Err(DataError::at(
+                path,
+                format!("loss mask holds {} values but the token file {n_tokens} tokens: truncated or stale (re-run prepare.py)", bits.len()),
+            ));
+        }
+        if let Some(i) = bits.iter().position(|&b| b > 1) {
+            return Err(DataError::at(path, format!("loss mask value {} at position {i} is not 0 or 1: corrupt (re-run prepare.py)", bits[i])));
+        }
+        Ok(Self { bits })
+    }
+
+    /// Is token `i` a training target? (Past the end: no.)
+    #[inline(always)]
+    pub fn trained(&self, i: usize) -> bool {
+        self.bits.get(i) == Some(&1)
+    }
+}
+
 /// Reads and validates a `.idx` file (n_docs + 1 little-endian u64 offsets, first 0, strictly
 /// increasing, last = `n_tokens`). Returns the document offsets when `keep`, else just checks.
 ///
@@ -373,6 +404,18 @@ mod tests {
         assert!(e.0.contains("2313 at position 163840"), "{e}");
         let tf = TokenFile::open_checking(&p, Dtype::U16, 300, None, 0).unwrap();
         assert!(tf.verify(0, 100).is_ok() && tf.verify(160_000, 170_000).is_err());
+    }
+
+    #[test]
+    fn validates_mask() {
+        let d = tmpdir("mask");
+        let p = write(&d, "ok.mask.bin", &[0, 1, 1, 0]);
+        let m = MaskFile::open(&p, 4).unwrap();
+        assert!(!m.trained(0) && m.trained(1) && m.trained(2) && !m.trained(3) && !m.trained(4));
+        let e = MaskFile::open(&p, 5).unwrap_err();
+        assert!(e.0.contains("ok.mask.bin") && e.0.contains("4 values"), "{e}");
+        let p = write(&d, "bad.mask.bin", &[0, 2]);
+        assert!(MaskFile::open(&p, 2).unwrap_err().0.contains("value 2 at position 1"));
     }
 
     #[test]

@@ -89,7 +89,7 @@ def test_bench_train_every_row_and_mlflow(prepared_data, mlflow_uri, tmp_path):
     for name in ROWS:
         assert f"| {name} |" in table and f"| {name} |" in r.stdout
     assert "torch:" in table and "versions:" in table and "batch 2 x ctx 32" in table
-    assert "n/a: needs CUDA + flash-attn" in table or cuda
+    assert "n/a: FlashAttention needs a CUDA GPU" in table or cuda
 
     # MLflow: a parent run holding the table, one child per row with the same numbers
     client = MlflowClient(mlflow_uri)

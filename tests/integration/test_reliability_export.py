@@ -8,7 +8,6 @@ killing and reading GGUF does not need a trained model. No MLflow, no mocks.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -32,15 +31,13 @@ TEXT = (
 
 def make_run(out: Path, n_layer=2, n_embd=256, ffn=768, vocab=300) -> Path:
     import torch
-    from safetensors.torch import save_file
 
     from bulba.config import ModelConfig
-    from bulba.data.tokenizer import BOS, EOS, train_tokenizer
+    from bulba.data.tokenizer import train_tokenizer
     from bulba.model.llama import Llama
+    from bulba.train.run_dir import write_weights_run
 
-    out.mkdir(parents=True, exist_ok=True)
     tok = train_tokenizer(TEXT.splitlines(), vocab_size=vocab)
-    tok.save(str(out / "tokenizer.json"))
     cfg = ModelConfig(
         vocab_size=tok.get_vocab_size(),
         n_layer=n_layer,
@@ -52,26 +49,7 @@ def make_run(out: Path, n_layer=2, n_embd=256, ffn=768, vocab=300) -> Path:
     )
     torch.manual_seed(0)
     model = Llama(cfg)
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(out / "final.safetensors"))
-    (out / "config.json").write_text(
-        json.dumps(
-            {
-                "format": "bulba-run",
-                "version": 1,
-                "model": dataclasses.asdict(cfg),
-                "tokenizer": {
-                    "bos_id": tok.token_to_id(BOS),
-                    "eos_id": tok.token_to_id(EOS),
-                    "pad_id": tok.token_to_id(EOS),
-                    "add_bos_token": True,
-                },
-                "recipe": {"name": "rel"},
-                "dataset_digest": "test",
-                "mlflow_run_id": None,
-            }
-        )
-    )
-    return out
+    return write_weights_run(out, cfg, tok, model.state_dict(), recipe_name="rel", dataset_digest="test")
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ positions restarting per document) and a stream batch (plain causal). Writes the
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import sys
@@ -21,7 +20,7 @@ import torch
 from bulba.config import ModelConfig
 from bulba.hardware import choose_precision, cpu_isa
 from bulba.model.llama import Llama
-from bulba.train.strategy import apply_speed_mode
+from bulba.train.strategy import apply_speed_mode, choose_attention
 
 B, T, V = 4, 64, 512
 
@@ -57,7 +56,9 @@ def main(out_path: str) -> None:
     cfg = ModelConfig(vocab_size=V, n_layer=2, n_embd=128, n_head=4, n_kv_head=1, ffn_hidden=256, ctx_len=T)
     precision = choose_precision("auto", "cpu", cfg, B * T).value
     eager = Llama(cfg)
-    compiled = copy.deepcopy(eager)
+    # built as the trainer builds it: with the backend choose_attention picks (math, here)
+    compiled = Llama(cfg, choose_attention("compile", "cpu", precision, T, "packed").value)
+    compiled.load_state_dict(eager.state_dict())
     speed = apply_speed_mode(compiled, "compile", torch.device("cpu"))
     result = {"isa": cpu_isa(), "precision": precision, "attention": speed["attention"], "cases": {}}
     for name, batch in batches().items():

@@ -124,3 +124,26 @@ def losses_from(out_dir: Path) -> dict[int, float]:
         if "train/loss" in rec:
             out[rec["step"]] = rec["train/loss"]
     return out
+
+
+def start_train(args, env_extra=None) -> subprocess.Popen:
+    """train.py in the background, its stdout and stderr merged (for interruption tests)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def wait_for_line(proc, needle: str) -> list[str]:
+    """The lines `proc` printed up to the first holding `needle` (AssertionError if it ended first)."""
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if needle in line:
+            return seen
+    raise AssertionError("run ended before " + repr(needle) + ":\n" + "".join(seen[-30:]))

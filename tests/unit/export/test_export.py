@@ -74,16 +74,14 @@ def build_run(
 ) -> Path:
     """A run directory per docs/contracts.md: config.json, tokenizer.json, final.safetensors."""
     import torch
-    from safetensors.torch import save_file
 
     from bulba.config import ModelConfig
-    from bulba.data.tokenizer import BOS, EOS, train_tokenizer
+    from bulba.data.tokenizer import train_tokenizer
     from bulba.model.llama import Llama
+    from bulba.train.run_dir import write_weights_run
 
-    out.mkdir(parents=True, exist_ok=True)
     lines = _texts()
     tok = train_tokenizer(lines, vocab_size=vocab)
-    tok.save(str(out / "tokenizer.json"))
     cfg = ModelConfig(
         vocab_size=tok.get_vocab_size(),
         n_layer=2,
@@ -102,27 +100,9 @@ def build_run(
         _train(model, tok, lines, steps)
     finally:
         torch.set_num_threads(threads)
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(out / "final.safetensors"))
-    (out / "config.json").write_text(
-        json.dumps(
-            {
-                "format": "bulba-run",
-                "version": 1,
-                "model": dataclasses.asdict(cfg),
-                "tokenizer": {
-                    "bos_id": tok.token_to_id(BOS),
-                    "eos_id": tok.token_to_id(EOS),
-                    "pad_id": tok.token_to_id(EOS),
-                    "add_bos_token": True,
-                },
-                "recipe": {"name": "tiny"},
-                "dataset_digest": "test-digest",
-                "mlflow_run_id": mlflow_run_id,
-            },
-            indent=1,
-        )
+    return write_weights_run(
+        out, cfg, tok, model.state_dict(), recipe_name="tiny", dataset_digest="test-digest", run_id=mlflow_run_id
     )
-    return out
 
 
 def train_with_train_py(data_dir: Path, out: Path, steps: int = 80) -> Path | None:

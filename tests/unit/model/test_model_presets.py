@@ -148,33 +148,3 @@ def test_checkpoint_contains_no_pickle(tmp_path):
     assert names == ["model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json"]
     json.loads((p / "state.json").read_text())
     shutil.rmtree(p)
-
-
-@pytest.mark.parametrize("masked", [False, True])
-def test_math_attention_matches_sdpa(masked):
-    """The CPU attention for compiled blocks (plain matmuls + softmax) is SDPA's result, with
-    GQA and with a document mask, forward and backward."""
-    from bulba.model.attention import math_attention, sdpa_attention
-
-    torch.manual_seed(0)
-    B, H, KV, T, hd = 2, 4, 2, 24, 16
-    q, k, v = (torch.randn(B, n, T, hd, dtype=torch.float64, requires_grad=True) for n in (H, KV, KV))
-    seq = document_layout(torch.tensor([0, 10, 24, 31, 48]), B, T)[1] if masked else None
-    a = math_attention(q, k, v, seq)
-    grads_a = torch.autograd.grad(a.square().sum(), (q, k, v))
-    b = sdpa_attention(q, k, v, seq)
-    grads_b = torch.autograd.grad(b.square().sum(), (q, k, v))
-    torch.testing.assert_close(a, b)
-    for ga, gb in zip(grads_a, grads_b):
-        torch.testing.assert_close(ga, gb)
-
-
-def test_compiled_cpu_blocks_use_math_attention_only_for_short_contexts():
-    from bulba.train.strategy import MATH_ATTENTION_MAX_CTX, apply_speed_mode
-
-    for ctx, want in ((MATH_ATTENTION_MAX_CTX, "math"), (2 * MATH_ATTENTION_MAX_CTX, "sdpa")):
-        model = Llama(_cfg(ctx_len=ctx))
-        assert apply_speed_mode(model, "compile", torch.device("cpu"))["attention"] == want
-        assert all(layer.attention.backend == want for layer in model.layers)
-    eager = Llama(_cfg())
-    assert apply_speed_mode(eager, "eager", torch.device("cpu"))["attention"] == "sdpa"

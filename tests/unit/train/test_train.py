@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
@@ -17,7 +14,9 @@ import torch
 from bulba.config import load_recipe
 from bulba.errors import UserError
 from bulba.train.run import TrainingFault, train
-from support.train_data import ROOT, TINY, losses_from, run_train
+from support.train_data import TINY, losses_from, run_train
+from support.train_data import start_train as _start
+from support.train_data import wait_for_line as _wait_for
 
 RESUME_ARGS = TINY + ["train.max_steps=6", "train.ckpt_every=2", "train.val_every=0", "train.ckpt_keep=0"]
 
@@ -148,27 +147,6 @@ def reference(train_data, tmp_path_factory):
     p = run_train(["tiny", f"data.dir={train_data}", f"out_dir={out}", "--no-mlflow", *RESUME_ARGS])
     assert p.returncode == 0, p.stderr[-2000:]
     return losses_from(out)
-
-
-def _start(args, env_extra=None):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
-    return subprocess.Popen(
-        [sys.executable, str(ROOT / "train.py"), *args],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-
-
-def _wait_for(proc, needle: str) -> list[str]:
-    seen = []
-    for line in proc.stdout:
-        seen.append(line)
-        if needle in line:
-            return seen
-    raise AssertionError("run ended before " + repr(needle) + ":\n" + "".join(seen[-30:]))
 
 
 def test_sigterm_writes_checkpoint_and_resumes(train_data, tmp_path, reference):
