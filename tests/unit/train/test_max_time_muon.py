@@ -127,7 +127,7 @@ def test_muon_with_a_real_time_budget_from_the_command_line(train_data, tmp_path
     out = tmp_path / "run"
     p = run_train(
         ["tiny", f"data.dir={train_data}", f"out_dir={out}", "--no-mlflow", *TINY]
-        + ["train.max_time=4s", "train.max_steps=1", "train.optimizer=muon", "train.val_every=0"],
+        + ["train.max_time=4s", "train.max_steps=1", "train.optimizer=muon", "train.val_every=0", "train.ckpt_every=0"],
         timeout=180,
     )
     assert p.returncode == 0, p.stderr[-2000:]
