@@ -9,15 +9,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
-import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import pytest
 
-from support.train_data import ROOT, TINY, losses_from, run_train
+from support.train_data import TINY, losses_from, run_train, start_train, wait_for_line
 
 MAX_STEPS, CKPT_EVERY = 30, 10
 ARGS = TINY + [
@@ -80,22 +78,10 @@ def test_sigkill_then_resume_logs_every_step_once_in_same_mlflow_run(train_data,
     args = ["tiny", f"data.dir={train_data}", f"out_dir={out}", *ARGS]
     client = mlflow.MlflowClient(tracking_uri=uri)
     client.create_experiment("bulbagpt")  # the store exists before the run (schema set-up is slow)
-    proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "train.py"), *args],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proc = start_train(args, {"MLFLOW_TRACKING_URI": uri})
     try:
-        seen = []
-        for line in proc.stdout:  # the step-10 checkpoint is complete once its line is printed
-            seen.append(line)
-            if f"step-{CKPT_EVERY:08d}" in line:
-                break
-        else:
-            raise AssertionError("run ended before its first checkpoint:\n" + "".join(seen[-30:]))
+        # the step-10 checkpoint is complete once its line is printed
+        seen = wait_for_line(proc, f"step-{CKPT_EVERY:08d}")
         deadline = time.monotonic() + 120
         # until the dead process will have logged steps past the checkpoint, and created the run
         while max(_spooled_steps(out, "train/loss"), default=0) <= CKPT_EVERY + 1 or not _run_id(out):
