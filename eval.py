@@ -7,10 +7,12 @@
 
 SOURCE is a run directory (final weights, else its newest checkpoint), a .safetensors file,
 runs:/<run_id>, a .gguf file or models:/NAME/VERSION (or models:/NAME@ALIAS). Each TEXT_FILE
-holds one language and is named after it (be.txt -> "be"). For each: bits per UTF-8 byte of
-its NFC text (windows of the model's context, half a context apart, every token scored once
-after BOS), tokens per word, and xz -9e bits per byte of the same bytes, the floor a model
-must beat. Checkpoints and their GGUFs are windowed alike, so their figures compare directly.
+holds one language and is named after it (be.txt -> "be"); it is cut into documents as
+prepare.py cuts a training file (one per line, or per paragraph if it has blank lines), and
+each document is scored as training saw it: BOS, its tokens, EOS for its line end (windows of
+the model's context, half a context apart, if it is longer). For each file: bits per UTF-8
+byte, tokens per word, and xz -9e bits per byte of the same bytes, the floor a model must
+beat. Checkpoints and their GGUFs are windowed alike, so their figures compare directly.
 With --register-metrics the figures go to MLflow: metrics eval/<name>/bpb on the training run
 that made the model (a GGUF's with its type appended: eval/<name>/bpb.q8_0), or tags on the
 registered version for models:/. OMP_NUM_THREADS sets the threads of both backends.

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bulba.data.tokenizer import EOS
 from bulba.errors import UserError
 from bulba.eval.bpb import nll_of_logits
 
@@ -38,7 +39,7 @@ class TorchModel:
     """A checkpoint in PyTorch, fp32 (bulba.export.source.load_torch_model)."""
 
     kind = "pytorch"
-    batch = 8  # windows per forward pass
+    batch = 8  # a forward pass holds up to batch * ctx positions
 
     def __init__(self, src):
         from bulba.data.tokenizer import encoder_for_documents, load_tokenizer
@@ -53,30 +54,36 @@ class TorchModel:
         self.lineage = Lineage(run_id=src.mlflow_run_id)
         self.label = str(src.weights)
 
-    def tokenize(self, text: str) -> list[int]:
-        return self._enc.encode(text).ids[1:-1]
+    def document_ids(self, doc: str) -> list[int]:
+        """The tokens prepare writes for `doc` after its BOS: the text's, then EOS."""
+        return self._enc.encode(doc).ids[1:]
 
-    def nll(self, ids: list[int], wins, advance=lambda n: None) -> float:
-        """Summed nats of the scored tokens of `wins` (bulba.eval.bpb.windows)."""
+    def nll(self, work, advance=lambda n: None) -> float:
+        """Summed nats of the targets of `work` (bulba.eval.bpb.evaluate's windows)."""
         import torch
         import torch.nn.functional as F
 
         total = 0.0
         w = self.model.output_weight()
+        # Windows in order of length, batched up to a budget of positions and right-padded:
+        # under the causal mask a padded tail changes nothing before it.
+        order = sorted(range(len(work)), key=lambda i: len(work[i][0]))
+        budget = self.batch * self.ctx
         with torch.inference_mode():
-            for i in range(0, len(wins), self.batch):
-                group = wins[i : i + self.batch]
-                # Windows of one length go in one pass (all but the last few are full length).
-                for length in sorted({e - s for s, e, _ in group}):
-                    same = [x for x in group if x[1] - x[0] == length]
-                    x = torch.tensor([[self.bos_id, *ids[s:e]] for s, e, _ in same])
-                    h = self.model.hidden(x)
-                    for row, (s, e, first) in zip(h, same):
-                        # position j predicts input j + 1: text token t sits at t - s + 1
-                        logits = F.linear(row[first - s : e - s], w).float()
-                        y = torch.tensor(ids[first:e])
-                        total += float(F.cross_entropy(logits, y, reduction="sum"))
+            i = 0
+            while i < len(order):
+                j = i + 1
+                while j < len(order) and (j - i + 1) * len(work[order[j]][0]) <= budget:
+                    j += 1
+                group = [work[k] for k in order[i:j]]
+                longest = len(group[-1][0])
+                x = torch.tensor([inp + [self.bos_id] * (longest - len(inp)) for inp, _, _ in group])
+                h = self.model.hidden(x)
+                for row, (_, first, targets) in zip(h, group):
+                    logits = F.linear(row[first : first + len(targets)], w).float()
+                    total += float(F.cross_entropy(logits, torch.tensor(targets), reduction="sum"))
                 advance(len(group))
+                i = j
         return total
 
     def close(self) -> None:
@@ -111,17 +118,22 @@ class GGUFModel:
         threads = os.environ.get("OMP_NUM_THREADS", "")
         n_threads = int(threads) if threads.isdigit() and int(threads) > 0 else None
         self.cpp = LlamaCpp(path, n_ctx=self.ctx, n_threads=n_threads)  # UserError if it cannot load
+        # The document end of the training data is <|end_of_text|>, also in a chat model's GGUF,
+        # whose EOS is <|eot_id|> (bulba.export.gguf.eos_id).
+        end = self.cpp.tokenize(EOS, add_special=False, parse_special=True)
+        self.end_id = end[0] if len(end) == 1 else int(kv.get("tokenizer.ggml.eos_token_id"))
 
-    def tokenize(self, text: str) -> list[int]:
-        return self.cpp.tokenize(text, add_special=False, parse_special=False)
+    def document_ids(self, doc: str) -> list[int]:
+        """llama.cpp's tokens for `doc`, then the document end token."""
+        return [*self.cpp.tokenize(doc, add_special=False, parse_special=False), self.end_id]
 
-    def nll(self, ids: list[int], wins, advance=lambda n: None) -> float:
+    def nll(self, work, advance=lambda n: None) -> float:
         total = 0.0
-        for s, e, first in wins:
-            # One decode; logits only where they score (input position j predicts text token
-            # s + j): the output layer is most of a small model's compute (tiny: 8.2M of 11.2M).
-            logits = self.cpp.logits([self.bos_id, *ids[s:e]], first=first - s)
-            total += nll_of_logits(logits[: e - first], np.asarray(ids[first:e]))
+        for inputs, first, targets in work:
+            # One decode; logits only where they score: the output layer is most of a small
+            # model's compute (tiny: 8.2M of 11.2M parameters).
+            logits = self.cpp.logits(inputs, first=first)
+            total += nll_of_logits(logits[: len(targets)], np.asarray(targets))
             advance(1)
         return total
 

@@ -56,6 +56,19 @@ def iter_documents(src: Input, text_field: str = "text", batch_bytes: int = BLOC
         raise ValueError(src.kind)
 
 
+def text_mode(text: str) -> str:
+    """How a text file is cut into documents: "paragraph" if it has a blank line anywhere,
+    else "line" (what `scan_source` decides for a whole file)."""
+    return "paragraph" if BLANK_LINE.search(text.replace("\r\n", "\n")) else "line"
+
+
+def split_documents(text: str, mode: str) -> list[str]:
+    """The documents of a text (already NFC, "\n" line ends) in `mode`: non-empty, stripped.
+    The one home of this rule: prepare writes these, eval.py scores these."""
+    parts = text.split("\n") if mode == "line" else _PARAGRAPHS.split(text)
+    return [d for d in (s.strip() for s in parts) if d]
+
+
 def _iter_text(path: Path, mode: str, batch_bytes: int) -> Iterator[list[str]]:
     dec = codecs.getincrementaldecoder("utf-8-sig")("strict")  # -sig drops a leading BOM
     carry = ""
@@ -71,9 +84,7 @@ def _iter_text(path: Path, mode: str, batch_bytes: int) -> Iterator[list[str]]:
                     carry = text
                     continue
                 text, carry = text[:cut], text[cut:]
-            text = nfc(text)
-            parts = text.split("\n") if mode == "line" else _PARAGRAPHS.split(text)
-            docs = [d for d in (s.strip() for s in parts) if d]
+            docs = split_documents(nfc(text), mode)
             if docs:
                 yield docs
             if not block:

@@ -4,6 +4,7 @@ BOS within the context; NFC, whole lines under --max-kb, the xz floor, one-line 
 from __future__ import annotations
 
 import lzma
+import math
 import unicodedata
 
 import pytest
@@ -44,7 +45,67 @@ def test_read_text_is_nfc_and_cut_at_whole_lines(tmp_path):
     assert len(cut.data) <= 100 and cut.text.endswith("\n") and cut.text in t.text
     one_line = tmp_path / "x.txt"
     one_line.write_text("ўўўўўўўўўўўўўўўўўўўўўўўўўўўўўўўўўўўўўўўўўўўўўўўўўўўўўўўўўўў", encoding="utf-8")
-    assert read_text(one_line, max_kb=0.005).text == "ўў"  # no line end: whole characters (2 bytes each)
+    assert read_text(one_line, max_kb=0.005).documents == ["ўў"]  # too long: whole characters (2 bytes each) + "\n"
+
+
+def test_documents_are_those_prepare_writes(tmp_path):
+    """eval.py cuts a file into documents by prepare's rule (bulba.data.corpus.readers): lines,
+    or paragraphs when the file has a blank line; CRLF, outer spaces and empty lines dropped."""
+    from bulba.data.corpus.readers import iter_documents
+    from bulba.data.corpus.sources import resolve_inputs, scan_source
+
+    lines = tmp_path / "lines.txt"
+    lines.write_bytes("Першы сказ.\r\n  Другі сказ.  \r\nТрэці.".encode())
+    paras = tmp_path / "paras.txt"
+    paras.write_text("Адзін радок,\nдругі радок абзаца.\n\n\n  Другі абзац.\n \nТрэці\n", encoding="utf-8")
+    for p, sep in ((lines, "\n"), (paras, "\n\n")):
+        (src,), _ = resolve_inputs([str(p)])
+        scan_source(src)
+        prepared = [d for batch in iter_documents(src) for d in batch]
+        t = read_text(p)
+        assert t.documents == prepared and t.separator == sep, p.name
+        assert t.text == "".join(d + sep for d in prepared)
+    assert read_text(lines).documents == ["Першы сказ.", "Другі сказ.", "Трэці."]
+    assert read_text(paras).documents == ["Адзін радок,\nдругі радок абзаца.", "Другі абзац.", "Трэці"]
+
+
+class _Recorder:
+    """A stand-in model for the windowing only: one token per character, every window recorded
+    (the real PyTorch and llama.cpp models are scored in tests/integration/test_eval.py)."""
+
+    kind, bos_id, end_id, ctx = "recorder", -1, -2, 8
+
+    def __init__(self):
+        self.windows = []
+
+    def document_ids(self, doc):
+        return [ord(c) for c in doc] + [self.end_id]
+
+    def nll(self, work, advance):
+        self.windows += work
+        return float(sum(len(t) for _, _, t in work))  # 1 nat per scored token
+
+
+def test_each_document_scored_from_bos_with_its_eos(tmp_path):
+    from bulba.eval.bpb import evaluate
+
+    p = tmp_path / "be.txt"
+    docs = ["ab", "cdefghijklmnopqrstu", "v"]  # the middle one is longer than the context (8)
+    p.write_text("\n".join(docs) + "\n", encoding="utf-8")
+    m = _Recorder()
+    (score,) = evaluate(m, [read_text(p)], progress=False)
+    scored = []
+    for inputs, first, targets in m.windows:
+        assert inputs[0] == m.bos_id and len(inputs) <= m.ctx and -1 not in inputs[1:]
+        assert 1 <= first + len(targets) <= len(inputs) and first >= 0
+        # position first + i predicts targets[i]: the input just before it is its predecessor
+        assert inputs[first + 1 : first + len(targets)] == targets[:-1]
+        scored.append(targets)
+    flat = [t for ts in scored for t in ts]
+    assert flat == [t for d in docs for t in m.document_ids(d)]  # every token and EOS, once, in order
+    assert score.tokens == len(flat) and score.bytes == len("".join(d + "\n" for d in docs))
+    assert score.bits_per_byte == pytest.approx(len(flat) / math.log(2) / score.bytes)
+    assert score.tokens_per_word == pytest.approx((len(flat) - 3) / 3)
 
 
 @pytest.mark.parametrize(
