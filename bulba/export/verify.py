@@ -4,17 +4,19 @@ On a mixed Russian / Belarusian / English / code sample (the project's own text)
 - tokenization: llama.cpp's ids equal HF tokenizers' ids, every one (BOS included);
 - f32: per position, max |logit difference| <= 1e-3 x that position's logit scale
   (max |logit| of the PyTorch row), and the greedy 32-token continuation is identical;
-- f16 / bf16 / q8_0: the top-1 token agrees on >= 99% of positions;
+- f16 / bf16: the top-1 token agrees on >= 99% of positions;
 - chat: for a few conversations (system / user / assistant turns, be / ru / en), the tokens
   llama.cpp builds from the messages with the file's template (its own formatter,
   `llama_chat_apply_template`, and the Jinja template as llama-cpp-python runs it) equal the ones
   training used (bulba.data.chat), with and without the generation prompt; for a model trained
   on conversations, the greedy reply to each ends with <|eot_id|> (llama.cpp stops there);
-- other types (4-6 bit): their rounding alone moves a small model's near-tied top-1 (a tiny
-  model trained a few steps lost 8% top-1 to q4_0 in PyTorch itself), so the bar there is
+- quantized types (q8_0 and 4-6 bit): their rounding alone moves a small model's near-tied
+  top-1s (a tiny model trained a few steps lost 8% top-1 to q4_0 in PyTorch itself; `tiny`
+  after its 15-minute run lost 2.6% to q8_0 in PyTorch, every flip at a top-1 lead of 0.0004
+  to 0.10 logits where the median lead is 0.51, while the sample's loss moved 0.01%), so the bar there is
   file fidelity: PyTorch running the GGUF's own dequantized weights and llama.cpp agree on
   top-1 for >= 95% of positions (llama.cpp also rounds activations to 8 bits for these
-  types). A wrong layout or metadata gives near-chance agreement. Figures against the
+  types: the same q8_0 file, 98.1%). A wrong layout or metadata gives near-chance agreement. Figures against the
   original weights are reported for every type.
 llama.cpp runs with an F32 K/V cache and no flash attention (see bulba.export.llamacpp), so the
 figures measure the weights' format only.
@@ -63,8 +65,8 @@ SAMPLE_CHATS = [
 REPLY_TOKENS = 64  # a chat model's greedy reply must end its turn within this many tokens
 
 REL_LOGIT_TOL = 1e-3  # f32: max |diff| / logit scale, on every position
-TOP1_BAR = {"f16": 0.99, "bf16": 0.99, "q8_0": 0.99}
-FIDELITY_TOP1_BAR = 0.95  # 4-6 bit types: llama.cpp vs PyTorch on the dequantized file
+TOP1_BAR = {"f16": 0.99, "bf16": 0.99}
+FIDELITY_TOP1_BAR = 0.95  # quantized types: llama.cpp vs PyTorch on the dequantized file
 GREEDY_TOKENS = 32
 GREEDY_PROMPT = 16
 
@@ -80,7 +82,7 @@ class Report:
     max_abs_logit_diff: float = float("nan")
     max_rel_logit_diff: float = float("nan")
     top1_agreement: float = float("nan")
-    fidelity_top1: float | None = None  # 4-6 bit: llama.cpp vs PyTorch with the file's own weights
+    fidelity_top1: float | None = None  # quantized: llama.cpp vs PyTorch with the file's own weights
     fidelity_max_rel_diff: float | None = None
     greedy_match: bool | None = None
     greedy_tokens: int = 0

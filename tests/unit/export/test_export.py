@@ -125,7 +125,7 @@ def train_with_train_py(data_dir: Path, out: Path, steps: int = 80) -> Path | No
         "train.ckpt_every=0",
         "train.warmup_steps=5",
     ]
-    # 80 steps: top-1 margins wide enough that f16/bf16/q8_0 rounding flips under 1% of positions
+    # 80 steps: top-1 margins wide enough that f16/bf16 rounding flips under 1% of positions
     # (at 20 steps a tenth of positions were near-ties and q8_0 sat at the 99% edge).
     r = subprocess.run(
         [sys.executable, str(ROOT / "train.py"), *args],
@@ -190,9 +190,10 @@ def test_type_loads_in_llama_cpp_with_parity(tiny_run, tmp_path, type_name):
         assert rep.greedy_match
     elif type_name in TOP1_BAR:
         assert rep.top1_agreement >= 0.99
-    else:  # 4-6 bit: llama.cpp computes what the file holds
+    else:  # quantized: llama.cpp computes what the file holds
         assert rep.fidelity_top1 >= FIDELITY_TOP1_BAR
-        assert rep.top1_agreement >= 0.5  # and the rounding did not wreck the model
+        # and the rounding did not wreck the model (8 bits: it barely moved it)
+        assert rep.top1_agreement >= (0.95 if type_name == "q8_0" else 0.5)
 
 
 @needs_llama
