@@ -99,6 +99,7 @@ TINY = [
     "train.log_every=1",
     "train.threads=1",
     "train.warmup_steps=2",
+    "train.mode=eager",  # tiny's default compile pays off in long runs, not in a test's few steps
 ]
 
 

@@ -115,6 +115,7 @@ def train_with_train_py(data_dir: Path, out: Path, steps: int = 80) -> Path | No
         f"data.dir={data_dir}",
         f"out_dir={out}",
         f"train.max_steps={steps}",
+        "train.mode=eager",  # tiny's compile pays off in long runs, not in 80 steps
         "train.lr=2e-3",
         "model.n_layer=2",
         "model.n_kv_head=2",
