@@ -545,15 +545,18 @@ struct Out<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_dir::TestDir;
     use crate::tokens::Dtype;
     use std::io::Write;
 
-    fn token_file(tag: &str, tokens: &[u16]) -> TokenFile {
-        let p = std::env::temp_dir().join(format!("bulba-batch-{}-{tag}.bin", std::process::id()));
+    /// The file lives as long as the returned directory (keep it bound: `let (_dir, tf) = ...`).
+    fn token_file(tag: &str, tokens: &[u16]) -> (TestDir, TokenFile) {
+        let dir = TestDir::new(&format!("batch-{tag}"));
+        let p = dir.join("tokens.bin");
         let bytes: Vec<u8> = tokens.iter().flat_map(|t| t.to_le_bytes()).collect();
         std::fs::File::create(&p).unwrap().write_all(&bytes).unwrap();
         // Checked as batches read it, as a large file is (small ones are checked on open).
-        TokenFile::open_checking(&p, Dtype::U16, 100, None, 0).unwrap()
+        (dir, TokenFile::open_checking(&p, Dtype::U16, 100, None, 0).unwrap())
     }
 
     fn seg(start: u64, len: u32, ends_doc: bool) -> Segment {
@@ -563,7 +566,7 @@ mod tests {
     #[test]
     fn packs_documents_with_boundaries() {
         // docs: [10 11 12] [20 21] ; a window piece [30 31] followed by 32
-        let tf = token_file("pack", &[10, 11, 12, 20, 21, 30, 31, 32]);
+        let (_dir, tf) = token_file("pack", &[10, 11, 12, 20, 21, 30, 31, 32]);
         let mut spec = BatchSpec::new(6, 2);
         spec.push_row(&[seg(0, 3, true), seg(3, 2, true)]);
         spec.push_row(&[seg(5, 2, false)]);
@@ -580,7 +583,7 @@ mod tests {
         // Rows of neighbouring documents (one run), scattered ones, one-document rows near the
         // end of the file (no room for the fixed-width path), and a non-final piece.
         let toks: Vec<u16> = (0..40).map(|i| (i * 7 % 90) as u16 + 1).collect();
-        let tf = token_file("runs", &toks);
+        let (_dir, tf) = token_file("runs", &toks);
         let mut spec = BatchSpec::new(8, 5);
         spec.push_row(&[seg(0, 3, true), seg(3, 2, true), seg(5, 3, false)]);
         spec.push_row(&[seg(20, 2, true), seg(10, 4, true)]);
@@ -628,7 +631,7 @@ mod tests {
         // Rows of widths that are and are not a multiple of CHUNK; documents and non-final
         // pieces; rows whose chunks would run past the end of the file; empty tail rows.
         let toks: Vec<u16> = (0..100).map(|i| (i * 13 % 90) as u16 + 1).collect();
-        let tf = token_file("onerow", &toks);
+        let (_dir, tf) = token_file("onerow", &toks);
         for cols in [5, 16, 24, 40] {
             let segs: Vec<Segment> = [(3, 5, true), (50, 1, true), (20, 5, false), (95, 5, true), (90, 4, false), (60, 2, true)]
                 .iter()
@@ -650,14 +653,14 @@ mod tests {
         // A bad id in a row is an error, as in a general row.
         let mut toks: Vec<u16> = (0..3 << 16).map(|i| (i % 90) as u16 + 1).collect();
         toks[100_000] = 500;
-        let tf = token_file("onerow-vocab", &toks);
+        let (_dir, tf) = token_file("onerow-vocab", &toks);
         let spec = BatchSpec::one_per_row(16, 2, vec![seg(100, 8, true), seg(99_995, 8, true)]);
         assert!(assemble(&spec, &tf, 0, &Pool::default()).unwrap_err().0.contains("500"));
     }
 
     #[test]
     fn full_windows_store_two_arrays() {
-        let tf = token_file("win", &[1, 2, 3, 4, 5, 6, 7, 8, 9]);
+        let (_dir, tf) = token_file("win", &[1, 2, 3, 4, 5, 6, 7, 8, 9]);
         let mut spec = BatchSpec::new(3, 2);
         spec.windows = true;
         spec.push_row(&[seg(4, 3, false)]);
@@ -678,7 +681,7 @@ mod tests {
 
     #[test]
     fn out_of_range_segment_and_bad_tokens_are_errors() {
-        let tf = token_file("oob", &[1, 2, 3]);
+        let (_dir, tf) = token_file("oob", &[1, 2, 3]);
         let mut spec = BatchSpec::new(4, 1);
         spec.push_row(&[seg(1, 2, false)]);
         assert!(assemble(&spec, &tf, 0, &Pool::default()).is_err());
@@ -686,7 +689,7 @@ mod tests {
         let m = 1 << 17;
         let mut toks: Vec<u16> = (0..2 * m).map(|i| (i % 90) as u16 + 1).collect();
         toks[m + 20] = 500;
-        let tf = token_file("vocab", &toks);
+        let (_dir, tf) = token_file("vocab", &toks);
         let m = m as u64;
         for (cols, segs) in [
             (8, vec![seg(m + 18, 4, true)]),

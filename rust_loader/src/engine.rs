@@ -143,14 +143,15 @@ impl Engine {
 mod tests {
     use super::*;
     use crate::prefetch::Prefetcher;
+    use crate::test_dir::TestDir;
     use crate::tokens::TokenFile;
     use std::io::Write;
     use std::path::PathBuf;
 
     /// A split of `n_docs` documents of varying length, written as prepare.py would.
-    fn write_split(tag: &str, n_docs: u64) -> (PathBuf, PathBuf) {
-        let dir = std::env::temp_dir().join(format!("bulba-engine-{tag}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+    /// The files live as long as the returned directory (keep it bound: `let (_dir, ..) = ...`).
+    fn write_split(tag: &str, n_docs: u64) -> (TestDir, PathBuf, PathBuf) {
+        let dir = TestDir::new(&format!("engine-{tag}"));
         let (mut tokens, mut offsets) = (Vec::new(), vec![0u64]);
         for d in 0..n_docs {
             let len = 2 + crate::perm::splitmix64(d) % 50;
@@ -162,7 +163,7 @@ mod tests {
         std::fs::File::create(&bin).unwrap().write_all(&bytes).unwrap();
         let bytes: Vec<u8> = offsets.iter().flat_map(|t| t.to_le_bytes()).collect();
         std::fs::File::create(&idx).unwrap().write_all(&bytes).unwrap();
-        (bin, idx)
+        (dir, bin, idx)
     }
 
     fn options(sampler: &str) -> Options {
@@ -183,7 +184,7 @@ mod tests {
 
     #[test]
     fn prefetched_batches_match_direct_ones_in_order() {
-        let (bin, idx) = write_split("order", 300);
+        let (_dir, bin, idx) = write_split("order", 300);
         for sampler in ["stream", "packed", "bucketed"] {
             let engine = Arc::new(Engine::open(&bin, &idx, &options(sampler)).unwrap());
             let start = engine.batches_per_epoch() - 2; // across an epoch boundary
@@ -208,7 +209,7 @@ mod tests {
     fn the_loss_mask_drops_exactly_the_untrained_targets_in_every_sampler() {
         // Odd token ids are trained on, even ones not (the mask written beside the split), so
         // a label's own value says whether the mask keeps it.
-        let (bin, idx) = write_split("mask", 300);
+        let (_dir, bin, idx) = write_split("mask", 300);
         let bytes = std::fs::read(&bin).unwrap();
         let mask: Vec<u8> = bytes.chunks(2).map(|c| (u16::from_le_bytes([c[0], c[1]]) % 2) as u8).collect();
         let mask_path = bin.with_extension("mask.bin");
@@ -241,7 +242,7 @@ mod tests {
     fn a_worker_error_arrives_in_order_and_ends_the_iteration() {
         // A bad id deep inside a file that is checked as batches read it (as files above
         // 64 MB are): the batches before it arrive, then its error, then nothing.
-        let (bin, _) = write_split("worker-error", 10_000);
+        let (_dir, bin, _) = write_split("worker-error", 10_000);
         let mut bytes = std::fs::read(&bin).unwrap();
         let bad = (bytes.len() / 4) & !1; // a token in the middle of the file
         bytes[bad..bad + 2].copy_from_slice(&150u16.to_le_bytes());
@@ -263,7 +264,7 @@ mod tests {
 
     #[test]
     fn offsets_name_the_file_position_of_every_input_token() {
-        let (bin, idx) = write_split("offsets", 300);
+        let (_dir, bin, idx) = write_split("offsets", 300);
         let tokens = std::fs::read(&bin).unwrap();
         let token = |i: usize| i32::from(u16::from_le_bytes([tokens[2 * i], tokens[2 * i + 1]]));
         for sampler in ["stream", "packed", "bucketed"] {
@@ -286,7 +287,7 @@ mod tests {
 
     #[test]
     fn rejects_mismatches_with_meta_and_bad_options() {
-        let (bin, idx) = write_split("meta", 300);
+        let (_dir, bin, idx) = write_split("meta", 300);
         let mut o = options("packed");
         o.expected_docs = Some(301);
         assert!(Engine::open(&bin, &idx, &o).err().unwrap().0.contains("meta.json"));

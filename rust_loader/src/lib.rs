@@ -10,6 +10,8 @@ mod hint;
 mod perm;
 mod plan;
 mod prefetch;
+#[cfg(test)]
+mod test_dir;
 mod tokens;
 
 use std::path::PathBuf;

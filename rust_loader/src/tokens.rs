@@ -356,6 +356,7 @@ pub fn read_index(path: &Path, n_tokens: u64, expected_docs: Option<u64>, keep: 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_dir::TestDir;
     use std::io::Write;
 
     fn write(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
@@ -364,10 +365,8 @@ mod tests {
         p
     }
 
-    fn tmpdir(tag: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("bulba-tokens-{tag}-{}", std::process::id()));
-        std::fs::create_dir_all(&d).unwrap();
-        d
+    fn tmpdir(tag: &str) -> TestDir {
+        TestDir::new(&format!("tokens-{tag}"))
     }
 
     #[test]
