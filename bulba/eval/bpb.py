@@ -167,14 +167,16 @@ def evaluate(model, texts: list[Text], progress: bool | None = None) -> list[Sco
     try:
         for t, work, n_text in jobs:
             nats = model.nll(work, bar.update)
-            words = len(t.text.split())
+            text = t.text  # the documents joined again: once, for the words and the bytes
+            data = text.encode("utf-8")
+            words = len(text.split())
             out.append(
                 Score(
                     name=t.name,
-                    bits_per_byte=nats / math.log(2) / len(t.data),
+                    bits_per_byte=nats / math.log(2) / len(data),
                     tokens_per_word=n_text / max(1, words),
-                    xz_bits_per_byte=xz_bits_per_byte(t.data),
-                    bytes=len(t.data),
+                    xz_bits_per_byte=xz_bits_per_byte(data),
+                    bytes=len(data),
                     tokens=sum(len(y) for _, _, y in work),  # scored: text tokens and one EOS per document
                 )
             )
